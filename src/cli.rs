@@ -1,0 +1,77 @@
+//! The command line: every flag and subcommand of `stack`, in one place.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Declarative environments: VMs, microk8s, database clusters, ingress and
+/// monitoring from one YAML stack file.
+#[derive(Debug, Parser)]
+#[command(name = "stack", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// How results are printed on stdout.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    /// More logs on stderr: -v info, -vv debug, -vvv trace (RUST_LOG also works).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Parse and check a stack file; report every error with file:line:column.
+    Validate(FileArgs),
+    /// Refresh what exists and show what `up` would change, drift included.
+    Plan(PlanArgs),
+    /// Plan, then apply that plan; idempotent, resumes after an interruption.
+    Up(ApplyArgs),
+    /// Remove everything the stack made, then check that nothing is left.
+    Down(ApplyArgs),
+    /// Show the nodes, their addresses and where the key and state files are.
+    Status(FileArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FileArgs {
+    /// The stack file.
+    #[arg(default_value = "stack.yaml")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+
+    /// Exit 0 when there is nothing to do, 2 when there are changes or drift, 1 on error.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+
+    /// Plan the removal of everything (what `down` would do).
+    #[arg(long)]
+    pub destroy: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+
+    /// Apply without asking for confirmation on a terminal.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+
+    /// How many independent changes may run at once.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallelism: u16,
+}

@@ -1,0 +1,319 @@
+//! One thin function per subcommand over the library.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::apply::{self, Outcome};
+use crate::cli::{ApplyArgs, Cli, Command, FileArgs, OutputFormat, PlanArgs};
+use crate::keys;
+use crate::model::{self, LoadError, Provider as ProviderSettings, Stack};
+use crate::output::Reporter;
+use crate::plan::{self, Plan};
+use crate::provider::ec2::Ec2Provider;
+use crate::provider::Provider;
+use crate::state::{self, LocalStateStore, State, StateStore};
+
+/// Exit code of `plan --detailed-exitcode` when there is something to do.
+const EXIT_CHANGES: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("{} uses what this version of stack does not build yet:\n{}\nremove {} to plan and apply the rest", file.display(), sections.join("\n"), if sections.len() == 1 { "it" } else { "them" })]
+    NotBuilt { file: PathBuf, sections: Vec<String> },
+    #[error("the {provider} provider is not built in this version of stack ({location})")]
+    ProviderNotBuilt { provider: &'static str, location: String },
+    #[error("not applied: the answer was not `yes`")]
+    Declined,
+    #[error("down finished but these are still tagged stack={stack}:\n{}", left.join("\n"))]
+    Leftovers { stack: String, left: Vec<String> },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let output = cli.output;
+    match cli.command {
+        Command::Validate(args) => validate(&args, output),
+        Command::Plan(args) => plan(&args, output).await,
+        Command::Up(args) => up(&args, output).await,
+        Command::Down(args) => down(&args, output).await,
+        Command::Status(args) => status(&args, output).await,
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).expect("JSON serialises"));
+}
+
+pub fn validate(args: &FileArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
+    match model::load(&args.file) {
+        Ok(stack) => {
+            match output {
+                OutputFormat::Json => print_json(&json!({"valid": true, "stack": stack.name, "diagnostics": []})),
+                OutputFormat::Text => println!("{}: valid stack `{}`", args.file.display(), stack.name),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(LoadError::Invalid { diagnostics, .. }) if output == OutputFormat::Json => {
+            print_json(&json!({"valid": false, "diagnostics": diagnostics}));
+            Ok(ExitCode::FAILURE)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Everything a command that touches the world holds: the stack, the
+/// locked state store, the state and the provider.
+struct Session {
+    stack: Stack,
+    store: LocalStateStore,
+    state: State,
+    provider: Arc<Ec2Provider>,
+}
+
+fn check_provider(stack: &Stack) -> anyhow::Result<()> {
+    if let Some(kvm) = stack.unbuilt.iter().find(|u| u.path == "provider.kvm") {
+        return Err(CommandError::ProviderNotBuilt {
+            provider: "kvm",
+            location: kvm.location.clone(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+fn check_built(stack: &Stack) -> anyhow::Result<()> {
+    check_provider(stack)?;
+    if stack.unbuilt.is_empty() {
+        return Ok(());
+    }
+    Err(CommandError::NotBuilt {
+        file: stack.file.clone(),
+        sections: stack
+            .unbuilt
+            .iter()
+            .map(|u| format!("  {}: `{}` ({})", u.location, u.path, u.what))
+            .collect(),
+    }
+    .into())
+}
+
+async fn open(file: &Path, require_built: bool) -> anyhow::Result<Session> {
+    let stack = model::load(file)?;
+    if require_built {
+        check_built(&stack)?;
+    } else {
+        check_provider(&stack)?;
+    }
+    let dir = stack.state_dir();
+    let store = LocalStateStore::open(&dir, &stack.name, stack.provider_name())?;
+    let state = store.load()?;
+    let key = keys::ensure(&dir, &stack.name)?;
+    let ProviderSettings::Ec2(_) = &stack.provider else {
+        unreachable!("check_provider refused other providers")
+    };
+    let provider = Ec2Provider::connect(&stack, &key.public_openssh)
+        .await
+        .with_context(|| format!("cannot reach EC2 for stack {}", stack.name))?;
+    Ok(Session {
+        stack,
+        store,
+        state,
+        provider: Arc::new(provider),
+    })
+}
+
+async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Plan> {
+    let observed = session
+        .provider
+        .refresh(&session.state)
+        .await
+        .with_context(|| format!("cannot refresh stack {}", session.stack.name))?;
+    let name = &session.stack.name;
+    let provider = session.stack.provider_name();
+    Ok(if destroy {
+        plan::destroy(name, provider, &session.state, &observed)
+    } else {
+        plan::plan(name, provider, &session.provider.desired(), &session.state, &observed)
+    })
+}
+
+fn show_plan(plan: &Plan, output: OutputFormat) {
+    if output == OutputFormat::Text {
+        print!("{}", plan::render(plan));
+        let _ = std::io::stdout().flush();
+    }
+}
+
+pub async fn plan(args: &PlanArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
+    let session = open(&args.file.file, !args.destroy).await?;
+    let plan = make_plan(&session, args.destroy).await?;
+    match output {
+        OutputFormat::Json => print_json(&plan::to_json(&plan)),
+        OutputFormat::Text => show_plan(&plan, output),
+    }
+    if args.detailed_exitcode && !plan.is_empty() {
+        return Ok(ExitCode::from(EXIT_CHANGES));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks on a terminal; elsewhere (CI, scripts) applies as asked.
+fn confirm(yes: bool, question: &str) -> anyhow::Result<()> {
+    if yes || !std::io::stdin().is_terminal() {
+        return Ok(());
+    }
+    print!("{question} Only `yes` is accepted: ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() == "yes" {
+        Ok(())
+    } else {
+        Err(CommandError::Declined.into())
+    }
+}
+
+fn report(plan: &Plan, outcomes: &[Outcome], session: &Session, output: OutputFormat) {
+    match output {
+        OutputFormat::Json => print_json(&json!({
+            "plan": plan::to_json(plan),
+            "applied": outcomes,
+            "stateFile": session.store.location(),
+        })),
+        OutputFormat::Text => {
+            let s = plan.summary;
+            println!(
+                "Applied: {} created, {} updated, {} replaced, {} deleted. State: {}",
+                s.create,
+                s.update,
+                s.replace,
+                s.delete,
+                session.store.location()
+            );
+        }
+    }
+}
+
+pub async fn up(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
+    let mut session = open(&args.file.file, true).await?;
+    let plan = make_plan(&session, false).await?;
+    show_plan(&plan, output);
+    if plan.is_empty() {
+        apply::bookkeeping(&plan, &mut session.store, &mut session.state)?;
+        report(&plan, &[], &session, output);
+        return Ok(ExitCode::SUCCESS);
+    }
+    confirm(args.yes, "Apply this plan?")?;
+    let reporter = Reporter::new();
+    let outcomes = apply::apply(
+        session.provider.clone(),
+        &plan,
+        &mut session.store,
+        &mut session.state,
+        usize::from(args.parallelism),
+        &reporter,
+    )
+    .await?;
+    report(&plan, &outcomes, &session, output);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
+    let mut session = open(&args.file.file, false).await?;
+    let plan = make_plan(&session, true).await?;
+    show_plan(&plan, output);
+    if !plan.is_empty() {
+        confirm(args.yes, "Destroy everything of this stack?")?;
+    }
+    let reporter = Reporter::new();
+    let outcomes = apply::apply(
+        session.provider.clone(),
+        &plan,
+        &mut session.store,
+        &mut session.state,
+        usize::from(args.parallelism),
+        &reporter,
+    )
+    .await?;
+    let left = session
+        .provider
+        .leftovers()
+        .await
+        .context("cannot check what is left")?;
+    if !left.is_empty() {
+        return Err(CommandError::Leftovers {
+            stack: session.stack.name.clone(),
+            left,
+        }
+        .into());
+    }
+    keys::remove(&session.stack.state_dir(), &session.stack.name)?;
+    report(&plan, &outcomes, &session, output);
+    if output == OutputFormat::Text {
+        println!("Nothing tagged stack={} is left.", session.stack.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
+    let stack = model::load(&args.file)?;
+    check_provider(&stack)?;
+    let dir = stack.state_dir();
+    let state_path = state::state_path(&dir, &stack.name);
+    let recorded = state::read(&state_path, &stack.name)?;
+    let key_path = keys::private_key_path(&dir, &stack.name);
+    let ProviderSettings::Ec2(settings) = &stack.provider else {
+        unreachable!("check_provider refused other providers")
+    };
+    let public_key = std::fs::read_to_string(format!("{}.pub", key_path.display())).unwrap_or_default();
+    let provider = Ec2Provider::connect(&stack, public_key.trim())
+        .await
+        .with_context(|| format!("cannot reach EC2 for stack {}", stack.name))?;
+    let nodes = provider.nodes().await.context("cannot read the nodes")?;
+    let key_exists = key_path.exists();
+    match output {
+        OutputFormat::Json => print_json(&json!({
+            "stack": stack.name,
+            "provider": stack.provider_name(),
+            "stateFile": state_path,
+            "stateSerial": recorded.as_ref().map(|s| s.serial),
+            "recordedResources": recorded.as_ref().map_or(0, |s| s.resources.len()),
+            "sshKey": key_exists.then_some(&key_path),
+            "sshUser": settings.ssh_user,
+            "nodes": nodes,
+        })),
+        OutputFormat::Text => {
+            println!("stack {} ({})", stack.name, stack.provider_name());
+            match &recorded {
+                Some(s) => println!("state:   {} (serial {}, {} resources)", state_path.display(), s.serial, s.resources.len()),
+                None => println!("state:   {} (none yet: run `stack up`)", state_path.display()),
+            }
+            if key_exists {
+                println!("ssh key: {} (user {})", key_path.display(), settings.ssh_user);
+            } else {
+                println!("ssh key: none yet");
+            }
+            if nodes.is_empty() {
+                println!("no nodes");
+            } else {
+                println!();
+                println!("{:<28} {:<21} {:<9} {:<16} {:<16}", "NODE", "ID", "STATE", "PUBLIC", "PRIVATE");
+                for node in &nodes {
+                    println!(
+                        "{:<28} {:<21} {:<9} {:<16} {:<16}",
+                        node.address,
+                        node.id,
+                        node.state,
+                        node.public_address.as_deref().unwrap_or("-"),
+                        node.private_address.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

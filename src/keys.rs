@@ -1,0 +1,117 @@
+//! The stack's SSH key: an ed25519 key pair generated once per stack and
+//! kept next to the state (private key mode 0600), never defaulted.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use ssh_key::{rand_core::OsRng, Algorithm, LineEnding, PrivateKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot {action} SSH key {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("SSH key {} is not an OpenSSH private key: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot generate an ed25519 key: {0}")]
+    Generate(String),
+}
+
+/// The stack's key files.
+#[derive(Debug, Clone)]
+pub struct StackKey {
+    pub private_path: PathBuf,
+    /// `ssh-ed25519 AAAA… stack-NAME`
+    pub public_openssh: String,
+}
+
+pub fn private_key_path(dir: &Path, stack: &str) -> PathBuf {
+    dir.join(format!("{stack}.id_ed25519"))
+}
+
+/// Loads the stack's key, generating it when there is none yet.
+pub fn ensure(dir: &Path, stack: &str) -> Result<StackKey, KeyError> {
+    let private_path = private_key_path(dir, stack);
+    let io = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| KeyError::Io { action, path, source }
+    };
+    let key = if private_path.exists() {
+        let text = fs::read_to_string(&private_path).map_err(io("read", &private_path))?;
+        PrivateKey::from_openssh(text).map_err(|e| KeyError::Invalid {
+            path: private_path.clone(),
+            reason: e.to_string(),
+        })?
+    } else {
+        fs::create_dir_all(dir).map_err(io("create the folder for", &private_path))?;
+        let mut key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519)
+            .map_err(|e| KeyError::Generate(e.to_string()))?;
+        key.set_comment(format!("stack-{stack}"));
+        let pem = key
+            .to_openssh(LineEnding::LF)
+            .map_err(|e| KeyError::Generate(e.to_string()))?;
+        let tmp = private_path.with_extension("tmp");
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("write", &tmp))?;
+        file.write_all(pem.as_bytes()).map_err(io("write", &tmp))?;
+        file.sync_all().map_err(io("sync", &tmp))?;
+        fs::rename(&tmp, &private_path).map_err(io("write", &private_path))?;
+        key
+    };
+    let public_openssh = key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| KeyError::Generate(e.to_string()))?;
+    let mut pub_path = private_path.clone().into_os_string();
+    pub_path.push(".pub");
+    fs::write(&pub_path, format!("{public_openssh}\n")).map_err(io("write", Path::new(&pub_path)))?;
+    Ok(StackKey {
+        private_path,
+        public_openssh,
+    })
+}
+
+/// Removes the key files (after `down`).
+pub fn remove(dir: &Path, stack: &str) -> Result<(), KeyError> {
+    let private_path = private_key_path(dir, stack);
+    let mut pub_path = private_path.clone().into_os_string();
+    pub_path.push(".pub");
+    for path in [private_path, PathBuf::from(pub_path)] {
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(KeyError::Io { action: "remove", path, source }),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn generated_once_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ensure(dir.path(), "demo").unwrap();
+        let second = ensure(dir.path(), "demo").unwrap();
+        assert_eq!(first.public_openssh, second.public_openssh);
+        assert!(first.public_openssh.starts_with("ssh-ed25519 "));
+        let mode = fs::metadata(&first.private_path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        remove(dir.path(), "demo").unwrap();
+        assert!(!first.private_path.exists());
+    }
+}

@@ -1,0 +1,899 @@
+//! Decodes the positioned YAML tree into the as-written model, collecting
+//! every type error (unknown keys, wrong types, missing fields, bad formats)
+//! instead of stopping at the first.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::file::*;
+use super::values::{self, ByteSize, ImageRef};
+use super::yaml::{Node, Pos, Value};
+use super::{Accel, Addon, BaseImage, DatabaseKind, Role, StorageKind, TcpExposure, UpgradePolicy};
+use crate::diag::Diagnostics;
+
+/// The only stack file version this build reads.
+pub const VERSION: u32 = 1;
+
+pub fn decode(root: &Node, diags: &mut Diagnostics) -> Option<StackFile> {
+    Decoder { diags }.stack(root)
+}
+
+struct Decoder<'d> {
+    diags: &'d mut Diagnostics,
+}
+
+/// The fields of one mapping, checked against the keys it may have.
+struct Fields<'n> {
+    pos: Pos,
+    entries: Vec<(&'n str, Pos, &'n Node)>,
+}
+
+impl<'n> Fields<'n> {
+    /// A present, non-null field.
+    fn get(&self, key: &str) -> Option<&'n Node> {
+        self.entries
+            .iter()
+            .find(|(k, _, v)| *k == key && v.value != Value::Null)
+            .map(|(_, _, v)| *v)
+    }
+
+    /// Where the key was written, for diagnostics about a whole section.
+    fn key_pos(&self, key: &str) -> Option<Pos> {
+        self.entries.iter().find(|(k, _, _)| *k == key).map(|(_, pos, _)| *pos)
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.to_lowercase().chars().collect();
+    let b: Vec<char> = b.to_lowercase().chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+fn one_of(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+impl Decoder<'_> {
+    fn error(&mut self, node: &Node, path: &str, expected: impl Into<String>) {
+        let found = node.kind_name();
+        self.diags.push(node.pos, path, expected, found);
+    }
+
+    fn mapping<'n>(&mut self, node: &'n Node, path: &str, keys: &[&str]) -> Option<Fields<'n>> {
+        let Value::Map(entries) = &node.value else {
+            self.error(node, path, "a mapping");
+            return None;
+        };
+        let mut fields = Fields {
+            pos: node.pos,
+            entries: Vec::new(),
+        };
+        for (key, value) in entries {
+            let Value::Scalar { text, .. } = &key.value else {
+                self.error(key, path, "a field name");
+                continue;
+            };
+            let key_path = join(path, text);
+            if !keys.contains(&text.as_str()) {
+                let suggestion = keys
+                    .iter()
+                    .filter(|k| edit_distance(k, text) <= 2)
+                    .min_by_key(|k| edit_distance(k, text));
+                let found = match suggestion {
+                    Some(s) => format!("unknown field `{text}` (did you mean `{s}`?)"),
+                    None => format!("unknown field `{text}`"),
+                };
+                self.diags
+                    .push(key.pos, &key_path, format!("one of {}", one_of(keys)), found);
+                continue;
+            }
+            if fields.entries.iter().any(|(k, _, _)| k == text) {
+                self.diags.push(
+                    key.pos,
+                    &key_path,
+                    "each field once",
+                    format!("`{text}` again"),
+                );
+                continue;
+            }
+            fields.entries.push((text.as_str(), key.pos, value));
+        }
+        Some(fields)
+    }
+
+    fn required<'n>(
+        &mut self,
+        fields: &Fields<'n>,
+        path: &str,
+        key: &str,
+        what: &str,
+    ) -> Option<&'n Node> {
+        let node = fields.get(key);
+        if node.is_none() {
+            self.diags.push(
+                fields.pos,
+                &join(path, key),
+                format!("a required field `{key}` ({what})"),
+                format!("no `{key}`"),
+            );
+        }
+        node
+    }
+
+    fn string(&mut self, node: &Node, path: &str) -> Option<Spanned<String>> {
+        match &node.value {
+            Value::Scalar { text, quoted } => {
+                if !quoted && matches!(text.as_str(), "true" | "false") {
+                    self.error(node, path, "a string (quote it to mean the word)");
+                    return None;
+                }
+                Some(Spanned {
+                    value: text.clone(),
+                    pos: node.pos,
+                })
+            }
+            _ => {
+                self.error(node, path, "a string");
+                None
+            }
+        }
+    }
+
+    fn parsed<T>(
+        &mut self,
+        node: &Node,
+        path: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<Spanned<T>> {
+        let text = self.string(node, path)?;
+        match parse(&text.value) {
+            Ok(value) => Some(Spanned {
+                value,
+                pos: node.pos,
+            }),
+            Err(expected) => {
+                self.error(node, path, expected);
+                None
+            }
+        }
+    }
+
+    fn dns_label(&mut self, node: &Node, path: &str, max: usize) -> Option<Spanned<String>> {
+        self.parsed(node, path, |text| {
+            if values::is_dns_label(text, max) {
+                Ok(text.to_string())
+            } else {
+                Err(format!(
+                    "a name of lowercase letters, digits and '-', starting with a letter, at most {max} characters"
+                ))
+            }
+        })
+    }
+
+    fn integer(&mut self, node: &Node, path: &str, min: u32, max: u32) -> Option<Spanned<u32>> {
+        let expected = format!("a whole number from {min} to {max}");
+        match &node.value {
+            Value::Scalar {
+                text,
+                quoted: false,
+            } => match text.parse::<i64>() {
+                Ok(n) if (i64::from(min)..=i64::from(max)).contains(&n) => Some(Spanned {
+                    value: n as u32,
+                    pos: node.pos,
+                }),
+                _ => {
+                    self.error(node, path, expected);
+                    None
+                }
+            },
+            _ => {
+                self.error(node, path, expected);
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, node: &Node, path: &str) -> Option<Spanned<bool>> {
+        match &node.value {
+            Value::Scalar {
+                text,
+                quoted: false,
+            } if text == "true" || text == "false" => Some(Spanned {
+                value: text == "true",
+                pos: node.pos,
+            }),
+            _ => {
+                self.error(node, path, "`true` or `false`");
+                None
+            }
+        }
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        node: &Node,
+        path: &str,
+        choices: &[(&str, T)],
+    ) -> Option<Spanned<T>> {
+        let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+        let expected = one_of(&names);
+        self.parsed(node, path, |text| {
+            choices
+                .iter()
+                .find(|(name, _)| *name == text)
+                .map(|(_, value)| *value)
+                .ok_or_else(|| expected.clone())
+        })
+    }
+
+    fn list<T>(
+        &mut self,
+        node: &Node,
+        path: &str,
+        mut item: impl FnMut(&mut Self, &Node, &str) -> Option<T>,
+    ) -> Option<Spanned<Vec<T>>> {
+        let Value::Seq(items) = &node.value else {
+            self.error(node, path, "a list");
+            return None;
+        };
+        // Items that failed are left out (their errors are reported), so
+        // the rest can still be checked against each other.
+        let out = items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, child)| item(self, child, &format!("{path}[{i}]")))
+            .collect();
+        Some(Spanned {
+            value: out,
+            pos: node.pos,
+        })
+    }
+
+    fn size(&mut self, node: &Node, path: &str) -> Option<Spanned<ByteSize>> {
+        self.parsed(node, path, ByteSize::parse)
+    }
+
+    fn cidr(&mut self, node: &Node, path: &str) -> Option<Spanned<ipnet::IpNet>> {
+        self.parsed(node, path, |text| {
+            text.parse::<ipnet::IpNet>()
+                .map_err(|_| "a CIDR block such as 10.0.0.0/16".to_string())
+        })
+    }
+
+    fn cidrs(&mut self, node: &Node, path: &str) -> Option<Spanned<Vec<Spanned<ipnet::IpNet>>>> {
+        self.list(node, path, |d, child, p| d.cidr(child, p))
+    }
+
+    fn duration(&mut self, node: &Node, path: &str) -> Option<Spanned<std::time::Duration>> {
+        self.parsed(node, path, values::parse_duration)
+    }
+
+    fn opt<T>(
+        &mut self,
+        fields: &Fields,
+        path: &str,
+        key: &str,
+        decode: impl FnOnce(&mut Self, &Node, &str) -> Option<T>,
+    ) -> Option<T> {
+        let node = fields.get(key)?;
+        decode(self, node, &join(path, key))
+    }
+
+    /// A top-level section, positioned at its key so messages about the
+    /// whole section point at its name.
+    fn section<T>(
+        &mut self,
+        fields: &Fields,
+        key: &str,
+        decode: impl FnOnce(&mut Self, &Node, &str) -> Option<Spanned<T>>,
+    ) -> Option<Spanned<T>> {
+        let pos = fields.key_pos(key)?;
+        self.opt(fields, "", key, decode)
+            .map(|section| Spanned { value: section.value, pos })
+    }
+
+    fn stack(&mut self, root: &Node) -> Option<StackFile> {
+        if root.value == Value::Null {
+            self.diags.push(
+                root.pos,
+                "",
+                "a stack: a mapping with `version`, `name`, `provider` and `nodes`",
+                "an empty file",
+            );
+            return None;
+        }
+        let f = self.mapping(
+            root,
+            "",
+            &[
+                "version",
+                "name",
+                "provider",
+                "network",
+                "nodes",
+                "kubernetes",
+                "databases",
+                "ingress",
+                "monitoring",
+                "upgrades",
+                "timeouts",
+                "tags",
+            ],
+        )?;
+        if let Some(node) = self.required(&f, "", "version", "the stack file version, 1") {
+            if let Some(v) = self.integer(node, "version", 1, u32::MAX) {
+                if v.value != VERSION {
+                    self.diags.push(
+                        node.pos,
+                        "version",
+                        format!("version {VERSION}, the one this build of stack reads"),
+                        format!("version {}", v.value),
+                    );
+                }
+            }
+        }
+        let name = self
+            .required(&f, "", "name", "the stack's name")
+            .and_then(|n| self.dns_label(n, "name", 40));
+        let provider = self
+            .required(&f, "", "provider", "`ec2` or `kvm` settings")
+            .and_then(|n| self.provider(n))
+            .map(|p| Spanned {
+                pos: f.key_pos("provider").unwrap_or(p.pos),
+                value: p.value,
+            });
+        let network = self.opt(&f, "", "network", Self::network);
+        let nodes = self.section(&f, "nodes", |d, n, p| {
+            d.list(n, p, |d, child, p| d.node_group(child, p))
+        });
+        let kubernetes = self.section(&f, "kubernetes", Self::kubernetes);
+        let databases = self.section(&f, "databases", |d, n, p| {
+            d.list(n, p, |d, child, p| d.database(child, p))
+        });
+        let ingress = self.section(&f, "ingress", Self::ingress);
+        let monitoring = self.section(&f, "monitoring", Self::monitoring);
+        let upgrades = self.section(&f, "upgrades", Self::upgrades);
+        let timeouts = self.opt(&f, "", "timeouts", Self::timeouts);
+        let tags = self.opt(&f, "", "tags", Self::tags);
+        Some(StackFile {
+            name: name?,
+            provider: provider?,
+            network,
+            nodes,
+            kubernetes,
+            databases,
+            ingress,
+            monitoring,
+            upgrades,
+            timeouts,
+            tags,
+        })
+    }
+
+    fn provider(&mut self, node: &Node) -> Option<Spanned<ProviderFile>> {
+        let f = self.mapping(node, "provider", &["ec2", "kvm"])?;
+        let value = match (f.get("ec2"), f.get("kvm")) {
+            (Some(_), Some(kvm)) => {
+                self.diags.push(
+                    kvm.pos,
+                    "provider.kvm",
+                    "exactly one provider, `ec2` or `kvm`",
+                    "both `ec2` and `kvm`",
+                );
+                return None;
+            }
+            (Some(ec2), None) => ProviderFile::Ec2(self.ec2(ec2, "provider.ec2")?),
+            (None, Some(kvm)) => ProviderFile::Kvm(self.kvm(kvm, "provider.kvm")?),
+            (None, None) => {
+                // `ec2: {}` written as `ec2:` is null: that still picks the provider.
+                match f.entries.first() {
+                    Some(("ec2", _, _)) => ProviderFile::Ec2(Ec2File::default()),
+                    Some(("kvm", _, _)) => ProviderFile::Kvm(KvmFile::default()),
+                    _ => {
+                        self.diags.push(
+                            node.pos,
+                            "provider",
+                            "one provider, `ec2` or `kvm`",
+                            "no provider",
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(Spanned {
+            value,
+            pos: node.pos,
+        })
+    }
+
+    fn ec2(&mut self, node: &Node, path: &str) -> Option<Ec2File> {
+        let f = self.mapping(
+            node,
+            path,
+            &[
+                "region",
+                "profile",
+                "endpoint",
+                "vpcId",
+                "subnetId",
+                "ami",
+                "instanceType",
+                "sshUser",
+            ],
+        )?;
+        Some(Ec2File {
+            region: self.opt(&f, path, "region", Self::string),
+            profile: self.opt(&f, path, "profile", Self::string),
+            endpoint: self.opt(&f, path, "endpoint", |d, n, p| {
+                d.parsed(n, p, |text| {
+                    if (text.starts_with("http://") || text.starts_with("https://"))
+                        && text.len() > "https://".len()
+                    {
+                        Ok(text.trim_end_matches('/').to_string())
+                    } else {
+                        Err("an http:// or https:// URL".to_string())
+                    }
+                })
+            }),
+            vpc_id: self.opt(&f, path, "vpcId", |d, n, p| d.aws_id(n, p, "vpc")),
+            subnet_id: self.opt(&f, path, "subnetId", |d, n, p| d.aws_id(n, p, "subnet")),
+            ami: self.opt(&f, path, "ami", |d, n, p| d.aws_id(n, p, "ami")),
+            instance_type: self.opt(&f, path, "instanceType", Self::instance_type),
+            ssh_user: self.opt(&f, path, "sshUser", |d, n, p| d.dns_label(n, p, 32)),
+        })
+    }
+
+    fn aws_id(&mut self, node: &Node, path: &str, prefix: &str) -> Option<Spanned<String>> {
+        self.parsed(node, path, |text| {
+            let hex = text.strip_prefix(prefix).and_then(|t| t.strip_prefix('-'));
+            match hex {
+                Some(hex)
+                    if (hex.len() == 8 || hex.len() == 17)
+                        && hex.chars().all(|c| c.is_ascii_hexdigit()) =>
+                {
+                    Ok(text.to_string())
+                }
+                _ => Err(format!("an id such as {prefix}-0123456789abcdef0")),
+            }
+        })
+    }
+
+    fn instance_type(&mut self, node: &Node, path: &str) -> Option<Spanned<String>> {
+        self.parsed(node, path, |text| match text.split_once('.') {
+            Some((family, size))
+                if !family.is_empty()
+                    && !size.is_empty()
+                    && text
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-') =>
+            {
+                Ok(text.to_string())
+            }
+            _ => Err("an EC2 instance type such as t3.medium".to_string()),
+        })
+    }
+
+    fn kvm(&mut self, node: &Node, path: &str) -> Option<KvmFile> {
+        let f = self.mapping(node, path, &["accel", "sshUser"])?;
+        Some(KvmFile {
+            accel: self.opt(&f, path, "accel", |d, n, p| {
+                d.choice(
+                    n,
+                    p,
+                    &[("auto", Accel::Auto), ("kvm", Accel::Kvm), ("tcg", Accel::Tcg)],
+                )
+            }),
+            ssh_user: self.opt(&f, path, "sshUser", |d, n, p| d.dns_label(n, p, 32)),
+        })
+    }
+
+    fn network(&mut self, node: &Node, path: &str) -> Option<NetworkFile> {
+        let f = self.mapping(node, path, &["cidr", "allowedCidrs", "ingressCidrs"])?;
+        Some(NetworkFile {
+            cidr: self.opt(&f, path, "cidr", Self::cidr),
+            allowed_cidrs: self.opt(&f, path, "allowedCidrs", Self::cidrs),
+            ingress_cidrs: self.opt(&f, path, "ingressCidrs", Self::cidrs),
+        })
+    }
+
+    fn node_group(&mut self, node: &Node, path: &str) -> Option<NodeGroupFile> {
+        let f = self.mapping(
+            node,
+            path,
+            &[
+                "name",
+                "count",
+                "role",
+                "disk",
+                "instanceType",
+                "ami",
+                "subnetId",
+                "cpus",
+                "memory",
+                "image",
+            ],
+        )?;
+        let name = self
+            .required(&f, path, "name", "the node group's name")
+            .and_then(|n| self.dns_label(n, &join(path, "name"), 30));
+        let count = self.opt(&f, path, "count", |d, n, p| d.integer(n, p, 1, 100));
+        let role = self.opt(&f, path, "role", |d, n, p| {
+            d.choice(n, p, &[("control", Role::Control), ("worker", Role::Worker)])
+        });
+        let disk = self.opt(&f, path, "disk", Self::size);
+        let instance_type = self.opt(&f, path, "instanceType", Self::instance_type);
+        let ami = self.opt(&f, path, "ami", |d, n, p| d.aws_id(n, p, "ami"));
+        let subnet_id = self.opt(&f, path, "subnetId", |d, n, p| d.aws_id(n, p, "subnet"));
+        let cpus = self.opt(&f, path, "cpus", |d, n, p| d.integer(n, p, 1, 64));
+        let memory = self.opt(&f, path, "memory", Self::size);
+        let image = self.opt(&f, path, "image", Self::base_image);
+        let group = NodeGroupFile {
+            pos: node.pos,
+            name: name?,
+            count,
+            role,
+            disk,
+            instance_type,
+            ami,
+            subnet_id,
+            cpus,
+            memory,
+            image,
+        };
+        Some(group)
+    }
+
+    fn base_image(&mut self, node: &Node, path: &str) -> Option<Spanned<BaseImage>> {
+        let f = self.mapping(node, path, &["url", "sha256", "path"])?;
+        let value = match (f.get("url"), f.get("path")) {
+            (Some(url), None) => {
+                let url = self.parsed(url, &join(path, "url"), |t| {
+                    if t.starts_with("https://") || t.starts_with("http://") {
+                        Ok(t.to_string())
+                    } else {
+                        Err("an http:// or https:// URL".to_string())
+                    }
+                });
+                let sha = self
+                    .required(&f, path, "sha256", "the image's sha256, to verify the download")
+                    .and_then(|n| {
+                        self.parsed(n, &join(path, "sha256"), |t| {
+                            if t.len() == 64 && t.chars().all(|c| c.is_ascii_hexdigit()) {
+                                Ok(t.to_lowercase())
+                            } else {
+                                Err("64 hex digits".to_string())
+                            }
+                        })
+                    });
+                BaseImage::Url {
+                    url: url?.value,
+                    sha256: sha?.value,
+                }
+            }
+            (None, Some(local)) => {
+                if let Some(sha) = f.get("sha256") {
+                    self.diags.push(
+                        sha.pos,
+                        &join(path, "sha256"),
+                        "`sha256` only with `url`",
+                        "`sha256` with `path`",
+                    );
+                }
+                BaseImage::Path {
+                    path: PathBuf::from(self.string(local, &join(path, "path"))?.value),
+                }
+            }
+            _ => {
+                self.diags.push(
+                    node.pos,
+                    path,
+                    "either `url` with `sha256`, or `path`",
+                    if f.get("url").is_some() { "both `url` and `path`" } else { "neither" },
+                );
+                return None;
+            }
+        };
+        Some(Spanned {
+            value,
+            pos: node.pos,
+        })
+    }
+
+    fn kubernetes(&mut self, node: &Node, path: &str) -> Option<Spanned<KubernetesFile>> {
+        let f = self.mapping(node, path, &["channel", "addons", "storage", "kubeconfig", "context"])?;
+        let value = KubernetesFile {
+            channel: self.opt(&f, path, "channel", |d, n, p| {
+                d.parsed(n, p, |t| {
+                    let ok = t.split_once('/').is_some_and(|(version, risk)| {
+                        version.split_once('.').is_some_and(|(major, minor)| {
+                            major == "1" && !minor.is_empty() && minor.chars().all(|c| c.is_ascii_digit())
+                        }) && matches!(risk, "stable" | "candidate" | "beta" | "edge")
+                    });
+                    if ok {
+                        Ok(t.to_string())
+                    } else {
+                        Err("a microk8s channel such as 1.32/stable".to_string())
+                    }
+                })
+            }),
+            addons: self.opt(&f, path, "addons", |d, n, p| {
+                d.list(n, p, |d, n, p| {
+                    d.choice(
+                        n,
+                        p,
+                        &[
+                            ("dns", Addon::Dns),
+                            ("storage", Addon::Storage),
+                            ("ingress", Addon::Ingress),
+                            ("monitoring", Addon::Monitoring),
+                        ],
+                    )
+                })
+            }),
+            storage: self.opt(&f, path, "storage", |d, n, p| {
+                d.choice(
+                    n,
+                    p,
+                    &[("hostpath", StorageKind::Hostpath), ("openebs", StorageKind::Openebs)],
+                )
+            }),
+            kubeconfig: self.opt(&f, path, "kubeconfig", |d, n, p| {
+                d.string(n, p).map(|s| Spanned {
+                    value: PathBuf::from(s.value),
+                    pos: s.pos,
+                })
+            }),
+            context: self.opt(&f, path, "context", Self::string),
+        };
+        Some(Spanned {
+            value,
+            pos: node.pos,
+        })
+    }
+
+    fn database(&mut self, node: &Node, path: &str) -> Option<DatabaseFile> {
+        let f = self.mapping(
+            node,
+            path,
+            &[
+                "kind",
+                "name",
+                "image",
+                "replicas",
+                "storage",
+                "upgrade",
+                "shmSize",
+                "repository",
+                "replications",
+            ],
+        )?;
+        let kind = self
+            .required(&f, path, "kind", "`couchdb`, `allegrograph` or `immudb`")
+            .and_then(|n| {
+                self.choice(
+                    n,
+                    &join(path, "kind"),
+                    &[
+                        ("couchdb", DatabaseKind::Couchdb),
+                        ("allegrograph", DatabaseKind::Allegrograph),
+                        ("immudb", DatabaseKind::Immudb),
+                    ],
+                )
+            });
+        let name = self
+            .required(&f, path, "name", "the database's name")
+            .and_then(|n| self.dns_label(n, &join(path, "name"), 30));
+        let image = self.opt(&f, path, "image", |d, n, p| d.parsed(n, p, ImageRef::parse));
+        let replicas = self.opt(&f, path, "replicas", |d, n, p| d.integer(n, p, 0, 100));
+        let storage = self.opt(&f, path, "storage", Self::size);
+        let upgrade = self.opt(&f, path, "upgrade", |d, n, p| {
+            d.choice(
+                n,
+                p,
+                &[
+                    ("none", UpgradePolicy::None),
+                    ("patch", UpgradePolicy::Patch),
+                    ("minor", UpgradePolicy::Minor),
+                    ("major", UpgradePolicy::Major),
+                ],
+            )
+        });
+        let shm_size = self.opt(&f, path, "shmSize", Self::size);
+        let repository = self.opt(&f, path, "repository", |d, n, p| d.dns_label(n, p, 63));
+        let replications = self.opt(&f, path, "replications", |d, n, p| {
+            d.list(n, p, |d, n, p| {
+                let f = d.mapping(n, p, &["source", "target"])?;
+                let source = d.required(&f, p, "source", "a database name or URL");
+                let source = source.and_then(|n| d.string(n, &join(p, "source")));
+                let target = d.required(&f, p, "target", "a database name or URL");
+                let target = target.and_then(|n| d.string(n, &join(p, "target")));
+                Some(ReplicationFile {
+                    source: source?,
+                    target: target?,
+                })
+            })
+        });
+        let database = DatabaseFile {
+            pos: node.pos,
+            kind: kind?,
+            name: name?,
+            image,
+            replicas,
+            storage,
+            upgrade,
+            shm_size,
+            repository,
+            replications,
+        };
+        Some(database)
+    }
+
+    fn ingress(&mut self, node: &Node, path: &str) -> Option<Spanned<IngressFile>> {
+        let f = self.mapping(node, path, &["domain", "tls", "className", "tcp"])?;
+        let domain = self
+            .required(&f, path, "domain", "the DNS domain endpoints live under")
+            .and_then(|n| {
+                self.parsed(n, &join(path, "domain"), |t| {
+                    if values::is_dns_name(t) {
+                        Ok(t.to_string())
+                    } else {
+                        Err("a DNS name such as db.example.test".to_string())
+                    }
+                })
+            });
+        let tls = self.opt(&f, path, "tls", |d, n, p| {
+            let f = d.mapping(n, p, &["ca", "secret", "issuer"])?;
+            if f.entries.len() != 1 {
+                d.diags.push(
+                    n.pos,
+                    p,
+                    "exactly one of `ca: stack`, `secret: NAME` or `issuer: NAME`",
+                    format!("{} of them", f.entries.len()),
+                );
+                return None;
+            }
+            let value = match f.entries[0] {
+                ("ca", _, v) => {
+                    d.choice(v, &join(p, "ca"), &[("stack", ())])?;
+                    TlsFile::StackCa
+                }
+                ("secret", _, v) => TlsFile::Secret(d.dns_label(v, &join(p, "secret"), 253)?.value),
+                (_, _, v) => TlsFile::Issuer(d.dns_label(v, &join(p, "issuer"), 253)?.value),
+            };
+            Some(Spanned { value, pos: n.pos })
+        });
+        let class_name = self.opt(&f, path, "className", |d, n, p| d.dns_label(n, p, 63));
+        let tcp = self.opt(&f, path, "tcp", |d, n, p| {
+            d.choice(
+                n,
+                p,
+                &[("nodePort", TcpExposure::NodePort), ("entryPoint", TcpExposure::EntryPoint)],
+            )
+        });
+        let value = IngressFile {
+            domain: domain?,
+            tls,
+            class_name,
+            tcp,
+        };
+        Some(Spanned {
+            value,
+            pos: node.pos,
+        })
+    }
+
+    fn monitoring(&mut self, node: &Node, path: &str) -> Option<Spanned<MonitoringFile>> {
+        let f = self.mapping(node, path, &["serviceMonitors", "dashboards"])?;
+        let value = MonitoringFile {
+            service_monitors: self.opt(&f, path, "serviceMonitors", Self::boolean),
+            dashboards: self.opt(&f, path, "dashboards", Self::boolean),
+        };
+        Some(Spanned {
+            value,
+            pos: node.pos,
+        })
+    }
+
+    fn upgrades(&mut self, node: &Node, path: &str) -> Option<Spanned<UpgradesFile>> {
+        let f = self.mapping(node, path, &["schedule", "healthTimeout", "rollback"])?;
+        let schedule = self
+            .required(&f, path, "schedule", "a cron expression")
+            .and_then(|n| {
+                self.parsed(n, &join(path, "schedule"), |t| {
+                    values::check_cron(t).map(|()| t.to_string())
+                })
+            });
+        let health_timeout = self.opt(&f, path, "healthTimeout", Self::duration);
+        let rollback = self.opt(&f, path, "rollback", Self::boolean);
+        let value = UpgradesFile {
+            schedule: schedule?,
+            health_timeout,
+            rollback,
+        };
+        Some(Spanned {
+            value,
+            pos: node.pos,
+        })
+    }
+
+    fn timeouts(&mut self, node: &Node, path: &str) -> Option<TimeoutsFile> {
+        let f = self.mapping(node, path, &["running", "delete"])?;
+        Some(TimeoutsFile {
+            running: self.opt(&f, path, "running", Self::duration),
+            delete: self.opt(&f, path, "delete", Self::duration),
+        })
+    }
+
+    fn tags(
+        &mut self,
+        node: &Node,
+        path: &str,
+    ) -> Option<Spanned<BTreeMap<String, Spanned<String>>>> {
+        let Value::Map(entries) = &node.value else {
+            self.error(node, path, "a mapping of tag names to values");
+            return None;
+        };
+        let mut tags = BTreeMap::new();
+        for (key, value) in entries {
+            let Some(key) = self.string(key, path) else {
+                continue;
+            };
+            let key_path = join(path, &key.value);
+            let reserved = key.value == "Name"
+                || key.value.starts_with("stack")
+                || key.value.to_lowercase().starts_with("aws:");
+            if reserved || key.value.is_empty() || key.value.len() > 128 {
+                self.diags.push(
+                    key.pos,
+                    &key_path,
+                    "a tag name of 1 to 128 characters, not `Name`, `stack…` or `aws:…` (stack sets those)",
+                    format!("`{}`", key.value),
+                );
+                continue;
+            }
+            if let Some(value) = self.string(value, &key_path) {
+                tags.insert(key.value, value);
+            }
+        }
+        Some(Spanned {
+            value: tags,
+            pos: node.pos,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions_for_misspelt_keys() {
+        assert_eq!(edit_distance("instancetype", "instanceType"), 0);
+        assert_eq!(edit_distance("cout", "count"), 1);
+        assert_eq!(one_of(&["a", "b", "c"]), "`a`, `b` or `c`");
+    }
+}

@@ -1,0 +1,182 @@
+//! Every default of the stack file, filled in one place.
+//!
+//! `stacks/reference.yaml` documents the same values; keep them in step.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::file::*;
+use super::*;
+
+pub const EC2_INSTANCE_TYPE: &str = "t3.medium";
+pub const EC2_SSH_USER: &str = "ubuntu";
+pub const KVM_SSH_USER: &str = "stack";
+pub const DISK_GIB: u64 = 20;
+pub const KVM_CPUS: u32 = 2;
+pub const KVM_MEMORY_GIB: u64 = 4;
+pub const KVM_CIDR: &str = "10.42.0.0/24";
+pub const MICROK8S_CHANNEL: &str = "1.32/stable";
+pub const DATABASE_STORAGE_GIB: u64 = 10;
+pub const RUNNING_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DELETE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const UPGRADE_HEALTH_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn val<T>(value: Option<Spanned<T>>) -> Option<T> {
+    value.map(|s| s.value)
+}
+
+fn location(file: &Path, pos: super::yaml::Pos) -> String {
+    format!("{}:{}:{}", file.display(), pos.line, pos.column)
+}
+
+/// Turns a validated stack file into the resolved model.
+pub fn resolve(stack: StackFile, file: &Path) -> Stack {
+    let mut unbuilt = Vec::new();
+    let mut mark = |path: &str, pos, what: &str| {
+        unbuilt.push(UnbuiltSection {
+            path: path.to_string(),
+            location: location(file, pos),
+            what: what.to_string(),
+        })
+    };
+    if matches!(stack.provider.value, ProviderFile::Kvm(_)) {
+        mark("provider.kvm", stack.provider.pos, "the local KVM provider");
+    }
+    if let Some(k) = &stack.kubernetes {
+        mark("kubernetes", k.pos, "microk8s bootstrap and deploying to a cluster");
+    }
+    if let Some(d) = stack.databases.as_ref().filter(|d| !d.value.is_empty()) {
+        mark("databases", d.pos, "database clusters");
+    }
+    if let Some(i) = &stack.ingress {
+        mark("ingress", i.pos, "TLS ingress");
+    }
+    if let Some(m) = &stack.monitoring {
+        mark("monitoring", m.pos, "monitoring");
+    }
+    if let Some(u) = &stack.upgrades {
+        mark("upgrades", u.pos, "scheduled upgrades");
+    }
+
+    let is_ec2 = matches!(stack.provider.value, ProviderFile::Ec2(_));
+    let provider = match stack.provider.value {
+        ProviderFile::Ec2(ec2) => Provider::Ec2(Ec2Settings {
+            region: val(ec2.region),
+            profile: val(ec2.profile),
+            endpoint: val(ec2.endpoint),
+            vpc_id: val(ec2.vpc_id),
+            subnet_id: val(ec2.subnet_id),
+            ami: val(ec2.ami),
+            instance_type: val(ec2.instance_type).unwrap_or_else(|| EC2_INSTANCE_TYPE.to_string()),
+            ssh_user: val(ec2.ssh_user).unwrap_or_else(|| EC2_SSH_USER.to_string()),
+        }),
+        ProviderFile::Kvm(kvm) => Provider::Kvm(KvmSettings {
+            accel: val(kvm.accel).unwrap_or(Accel::Auto),
+            ssh_user: val(kvm.ssh_user).unwrap_or_else(|| KVM_SSH_USER.to_string()),
+        }),
+    };
+    let network = stack.network.unwrap_or_default();
+    let cidrs = |list: Opt<Vec<Spanned<ipnet::IpNet>>>| {
+        val(list).unwrap_or_default().into_iter().map(|c| c.value).collect()
+    };
+    let network = Network {
+        cidr: val(network.cidr).or_else(|| (!is_ec2).then(|| KVM_CIDR.parse().expect("default CIDR parses"))),
+        allowed_cidrs: cidrs(network.allowed_cidrs),
+        ingress_cidrs: cidrs(network.ingress_cidrs),
+    };
+    let nodes = val(stack.nodes)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| NodeGroup {
+            name: g.name.value,
+            count: val(g.count).unwrap_or(1),
+            role: val(g.role).unwrap_or(if i == 0 { Role::Control } else { Role::Worker }),
+            disk: val(g.disk).unwrap_or(ByteSize::gib(DISK_GIB)),
+            instance_type: is_ec2.then(|| val(g.instance_type)).flatten(),
+            ami: val(g.ami),
+            subnet_id: val(g.subnet_id),
+            cpus: (!is_ec2).then(|| val(g.cpus).unwrap_or(KVM_CPUS)),
+            memory: (!is_ec2).then(|| val(g.memory).unwrap_or(ByteSize::gib(KVM_MEMORY_GIB))),
+            image: val(g.image),
+        })
+        .collect();
+    let kubernetes = val(stack.kubernetes).map(|k| Kubernetes {
+        channel: val(k.channel).unwrap_or_else(|| MICROK8S_CHANNEL.to_string()),
+        addons: val(k.addons)
+            .map(|a| a.into_iter().map(|a| a.value).collect())
+            .unwrap_or_else(|| vec![Addon::Dns, Addon::Storage, Addon::Ingress]),
+        storage: val(k.storage).unwrap_or(StorageKind::Hostpath),
+        kubeconfig: val(k.kubeconfig),
+        context: val(k.context),
+    });
+    let databases = val(stack.databases)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| {
+            let kind = d.kind.value;
+            let is_agraph = kind == DatabaseKind::Allegrograph;
+            Database {
+                kind,
+                name: d.name.value,
+                image: val(d.image)
+                    .unwrap_or_else(|| ImageRef::parse(kind.default_image()).expect("default image parses")),
+                replicas: val(d.replicas).unwrap_or(kind.default_replicas()),
+                storage: val(d.storage).unwrap_or(ByteSize::gib(DATABASE_STORAGE_GIB)),
+                upgrade: val(d.upgrade).unwrap_or(UpgradePolicy::Patch),
+                shm_size: is_agraph.then(|| val(d.shm_size).unwrap_or(ByteSize::gib(1))),
+                repository: is_agraph.then(|| val(d.repository).unwrap_or_else(|| "main".to_string())),
+                replications: val(d.replications)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| Replication {
+                        source: r.source.value,
+                        target: r.target.value,
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let ingress = val(stack.ingress).map(|i| Ingress {
+        domain: i.domain.value,
+        tls: match val(i.tls) {
+            None | Some(TlsFile::StackCa) => TlsSource::StackCa,
+            Some(TlsFile::Secret(name)) => TlsSource::Secret(name),
+            Some(TlsFile::Issuer(name)) => TlsSource::Issuer(name),
+        },
+        class_name: val(i.class_name),
+        tcp: val(i.tcp).unwrap_or(TcpExposure::NodePort),
+    });
+    let monitoring = val(stack.monitoring).map(|m| Monitoring {
+        service_monitors: val(m.service_monitors).unwrap_or(true),
+        dashboards: val(m.dashboards).unwrap_or(true),
+    });
+    let upgrades = val(stack.upgrades).map(|u| Upgrades {
+        schedule: u.schedule.value,
+        health_timeout: val(u.health_timeout).unwrap_or(UPGRADE_HEALTH_TIMEOUT),
+        rollback: val(u.rollback).unwrap_or(true),
+    });
+    let timeouts = stack.timeouts.unwrap_or_default();
+    Stack {
+        name: stack.name.value,
+        file: file.to_path_buf(),
+        provider,
+        network,
+        nodes,
+        kubernetes,
+        databases,
+        ingress,
+        monitoring,
+        upgrades,
+        timeouts: Timeouts {
+            running: val(timeouts.running).unwrap_or(RUNNING_TIMEOUT),
+            delete: val(timeouts.delete).unwrap_or(DELETE_TIMEOUT),
+        },
+        tags: val(stack.tags)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.value))
+            .collect(),
+        unbuilt,
+    }
+}

@@ -1,0 +1,143 @@
+//! The stack file as the user wrote it: optional fields stay optional and
+//! every value keeps its position, so cross-field checks can point at it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::yaml::Pos;
+use super::{Accel, Addon, BaseImage, ByteSize, DatabaseKind, ImageRef, Role, StorageKind};
+use super::{TcpExposure, UpgradePolicy};
+
+/// A value and where it was written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spanned<T> {
+    pub value: T,
+    pub pos: Pos,
+}
+
+pub type Opt<T> = Option<Spanned<T>>;
+
+#[derive(Debug, Clone)]
+pub struct StackFile {
+    pub name: Spanned<String>,
+    pub provider: Spanned<ProviderFile>,
+    pub network: Option<NetworkFile>,
+    pub nodes: Opt<Vec<NodeGroupFile>>,
+    pub kubernetes: Opt<KubernetesFile>,
+    pub databases: Opt<Vec<DatabaseFile>>,
+    pub ingress: Opt<IngressFile>,
+    pub monitoring: Opt<MonitoringFile>,
+    pub upgrades: Opt<UpgradesFile>,
+    pub timeouts: Option<TimeoutsFile>,
+    pub tags: Opt<BTreeMap<String, Spanned<String>>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderFile {
+    Ec2(Ec2File),
+    Kvm(KvmFile),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Ec2File {
+    pub region: Opt<String>,
+    pub profile: Opt<String>,
+    pub endpoint: Opt<String>,
+    pub vpc_id: Opt<String>,
+    pub subnet_id: Opt<String>,
+    pub ami: Opt<String>,
+    pub instance_type: Opt<String>,
+    pub ssh_user: Opt<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct KvmFile {
+    pub accel: Opt<Accel>,
+    pub ssh_user: Opt<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NetworkFile {
+    pub cidr: Opt<ipnet::IpNet>,
+    pub allowed_cidrs: Opt<Vec<Spanned<ipnet::IpNet>>>,
+    pub ingress_cidrs: Opt<Vec<Spanned<ipnet::IpNet>>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeGroupFile {
+    pub pos: Pos,
+    pub name: Spanned<String>,
+    pub count: Opt<u32>,
+    pub role: Opt<Role>,
+    pub disk: Opt<ByteSize>,
+    pub instance_type: Opt<String>,
+    pub ami: Opt<String>,
+    pub subnet_id: Opt<String>,
+    pub cpus: Opt<u32>,
+    pub memory: Opt<ByteSize>,
+    pub image: Opt<BaseImage>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct KubernetesFile {
+    pub channel: Opt<String>,
+    pub addons: Opt<Vec<Spanned<Addon>>>,
+    pub storage: Opt<StorageKind>,
+    pub kubeconfig: Opt<PathBuf>,
+    pub context: Opt<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseFile {
+    pub pos: Pos,
+    pub kind: Spanned<DatabaseKind>,
+    pub name: Spanned<String>,
+    pub image: Opt<ImageRef>,
+    pub replicas: Opt<u32>,
+    pub storage: Opt<ByteSize>,
+    pub upgrade: Opt<UpgradePolicy>,
+    pub shm_size: Opt<ByteSize>,
+    pub repository: Opt<String>,
+    pub replications: Opt<Vec<ReplicationFile>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicationFile {
+    pub source: Spanned<String>,
+    pub target: Spanned<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum TlsFile {
+    StackCa,
+    Secret(String),
+    Issuer(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct IngressFile {
+    pub domain: Spanned<String>,
+    pub tls: Opt<TlsFile>,
+    pub class_name: Opt<String>,
+    pub tcp: Opt<TcpExposure>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MonitoringFile {
+    pub service_monitors: Opt<bool>,
+    pub dashboards: Opt<bool>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpgradesFile {
+    pub schedule: Spanned<String>,
+    pub health_timeout: Opt<Duration>,
+    pub rollback: Opt<bool>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TimeoutsFile {
+    pub running: Opt<Duration>,
+    pub delete: Opt<Duration>,
+}

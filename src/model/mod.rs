@@ -1,0 +1,338 @@
+//! The typed model of a stack file.
+//!
+//! `load` reads a file into a positioned YAML tree (`yaml`), decodes it into
+//! what the user wrote (`file`, every value with its position, type errors
+//! collected), checks the rules that span fields (`validate`), and fills the
+//! defaults in one place (`defaults`) to give the resolved [`Stack`] that the
+//! planner and providers use.
+
+pub mod decode;
+pub mod defaults;
+pub mod file;
+pub mod values;
+pub mod validate;
+pub mod yaml;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::diag::{Diagnostic, Diagnostics};
+pub use values::{ByteSize, ImageRef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read stack file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} has {} error{}:\n{}", path.display(), diagnostics.len(), if diagnostics.len() == 1 { "" } else { "s" }, render(diagnostics))]
+    Invalid {
+        path: PathBuf,
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+fn render(diagnostics: &[Diagnostic]) -> String {
+    diagnostics
+        .iter()
+        .map(|d| format!("  {d}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reads, decodes, validates and resolves a stack file. No network access.
+pub fn load(path: &Path) -> Result<Stack, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    load_str(path, &text)
+}
+
+/// Like [`load`], for text already read; `path` is used in messages and to
+/// place the state folder.
+pub fn load_str(path: &Path, text: &str) -> Result<Stack, LoadError> {
+    let mut diags = Diagnostics::new(path);
+    let parsed = match yaml::parse(text) {
+        Ok(root) => decode::decode(&root, &mut diags),
+        Err(err) => {
+            diags.push(err.pos, "", "valid YAML", err.message);
+            None
+        }
+    };
+    if let Some(file) = &parsed {
+        validate::validate(file, &mut diags);
+    }
+    match parsed {
+        Some(file) if diags.is_empty() => Ok(defaults::resolve(file, path)),
+        _ => Err(LoadError::Invalid {
+            path: path.to_path_buf(),
+            diagnostics: diags.into_sorted(),
+        }),
+    }
+}
+
+/// A resolved stack: every default filled in.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stack {
+    pub name: String,
+    /// The stack file this came from.
+    pub file: PathBuf,
+    pub provider: Provider,
+    pub network: Network,
+    pub nodes: Vec<NodeGroup>,
+    pub kubernetes: Option<Kubernetes>,
+    pub databases: Vec<Database>,
+    pub ingress: Option<Ingress>,
+    pub monitoring: Option<Monitoring>,
+    pub upgrades: Option<Upgrades>,
+    pub timeouts: Timeouts,
+    pub tags: BTreeMap<String, String>,
+    /// Sections present in the file whose behaviour is not built yet, with
+    /// the position they were written at (`file:line:column`).
+    pub unbuilt: Vec<UnbuiltSection>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UnbuiltSection {
+    pub path: String,
+    pub location: String,
+    pub what: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Provider {
+    Ec2(Ec2Settings),
+    Kvm(KvmSettings),
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ec2Settings {
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub endpoint: Option<String>,
+    pub vpc_id: Option<String>,
+    pub subnet_id: Option<String>,
+    pub ami: Option<String>,
+    pub instance_type: String,
+    pub ssh_user: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KvmSettings {
+    pub accel: Accel,
+    pub ssh_user: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Network {
+    /// Private network of a KVM stack.
+    pub cidr: Option<ipnet::IpNet>,
+    /// Who may reach SSH and the Kubernetes API.
+    pub allowed_cidrs: Vec<ipnet::IpNet>,
+    /// Who may reach HTTP and HTTPS ingress.
+    pub ingress_cidrs: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Control,
+    Worker,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeGroup {
+    pub name: String,
+    pub count: u32,
+    pub role: Role,
+    pub disk: ByteSize,
+    /// EC2 only.
+    pub instance_type: Option<String>,
+    /// EC2 only.
+    pub ami: Option<String>,
+    /// EC2 only.
+    pub subnet_id: Option<String>,
+    /// KVM only.
+    pub cpus: Option<u32>,
+    /// KVM only.
+    pub memory: Option<ByteSize>,
+    /// KVM only.
+    pub image: Option<BaseImage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BaseImage {
+    Url { url: String, sha256: String },
+    Path { path: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Addon {
+    Dns,
+    Storage,
+    Ingress,
+    Monitoring,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    Hostpath,
+    Openebs,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Kubernetes {
+    pub channel: String,
+    pub addons: Vec<Addon>,
+    pub storage: StorageKind,
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseKind {
+    Couchdb,
+    Allegrograph,
+    Immudb,
+}
+
+impl DatabaseKind {
+    pub fn default_image(self) -> &'static str {
+        match self {
+            DatabaseKind::Couchdb => "couchdb:3.5.1",
+            DatabaseKind::Allegrograph => "franzinc/agraph:v8.4.0",
+            DatabaseKind::Immudb => "codenotary/immudb:1.11.0",
+        }
+    }
+
+    pub fn default_replicas(self) -> u32 {
+        match self {
+            DatabaseKind::Couchdb => 3,
+            DatabaseKind::Allegrograph => 2,
+            DatabaseKind::Immudb => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpgradePolicy {
+    None,
+    Patch,
+    Minor,
+    Major,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Database {
+    pub kind: DatabaseKind,
+    pub name: String,
+    pub image: ImageRef,
+    /// CouchDB and AllegroGraph: cluster members; immudb: read replicas.
+    pub replicas: u32,
+    pub storage: ByteSize,
+    pub upgrade: UpgradePolicy,
+    /// AllegroGraph only.
+    pub shm_size: Option<ByteSize>,
+    /// AllegroGraph only.
+    pub repository: Option<String>,
+    /// CouchDB only: continuous replications to set up.
+    pub replications: Vec<Replication>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Replication {
+    pub source: String,
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TlsSource {
+    StackCa,
+    Secret(String),
+    Issuer(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TcpExposure {
+    NodePort,
+    EntryPoint,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ingress {
+    pub domain: String,
+    pub tls: TlsSource,
+    pub class_name: Option<String>,
+    pub tcp: TcpExposure,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Monitoring {
+    pub service_monitors: bool,
+    pub dashboards: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Upgrades {
+    pub schedule: String,
+    pub health_timeout: Duration,
+    pub rollback: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// How long an instance or VM may take to reach `running`.
+    pub running: Duration,
+    /// How long deleting an instance or VM may take.
+    pub delete: Duration,
+}
+
+impl Stack {
+    /// The folder holding this stack's state, key and lock: `.stack` next to the file.
+    pub fn state_dir(&self) -> PathBuf {
+        self.file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+            .join(".stack")
+    }
+
+    pub fn provider_name(&self) -> &'static str {
+        match self.provider {
+            Provider::Ec2(_) => "ec2",
+            Provider::Kvm(_) => "kvm",
+        }
+    }
+}

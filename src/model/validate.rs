@@ -1,0 +1,283 @@
+//! Rules that span more than one field: unique names, settings that must fit
+//! the provider, sections that need other sections. Type and format errors
+//! were already reported while decoding.
+
+use std::collections::HashMap;
+
+use super::file::*;
+use super::yaml::Pos;
+use super::{BaseImage, ByteSize, DatabaseKind, Role};
+use crate::diag::Diagnostics;
+
+pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
+    let is_ec2 = matches!(stack.provider.value, ProviderFile::Ec2(_));
+    let existing_cluster = stack
+        .kubernetes
+        .as_ref()
+        .and_then(|k| k.value.kubeconfig.as_ref());
+
+    match (&stack.nodes, existing_cluster) {
+        (Some(nodes), Some(kubeconfig)) => diags.push(
+            nodes.pos,
+            "nodes",
+            "no `nodes` when `kubernetes.kubeconfig` names an existing cluster",
+            format!("both (kubeconfig at {}:{})", kubeconfig.pos.line, kubeconfig.pos.column),
+        ),
+        (None, None) => diags.push(
+            stack.name.pos,
+            "nodes",
+            "a required field `nodes` (the node groups), or `kubernetes.kubeconfig` for an existing cluster",
+            "no `nodes`",
+        ),
+        (Some(nodes), None) if nodes.value.is_empty() => diags.push(
+            nodes.pos,
+            "nodes",
+            "at least one node group",
+            "an empty list",
+        ),
+        _ => {}
+    }
+
+    let groups = stack.nodes.as_ref().map(|n| n.value.as_slice()).unwrap_or_default();
+    unique(
+        diags,
+        "nodes",
+        groups.iter().map(|g| (&g.name.value, g.name.pos)),
+        "name",
+        "node group name",
+    );
+
+    let ec2_default_ami = match &stack.provider.value {
+        ProviderFile::Ec2(ec2) => ec2.ami.is_some(),
+        ProviderFile::Kvm(_) => false,
+    };
+    for (i, group) in groups.iter().enumerate() {
+        let path = format!("nodes[{i}]");
+        let other_provider_field = |field: &str| {
+            format!("`{field}` is for the {} provider", if is_ec2 { "kvm" } else { "ec2" })
+        };
+        let misplaced: Vec<(&str, Option<Pos>)> = if is_ec2 {
+            vec![
+                ("cpus", group.cpus.as_ref().map(|s| s.pos)),
+                ("memory", group.memory.as_ref().map(|s| s.pos)),
+                ("image", group.image.as_ref().map(|s| s.pos)),
+            ]
+        } else {
+            vec![
+                ("instanceType", group.instance_type.as_ref().map(|s| s.pos)),
+                ("ami", group.ami.as_ref().map(|s| s.pos)),
+                ("subnetId", group.subnet_id.as_ref().map(|s| s.pos)),
+            ]
+        };
+        for (field, pos) in misplaced {
+            if let Some(pos) = pos {
+                let hint = if is_ec2 {
+                    "a setting of the ec2 provider (`instanceType`, `ami`, `subnetId`)"
+                } else {
+                    "a setting of the kvm provider (`cpus`, `memory`, `image`)"
+                };
+                diags.push(pos, &format!("{path}.{field}"), hint, other_provider_field(field));
+            }
+        }
+        let (ami_failed, image_failed) = (
+            diags.mentions(&format!("{path}.ami")),
+            diags.mentions(&format!("{path}.image")),
+        );
+        if is_ec2 && group.ami.is_none() && !ec2_default_ami && !ami_failed {
+            diags.push(
+                group.pos,
+                &format!("{path}.ami"),
+                "an `ami` on the group or on `provider.ec2`",
+                "neither",
+            );
+        }
+        if !is_ec2 && group.image.is_none() && !image_failed {
+            diags.push(
+                group.pos,
+                &format!("{path}.image"),
+                "a base image (`url` with `sha256`, or `path`) for a kvm node group",
+                "no `image`",
+            );
+        }
+        if let Some(disk) = &group.disk {
+            let (min, max) = (ByteSize::gib(8), ByteSize::gib(16 * 1024));
+            if disk.value < min || disk.value > max {
+                diags.push(disk.pos, &format!("{path}.disk"), "a disk from 8GiB to 16TiB", disk.value.to_string());
+            }
+        }
+        if let Some(memory) = &group.memory {
+            if memory.value < ByteSize(512 << 20) {
+                diags.push(memory.pos, &format!("{path}.memory"), "at least 512MiB of memory", memory.value.to_string());
+            }
+        }
+        if let Some(BaseImage::Path { path: image }) = group.image.as_ref().map(|i| &i.value) {
+            if image.as_os_str().is_empty() {
+                diags.push(group.pos, &format!("{path}.image.path"), "a file path", "an empty path");
+            }
+        }
+    }
+
+    if let Some(network) = &stack.network {
+        if let Some(cidr) = &network.cidr {
+            if is_ec2 {
+                diags.push(
+                    cidr.pos,
+                    "network.cidr",
+                    "`network.cidr` only with the kvm provider (on ec2 the subnet decides addresses)",
+                    "`cidr` with provider ec2",
+                );
+            } else {
+                let nodes: u32 = groups.iter().map(|g| g.count.as_ref().map_or(1, |c| c.value)).sum();
+                let usable = match cidr.value {
+                    ipnet::IpNet::V4(net) if net.prefix_len() <= 30 => (1u64 << (32 - net.prefix_len())) - 3,
+                    _ => 0,
+                };
+                if usable < u64::from(nodes) {
+                    diags.push(
+                        cidr.pos,
+                        "network.cidr",
+                        format!("an IPv4 network with room for {nodes} nodes and a gateway"),
+                        cidr.value.to_string(),
+                    );
+                }
+            }
+        }
+    }
+
+    if let Some(kubernetes) = &stack.kubernetes {
+        let k = &kubernetes.value;
+        if let Some(addons) = &k.addons {
+            unique(
+                diags,
+                "kubernetes.addons",
+                addons.value.iter().map(|a| (format!("{:?}", a.value).to_lowercase(), a.pos)),
+                "",
+                "addon",
+            );
+        }
+        if existing_cluster.is_some() {
+            for (field, pos) in [
+                ("channel", k.channel.as_ref().map(|s| s.pos)),
+                ("addons", k.addons.as_ref().map(|s| s.pos)),
+                ("storage", k.storage.as_ref().map(|s| s.pos)),
+            ] {
+                if let Some(pos) = pos {
+                    diags.push(
+                        pos,
+                        &format!("kubernetes.{field}"),
+                        "no cluster settings for an existing cluster (`kubeconfig` is set)",
+                        format!("`{field}`"),
+                    );
+                }
+            }
+        } else {
+            if let Some(context) = &k.context {
+                diags.push(context.pos, "kubernetes.context", "`context` only together with `kubeconfig`", "`context` alone");
+            }
+            if !groups.is_empty() && !groups.iter().any(|g| g.role.as_ref().map_or(true, |r| r.value == Role::Control)) {
+                diags.push(kubernetes.pos, "nodes", "at least one node group with role `control`", "only worker groups");
+            }
+        }
+    }
+    let needs_kubernetes = |diags: &mut Diagnostics, pos: Pos, path: &str| {
+        if stack.kubernetes.is_none() {
+            diags.push(pos, path, "a `kubernetes` section for this to run on", "no `kubernetes`");
+        }
+    };
+    if let Some(databases) = &stack.databases {
+        if !databases.value.is_empty() {
+            needs_kubernetes(diags, databases.pos, "databases");
+        }
+        unique(
+            diags,
+            "databases",
+            databases.value.iter().map(|d| (&d.name.value, d.name.pos)),
+            "name",
+            "database name",
+        );
+        for (i, db) in databases.value.iter().enumerate() {
+            database(db, &format!("databases[{i}]"), diags);
+        }
+    }
+    if let Some(ingress) = &stack.ingress {
+        needs_kubernetes(diags, ingress.pos, "ingress");
+    }
+    if let Some(monitoring) = &stack.monitoring {
+        needs_kubernetes(diags, monitoring.pos, "monitoring");
+    }
+    if let Some(upgrades) = &stack.upgrades {
+        if stack.databases.as_ref().is_none_or(|d| d.value.is_empty()) {
+            diags.push(upgrades.pos, "upgrades", "`databases` for upgrades to roll forward", "no databases");
+        }
+    }
+}
+
+fn database(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
+    let kind = db.kind.value;
+    let kind_name = format!("{kind:?}").to_lowercase();
+    if let Some(replicas) = &db.replicas {
+        let (min, max) = match kind {
+            DatabaseKind::Couchdb | DatabaseKind::Allegrograph => (1, 9),
+            DatabaseKind::Immudb => (0, 5),
+        };
+        if !(min..=max).contains(&replicas.value) {
+            let what = if kind == DatabaseKind::Immudb { "read replicas" } else { "members" };
+            diags.push(
+                replicas.pos,
+                &format!("{path}.replicas"),
+                format!("{min} to {max} {what} for {kind_name}"),
+                replicas.value.to_string(),
+            );
+        }
+    }
+    if let Some(storage) = &db.storage {
+        if storage.value < ByteSize(1 << 30) {
+            diags.push(storage.pos, &format!("{path}.storage"), "at least 1GiB of storage", storage.value.to_string());
+        }
+    }
+    let only = |diags: &mut Diagnostics, field: &str, pos: Option<Pos>, owner: DatabaseKind| {
+        if let Some(pos) = pos {
+            if kind != owner {
+                diags.push(
+                    pos,
+                    &format!("{path}.{field}"),
+                    format!("`{field}` only on {} databases", format!("{owner:?}").to_lowercase()),
+                    format!("`{field}` on {kind_name}"),
+                );
+            }
+        }
+    };
+    only(diags, "shmSize", db.shm_size.as_ref().map(|s| s.pos), DatabaseKind::Allegrograph);
+    only(diags, "repository", db.repository.as_ref().map(|s| s.pos), DatabaseKind::Allegrograph);
+    only(diags, "replications", db.replications.as_ref().map(|s| s.pos), DatabaseKind::Couchdb);
+    if let Some(shm) = &db.shm_size {
+        if kind == DatabaseKind::Allegrograph && shm.value < ByteSize(1 << 30) {
+            diags.push(shm.pos, &format!("{path}.shmSize"), "at least 1GiB of /dev/shm (AllegroGraph needs it)", shm.value.to_string());
+        }
+    }
+}
+
+/// Reports every name seen before, pointing at the repeat and the first use.
+fn unique<S: AsRef<str>>(
+    diags: &mut Diagnostics,
+    path: &str,
+    names: impl Iterator<Item = (S, Pos)>,
+    field: &str,
+    what: &str,
+) {
+    let mut seen: HashMap<String, Pos> = HashMap::new();
+    for (i, (name, pos)) in names.enumerate() {
+        let name = name.as_ref().to_string();
+        match seen.get(&name) {
+            Some(first) => diags.push(
+                pos,
+                &if field.is_empty() { format!("{path}[{i}]") } else { format!("{path}[{i}].{field}") },
+                format!("a unique {what}"),
+                format!("`{name}` again (first at {}:{})", first.line, first.column),
+            ),
+            None => {
+                seen.insert(name, pos);
+            }
+        }
+    }
+}

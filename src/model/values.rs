@@ -1,0 +1,289 @@
+//! Value types of the stack file that need their own parsing: sizes, image
+//! references, names, durations, cron expressions.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// A size in bytes, written with a unit (`20GiB`, `512Mi`, `10GB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(into = "String")]
+pub struct ByteSize(pub u64);
+
+const GIB: u64 = 1 << 30;
+
+impl ByteSize {
+    pub fn gib(n: u64) -> Self {
+        ByteSize(n * GIB)
+    }
+
+    /// Whole GiB, rounded up (EC2 volumes are sized in GiB).
+    pub fn as_gib_ceil(self) -> u64 {
+        self.0.div_ceil(GIB)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let digits_end = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(digits_end);
+        if number.is_empty() {
+            return Err("a size such as 20GiB".to_string());
+        }
+        let multiplier: u64 = match unit.trim() {
+            "" => return Err("a size with a unit such as 20GiB".to_string()),
+            "KiB" | "Ki" => 1 << 10,
+            "MiB" | "Mi" => 1 << 20,
+            "GiB" | "Gi" => 1 << 30,
+            "TiB" | "Ti" => 1 << 40,
+            "kB" | "KB" | "k" => 1_000,
+            "MB" | "M" => 1_000_000,
+            "GB" | "G" => 1_000_000_000,
+            "TB" | "T" => 1_000_000_000_000,
+            _ => return Err("a size unit (KiB, MiB, GiB, TiB, kB, MB, GB, TB)".to_string()),
+        };
+        let number: u64 = number
+            .parse()
+            .map_err(|_| "a size that fits in 64 bits".to_string())?;
+        number
+            .checked_mul(multiplier)
+            .map(ByteSize)
+            .ok_or_else(|| "a size that fits in 64 bits".to_string())
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (unit, size) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if self.0 >= size && self.0 % size == 0 {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl From<ByteSize> for String {
+    fn from(size: ByteSize) -> String {
+        size.to_string()
+    }
+}
+
+/// A container image reference: `[registry[:port]/]path[:tag][@sha256:digest]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct ImageRef {
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+}
+
+impl From<ImageRef> for String {
+    fn from(image: ImageRef) -> String {
+        image.to_string()
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.repository)?;
+        if let Some(tag) = &self.tag {
+            write!(f, ":{tag}")?;
+        }
+        if let Some(digest) = &self.digest {
+            write!(f, "@{digest}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ImageRef {
+    /// Parses a reference following the distribution spec's grammar; the
+    /// error says what a valid reference looks like.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        const EXPECTED: &str = "an image reference such as couchdb:3.5.1 or registry.example:5000/team/app@sha256:<64 hex>";
+        let (rest, digest) = match text.split_once('@') {
+            Some((rest, digest)) => {
+                let hex = digest.strip_prefix("sha256:").ok_or(EXPECTED)?;
+                if hex.len() != 64 || !hex.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
+                    return Err(EXPECTED.to_string());
+                }
+                (rest, Some(digest.to_string()))
+            }
+            None => (text, None),
+        };
+        // A tag is after the last ':' that follows the last '/'.
+        let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+        let (repository, tag) = match rest[last_slash..].rfind(':') {
+            Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+            None => (rest, None),
+        };
+        if let Some(tag) = tag {
+            let valid = !tag.is_empty()
+                && tag.len() <= 128
+                && tag.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                && tag.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+            if !valid {
+                return Err(EXPECTED.to_string());
+            }
+        }
+        let mut components: Vec<&str> = repository.split('/').collect();
+        if components.len() > 1 && is_registry_host(components[0]) {
+            components.remove(0);
+        }
+        if repository.is_empty() || !components.iter().all(|c| is_path_component(c)) {
+            return Err(EXPECTED.to_string());
+        }
+        Ok(ImageRef {
+            repository: repository.to_string(),
+            tag: tag.map(str::to_string),
+            digest,
+        })
+    }
+}
+
+fn is_registry_host(component: &str) -> bool {
+    let host = component.split(':').next().unwrap_or("");
+    (component.contains('.') || component.contains(':') || component == "localhost")
+        && !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+        && component
+            .split_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_ok())
+}
+
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`
+fn is_path_component(component: &str) -> bool {
+    if component.is_empty() {
+        return false;
+    }
+    let bytes = component.as_bytes();
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let sep = &component[start..i];
+        let dashes = sep.chars().all(|c| c == '-');
+        if !(sep == "." || sep == "_" || sep == "__" || dashes) {
+            return false;
+        }
+    }
+    true
+}
+
+/// A DNS label: lowercase letters, digits and '-', starting with a letter,
+/// not ending with '-', at most `max` characters.
+pub fn is_dns_label(text: &str, max: usize) -> bool {
+    !text.is_empty()
+        && text.len() <= max
+        && text.starts_with(|c: char| c.is_ascii_lowercase())
+        && !text.ends_with('-')
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// A DNS name made of labels separated by dots.
+pub fn is_dns_name(text: &str) -> bool {
+    text.len() <= 253
+        && text.contains('.')
+        && text.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
+/// `30s`, `5m`, `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|_| "a duration such as 30s, 5m or 1h30m".to_string())
+}
+
+/// A five-field cron expression (minute hour day-of-month month day-of-week).
+pub fn check_cron(text: &str) -> Result<(), String> {
+    const EXPECTED: &str = "a cron expression of five fields such as \"0 3 * * 0\"";
+    if text.split_whitespace().count() != 5 {
+        return Err(EXPECTED.to_string());
+    }
+    text.parse::<croner::Cron>()
+        .map(|_| ())
+        .map_err(|_| EXPECTED.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("20GiB"), Ok(ByteSize(20 << 30)));
+        assert_eq!(ByteSize::parse("512Mi"), Ok(ByteSize(512 << 20)));
+        assert_eq!(ByteSize::parse("10GB"), Ok(ByteSize(10_000_000_000)));
+        assert!(ByteSize::parse("20").is_err());
+        assert!(ByteSize::parse("20 parsecs").is_err());
+        assert!(ByteSize::parse("GiB").is_err());
+        assert_eq!(ByteSize(20 << 30).to_string(), "20GiB");
+        assert_eq!(ByteSize(10_000_000_000).as_gib_ceil(), 10);
+    }
+
+    #[test]
+    fn image_references() {
+        for good in [
+            "couchdb:3.5.1",
+            "codenotary/immudb:1.11.0",
+            "franzinc/agraph:v8.4.0",
+            "registry.example:5000/team/app",
+            "localhost/app_one:latest",
+            "ghcr.io/a/b@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(ImageRef::parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "CouchDB:3",
+            "couchdb:",
+            "couch db",
+            "couchdb:3.5@sha256:xyz",
+            "/couchdb",
+            "couchdb:-bad",
+            "team//app",
+        ] {
+            assert!(ImageRef::parse(bad).is_err(), "{bad}");
+        }
+        let image = ImageRef::parse("registry.example:5000/app:1.2").unwrap();
+        assert_eq!(image.repository, "registry.example:5000/app");
+        assert_eq!(image.tag.as_deref(), Some("1.2"));
+    }
+
+    #[test]
+    fn names_durations_crons() {
+        assert!(is_dns_label("web-1", 63));
+        assert!(!is_dns_label("Web", 63));
+        assert!(!is_dns_label("1web", 63));
+        assert!(!is_dns_label("web-", 63));
+        assert!(is_dns_name("db.example.test"));
+        assert!(!is_dns_name("localhost"));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("five").is_err());
+        assert!(check_cron("0 3 * * 0").is_ok());
+        assert!(check_cron("61 3 * * 0").is_err());
+        assert!(check_cron("0 3 * *").is_err());
+    }
+}

@@ -1,0 +1,59 @@
+//! One trait for every infrastructure backend; one module per backend.
+//!
+//! Each operation is idempotent: `create` on something that already exists
+//! (found by its tags) returns it instead of making a second one, `delete` on
+//! something already gone succeeds.
+
+pub mod ec2;
+
+use std::future::Future;
+
+use crate::plan::{Change, Observed, Resource};
+use crate::state::{Record, State};
+
+/// A node as `stack status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub address: String,
+    pub id: String,
+    pub state: String,
+    pub public_address: Option<String>,
+    pub private_address: Option<String>,
+}
+
+pub trait Provider: Send + Sync + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// What the stack wants, as resources with addresses (no I/O).
+    fn desired(&self) -> Vec<Resource>;
+
+    /// The kinds a kind must wait for on create (and that wait for it on delete).
+    fn dependencies(&self, kind: &str) -> &'static [&'static str];
+
+    /// Reads back everything tagged with the stack, and everything the state
+    /// records by id (so a changed tag does not hide a resource).
+    fn refresh(&self, state: &State) -> impl Future<Output = Result<Vec<Observed>, Self::Error>> + Send;
+
+    /// Makes the resource, or finds it when a previous run already made it.
+    /// `token` is the idempotency token recorded in state before the call;
+    /// `state` holds the records of the resources it depends on.
+    fn create(
+        &self,
+        resource: &Resource,
+        token: &str,
+        state: &State,
+    ) -> impl Future<Output = Result<Record, Self::Error>> + Send;
+
+    /// Changes a live resource in place to match the change's `after`.
+    fn update(&self, change: &Change, state: &State) -> impl Future<Output = Result<Record, Self::Error>> + Send;
+
+    /// Deletes a live resource and waits until it is gone.
+    fn delete(&self, kind: &str, id: &str) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Everything still tagged with the stack, as `kind id` lines (for `down`'s final check).
+    fn leftovers(&self) -> impl Future<Output = Result<Vec<String>, Self::Error>> + Send;
+
+    /// The nodes with their addresses, from a fresh read.
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeStatus>, Self::Error>> + Send;
+}

@@ -1,0 +1,561 @@
+//! Drives the real `stack` binary against a real `moto_server` (PyPI
+//! `moto[server]`) that each test starts on a free loopback port. A small
+//! loopback proxy between them counts requests, slows them down, or SIGKILLs
+//! `stack` at an exact request, so interruptions are repeatable.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::{AttributeValue, Filter, IpPermission, IpRange};
+
+const STACK: &str = env!("CARGO_BIN_EXE_stack");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real moto server on loopback, stopped on drop.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server is not installed: run `pip install 'moto[server]'` (.ci/run does)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start on port {port}");
+            thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the proxy does to the requests it passes on.
+#[derive(Default)]
+struct ProxyRules {
+    /// SIGKILL this process when the n-th request's answer arrives, before
+    /// passing it on (the world changed; `stack` never learns it).
+    kill_at: Option<usize>,
+    victim: Option<Arc<Mutex<Child>>>,
+    delay: Duration,
+}
+
+/// A loopback HTTP proxy in front of moto.
+struct Proxy {
+    port: u16,
+    requests: Arc<AtomicUsize>,
+    rules: Arc<Mutex<ProxyRules>>,
+}
+
+fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        data.extend_from_slice(&buf[..n]);
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while data.len() < end + 4 + length {
+                let n = stream.read(&mut buf).ok()?;
+                if n == 0 {
+                    return None;
+                }
+                data.extend_from_slice(&buf[..n]);
+            }
+            return Some(data);
+        }
+    }
+}
+
+/// Forces `Connection: close` so each request has its own connection.
+fn with_close(request: &[u8]) -> Vec<u8> {
+    let end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&request[..end]);
+    let mut out: Vec<u8> = head
+        .lines()
+        .filter(|l| !l.to_lowercase().starts_with("connection:"))
+        .collect::<Vec<_>>()
+        .join("\r\n")
+        .into_bytes();
+    out.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    out.extend_from_slice(&request[end + 4..]);
+    out
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let rules = Arc::new(Mutex::new(ProxyRules::default()));
+        let (count, shared) = (requests.clone(), rules.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let (count, rules) = (count.clone(), shared.clone());
+                thread::spawn(move || {
+                    let Some(request) = read_request(&mut client) else { return };
+                    let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                    let delay = rules.lock().unwrap().delay;
+                    thread::sleep(delay);
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+                    if server.write_all(&with_close(&request)).is_err() {
+                        return;
+                    }
+                    let mut answer = Vec::new();
+                    let _ = server.read_to_end(&mut answer);
+                    {
+                        let rules = rules.lock().unwrap();
+                        if rules.kill_at == Some(n) {
+                            if let Some(victim) = &rules.victim {
+                                let _ = victim.lock().unwrap().kill();
+                            }
+                            let _ = client.shutdown(Shutdown::Both);
+                            return;
+                        }
+                    }
+                    let _ = client.write_all(&answer);
+                });
+            }
+        });
+        Proxy { port, requests, rules }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// A folder with a stack file, run against one endpoint.
+struct Env {
+    dir: tempfile::TempDir,
+    endpoint: String,
+}
+
+fn stack_yaml(name: &str, workers: u32) -> String {
+    format!(
+        "version: 1\nname: {name}\nprovider:\n  ec2:\n    ami: ami-12c6146b\nnetwork:\n  allowedCidrs: [203.0.113.0/24]\n  ingressCidrs: [198.51.100.0/24]\nnodes:\n  - name: control\n    disk: 30GiB\n  - name: worker\n    count: {workers}\n    instanceType: t3.large\ntags:\n  team: platform\n"
+    )
+}
+
+impl Env {
+    fn new(name: &str, workers: u32, endpoint: String) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("stack.yaml"), stack_yaml(name, workers)).unwrap();
+        Env { dir, endpoint }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        self.command_at(&self.endpoint, args)
+    }
+
+    /// Isolated from the host's AWS configuration; IMDS off so nothing
+    /// leaves loopback.
+    fn command_at(&self, endpoint: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(STACK);
+        command
+            .args(args)
+            .current_dir(self.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.path())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_CONFIG_FILE", self.path().join("no-aws-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.path().join("no-aws-credentials"))
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL_EC2", endpoint)
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn state(&self, name: &str) -> serde_json::Value {
+        let path = self.path().join(".stack").join(format!("{name}.state.json"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn id_of(&self, name: &str, address: &str) -> String {
+        let state = self.state(name);
+        state["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["address"] == address)
+            .and_then(|r| r["id"].as_str())
+            .unwrap_or_else(|| panic!("{address} is not in the state"))
+            .to_string()
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[track_caller]
+fn expect_code(output: &Output, code: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+fn ec2(endpoint: &str) -> aws_sdk_ec2::Client {
+    let config = aws_sdk_ec2::Config::builder()
+        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "tests"))
+        .build();
+    aws_sdk_ec2::Client::from_conf(config)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// Everything moto still holds that is tagged with the stack.
+#[derive(Debug, PartialEq, Eq)]
+struct Tagged {
+    instances: Vec<String>,
+    groups: usize,
+    key_pairs: usize,
+}
+
+fn tagged(endpoint: &str, stack: &str) -> Tagged {
+    let client = ec2(endpoint);
+    let by_tag = || Filter::builder().name("tag:stack").values(stack).build();
+    runtime().block_on(async {
+        let reservations = client
+            .describe_instances()
+            .filters(by_tag())
+            .filters(Filter::builder().name("instance-state-name").set_values(Some(
+                ["pending", "running", "stopping", "stopped"].map(String::from).to_vec(),
+            )).build())
+            .send()
+            .await
+            .unwrap();
+        let mut instances: Vec<String> = reservations
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .flat_map(|i| i.tags().iter().filter(|t| t.key() == Some("stack:address")).map(|t| t.value().unwrap().to_string()))
+            .collect();
+        instances.sort();
+        let groups = client.describe_security_groups().filters(by_tag()).send().await.unwrap().security_groups().len();
+        let key_pairs = client.describe_key_pairs().filters(by_tag()).send().await.unwrap().key_pairs().len();
+        Tagged { instances, groups, key_pairs }
+    })
+}
+
+fn three_nodes() -> Vec<String> {
+    ["ec2.instance.control[0]", "ec2.instance.worker[0]", "ec2.instance.worker[1]"].map(String::from).to_vec()
+}
+
+#[test]
+fn up_plan_drift_repair_down() {
+    let moto = Moto::start();
+    let env = Env::new("drift", 2, moto.url());
+    let up = env.run(&["up", "--yes"]);
+    expect_code(&up, 0);
+    assert!(text(&up.stdout).contains("Plan: 5 to create"), "{}", text(&up.stdout));
+    expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+    assert_eq!(tagged(&moto.url(), "drift"), Tagged { instances: three_nodes(), groups: 1, key_pairs: 1 });
+
+    // Out of band: stop one instance and change its type, terminate another,
+    // add one security-group rule and remove one, change a tag, delete the key pair.
+    let client = ec2(&moto.url());
+    let stopped = env.id_of("drift", "ec2.instance.worker[0]");
+    let terminated = env.id_of("drift", "ec2.instance.worker[1]");
+    let control = env.id_of("drift", "ec2.instance.control[0]");
+    let group = env.id_of("drift", "ec2.security_group.main");
+    runtime().block_on(async {
+        client.stop_instances().instance_ids(&stopped).send().await.unwrap();
+        client
+            .modify_instance_attribute()
+            .instance_id(&stopped)
+            .instance_type(AttributeValue::builder().value("t3.small").build())
+            .send()
+            .await
+            .unwrap();
+        client.terminate_instances().instance_ids(&terminated).send().await.unwrap();
+        let rule = |port: i32, cidr: &str| {
+            IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(port)
+                .to_port(port)
+                .ip_ranges(IpRange::builder().cidr_ip(cidr).build())
+                .build()
+        };
+        client.authorize_security_group_ingress().group_id(&group).ip_permissions(rule(3306, "0.0.0.0/0")).send().await.unwrap();
+        client.revoke_security_group_ingress().group_id(&group).ip_permissions(rule(22, "203.0.113.0/24")).send().await.unwrap();
+        client
+            .create_tags()
+            .resources(&control)
+            .tags(aws_sdk_ec2::types::Tag::builder().key("team").value("someone-else").build())
+            .send()
+            .await
+            .unwrap();
+        client.delete_key_pair().key_name("stack-drift").send().await.unwrap();
+    });
+
+    let plan = env.run(&["plan", "--detailed-exitcode"]);
+    expect_code(&plan, 2);
+    let shown = text(&plan.stdout);
+    for expected in [
+        "Drift: the live world differs from what stack last applied",
+        "~   ec2.instance.worker[0]",
+        "state: \"stopped\" → \"running\"",
+        "instanceType: \"t3.small\" → \"t3.large\"",
+        "+   ec2.instance.worker[1]",
+        "gone from the live world (deleted or terminated out of band)",
+        "~   ec2.security_group.main",
+        "ingress: - \"tcp 3306 from 0.0.0.0/0\"",
+        "ingress: + \"tcp 22 from 203.0.113.0/24\"",
+        "~   ec2.instance.control[0]",
+        "tags.team: \"someone-else\" → \"platform\"",
+        "+   ec2.key_pair.main",
+        "Plan: 2 to create, 3 to update, 0 to replace, 0 to delete (5 repairing drift).",
+    ] {
+        assert!(shown.contains(expected), "plan lacks {expected:?}:\n{shown}");
+    }
+    let json = env.run(&["plan", "--output", "json"]);
+    expect_code(&json, 0);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["formatVersion"], 1);
+    assert_eq!(json["summary"]["drift"], 5);
+    assert!(json["changes"].as_array().unwrap().iter().all(|c| c["drift"] == true));
+
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+    assert_eq!(tagged(&moto.url(), "drift"), Tagged { instances: three_nodes(), groups: 1, key_pairs: 1 });
+
+    let status = env.run(&["status"]);
+    expect_code(&status, 0);
+    let status = text(&status.stdout);
+    assert!(status.contains("ssh key: .stack/drift.id_ed25519"), "{status}");
+    assert!(status.contains("ec2.instance.worker[1]") && status.contains("running"), "{status}");
+
+    let down = env.run(&["down", "--yes"]);
+    expect_code(&down, 0);
+    assert!(text(&down.stdout).contains("Nothing tagged stack=drift is left."));
+    assert_eq!(tagged(&moto.url(), "drift"), Tagged { instances: vec![], groups: 0, key_pairs: 0 });
+    expect_code(&env.run(&["down", "--yes"]), 0);
+}
+
+#[test]
+fn sigkill_at_many_points_then_rerun_converges_without_duplicates() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    let probe = Env::new("probe", 2, proxy.url());
+    expect_code(&probe.run(&["up", "--yes"]), 0);
+    let requests_per_up = proxy.count();
+    assert!(requests_per_up > 10, "a clean up made only {requests_per_up} requests");
+
+    let points: BTreeSet<usize> = (1..=requests_per_up).step_by(3).chain([requests_per_up - 1]).collect();
+    for point in points {
+        let name = format!("kill{point}");
+        let env = Env::new(&name, 2, proxy.url());
+        let before = proxy.count();
+        let child = env.command(&["up", "--yes"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let child = Arc::new(Mutex::new(child));
+        {
+            let mut rules = proxy.rules.lock().unwrap();
+            rules.kill_at = Some(before + point);
+            rules.victim = Some(child.clone());
+        }
+        let status = loop {
+            if let Some(status) = child.lock().unwrap().try_wait().unwrap() {
+                break status;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        *proxy.rules.lock().unwrap() = ProxyRules::default();
+        assert!(status.code().is_none(), "up was not killed at request {point}: {status:?}");
+
+        let rerun = env.command_at(&moto.url(), &["up", "--yes"]).output().unwrap();
+        expect_code(&rerun, 0);
+        expect_code(&env.command_at(&moto.url(), &["plan", "--detailed-exitcode"]).output().unwrap(), 0);
+        assert_eq!(
+            tagged(&moto.url(), &name),
+            Tagged { instances: three_nodes(), groups: 1, key_pairs: 1 },
+            "after a kill at request {point}"
+        );
+        expect_code(&env.command_at(&moto.url(), &["down", "--yes"]).output().unwrap(), 0);
+        assert_eq!(tagged(&moto.url(), &name), Tagged { instances: vec![], groups: 0, key_pairs: 0 });
+    }
+}
+
+#[test]
+fn a_second_run_fails_fast_naming_the_lock_holder() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    proxy.rules.lock().unwrap().delay = Duration::from_millis(150);
+    let env = Env::new("locked", 1, proxy.url());
+    let first = env.command(&["up", "--yes"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let lock = env.path().join(".stack/locked.lock");
+    let pid = first.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&lock).unwrap_or_default().contains(&format!("\"pid\":{pid}")) {
+        assert!(Instant::now() < deadline, "the first run never took the lock");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let second = env.command_at(&moto.url(), &["up", "--yes"]).output().unwrap();
+    expect_code(&second, 1);
+    let message = text(&second.stderr);
+    assert!(message.contains(&format!("state is locked by pid {pid} on ")), "{message}");
+    assert!(message.contains(" since "), "{message}");
+    let first = first.wait_with_output().unwrap();
+    expect_code(&first, 0);
+    let state = env.state("locked");
+    assert_eq!(state["schemaVersion"], 1);
+    assert_eq!(state["resources"].as_array().unwrap().len(), 4);
+    expect_code(&env.command_at(&moto.url(), &["plan", "--detailed-exitcode"]).output().unwrap(), 0);
+    expect_code(&env.command_at(&moto.url(), &["down", "--yes"]).output().unwrap(), 0);
+}
+
+#[test]
+fn corrupt_state_is_refused_and_left_untouched() {
+    let moto = Moto::start();
+    let env = Env::new("corrupt", 1, moto.url());
+    std::fs::create_dir_all(env.path().join(".stack")).unwrap();
+    let path = env.path().join(".stack/corrupt.state.json");
+    std::fs::write(&path, "{\"schemaVersion\": 1, \"resources\": [").unwrap();
+    for verb in [["plan", "--detailed-exitcode"], ["up", "--yes"]] {
+        let output = env.run(&verb);
+        expect_code(&output, 1);
+        assert!(text(&output.stderr).contains("state file .stack/corrupt.state.json is corrupt"), "{}", text(&output.stderr));
+    }
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"schemaVersion\": 1, \"resources\": [");
+    assert_eq!(tagged(&moto.url(), "corrupt"), Tagged { instances: vec![], groups: 0, key_pairs: 0 });
+}
+
+#[test]
+fn a_broken_stack_makes_no_network_call() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    let env = Env::new("quiet", 1, proxy.url());
+    std::fs::write(env.path().join("stack.yaml"), "version: 1\nname: quiet\nprovider: {ec2: {ami: ami-12c6146b}}\nnodes:\n  - name: a\n    disk: 20\n").unwrap();
+    for verb in [&["validate"][..], &["plan"], &["up", "--yes"], &["down", "--yes"], &["status"]] {
+        let output = env.run(verb);
+        expect_code(&output, 1);
+        assert!(text(&output.stderr).contains("stack.yaml:6:11: nodes[0].disk: expected a size with a unit such as 20GiB, found `20`"), "{}", text(&output.stderr));
+    }
+    assert_eq!(proxy.count(), 0);
+    assert!(!env.path().join(".stack").exists(), "a broken stack must not create state");
+}
+
+#[test]
+fn sections_not_built_yet_stop_plan_and_up_by_name() {
+    let moto = Moto::start();
+    let env = Env::new("later", 1, moto.url());
+    let mut yaml = stack_yaml("later", 1);
+    yaml.push_str("kubernetes:\n  channel: 1.32/stable\ndatabases:\n  - kind: couchdb\n    name: docs\n");
+    std::fs::write(env.path().join("stack.yaml"), yaml).unwrap();
+    expect_code(&env.run(&["validate"]), 0);
+    for verb in [&["plan"][..], &["up", "--yes"]] {
+        let output = env.run(verb);
+        expect_code(&output, 1);
+        let message = text(&output.stderr);
+        assert!(message.contains("stack.yaml:17:1: `kubernetes` (microk8s bootstrap and deploying to a cluster)"), "{message}");
+        assert!(message.contains("stack.yaml:19:1: `databases` (database clusters)"), "{message}");
+    }
+    assert_eq!(tagged(&moto.url(), "later"), Tagged { instances: vec![], groups: 0, key_pairs: 0 });
+}
+
+#[test]
+fn missing_credentials_and_unreachable_endpoints_are_clear_errors() {
+    let moto = Moto::start();
+    let env = Env::new("creds", 1, moto.url());
+    let output = env
+        .command(&["plan"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap();
+    expect_code(&output, 1);
+    assert!(text(&output.stderr).contains("no usable AWS credentials"), "{}", text(&output.stderr));
+
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let output = env.command_at(&closed, &["up", "--yes"]).output().unwrap();
+    expect_code(&output, 1);
+    let message = text(&output.stderr);
+    assert!(message.contains("cannot refresh stack creds"), "{message}");
+    assert!(message.contains("ec2 Describe"), "{message}");
+    // Nothing was made, so the state records nothing, and a later run works.
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    expect_code(&env.run(&["down", "--yes"]), 0);
+}
+
+/// Every broken stack under tests/broken gives exactly the errors in its
+/// `.expected` file.
+#[test]
+fn broken_stack_files_give_the_expected_errors() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/broken");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 25, "only {} broken stacks", files.len());
+    let mut mismatches = Vec::new();
+    for file in &files {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        let output = Command::new(STACK).args(["validate", name]).current_dir(&dir).output().unwrap();
+        let expected = std::fs::read_to_string(file.with_extension("expected")).unwrap_or_default();
+        if output.status.code() != Some(1) || text(&output.stderr) != expected {
+            mismatches.push(format!("== {name} (exit {:?})\n{}", output.status.code(), text(&output.stderr)));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
