@@ -266,13 +266,20 @@ pub fn plan(stack: &str, provider: &str, desired: &[Resource], state: &State, ob
                     resource.replace_on.contains(&top)
                 });
                 let drift = fields.iter().any(|f| f.drift);
-                let names: Vec<&str> = fields.iter().map(|f| f.path.as_str()).collect();
-                let reason = match (replace, drift) {
-                    (true, true) => format!("changed out of band and cannot change in place: {}", names.join(", ")),
-                    (true, false) => format!("cannot change in place: {}", names.join(", ")),
-                    (false, true) => format!("changed out of band: {}", names.join(", ")),
-                    (false, false) => format!("changed in the stack: {}", names.join(", ")),
+                let names = |drifted: bool| {
+                    fields.iter().filter(|f| f.drift == drifted).map(|f| f.path.as_str()).collect::<Vec<_>>().join(", ")
                 };
+                let mut parts = Vec::new();
+                if drift {
+                    parts.push(format!("changed out of band: {}", names(true)));
+                }
+                if fields.iter().any(|f| !f.drift) {
+                    parts.push(format!("changed in the stack: {}", names(false)));
+                }
+                let mut reason = parts.join("; ");
+                if replace {
+                    reason.push_str(" (cannot change in place: replaced)");
+                }
                 changes.push(Change {
                     address: resource.address.clone(),
                     kind: resource.kind.clone(),
@@ -432,6 +439,9 @@ pub fn render(plan: &Plan) -> String {
         let names: Vec<&str> = plan.adopt.iter().map(|o| o.address.as_str()).collect();
         let _ = writeln!(out, "Found by tag, to be recorded in state: {}", names.join(", "));
     }
+    if !plan.forget.is_empty() {
+        let _ = writeln!(out, "Recorded but gone, to be dropped from state: {}", plan.forget.join(", "));
+    }
     let s = plan.summary;
     if plan.is_empty() {
         let _ = writeln!(out, "No changes: the live world matches the stack.");
@@ -521,6 +531,30 @@ mod tests {
         assert_eq!(deleted, vec![(Action::Delete, "i-2".to_string()), (Action::Delete, "i-3".to_string())]);
         assert_eq!(plan.adopt.len(), 1);
         assert_eq!(plan.adopt[0].id, "i-4");
+    }
+
+    #[test]
+    fn rendered_plan_snapshot() {
+        let recorded = json!({"ami": "x", "instanceType": "t3.large", "state": "running", "ingress": ["all from self"], "tags": {"team": "platform"}});
+        let mut state = state_with("ec2.instance.a[0]", "i-1", recorded.clone());
+        state.put(Record {
+            address: "ec2.instance.gone[0]".into(),
+            kind: "instance".into(),
+            id: Some("i-9".into()),
+            attrs: json!({"ami": "x"}),
+            pending_token: None,
+        });
+        let desired = [
+            resource("ec2.instance.a[0]", json!({"ami": "x", "instanceType": "t3.xlarge", "state": "running", "ingress": ["all from self"], "tags": {"team": "platform"}})),
+            resource("ec2.instance.new[0]", json!({"ami": "x", "adminPassword": "hunter2"})),
+        ];
+        let live = [
+            observed("ec2.instance.a[0]", "i-1", json!({"ami": "x", "instanceType": "t3.large", "state": "stopped", "ingress": ["all from self", "tcp 22 from 0.0.0.0/0"], "tags": {"team": "other"}})),
+            observed("ec2.instance.old[0]", "i-7", json!({"ami": "x"})),
+        ];
+        let plan = plan("demo", "ec2", &desired, &state, &live);
+        insta::assert_snapshot!(render(&plan));
+        insta::assert_json_snapshot!(to_json(&plan));
     }
 
     #[test]

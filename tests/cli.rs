@@ -559,3 +559,30 @@ fn broken_stack_files_give_the_expected_errors() {
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }
+
+#[test]
+fn example_stacks_validate_and_unbuilt_providers_say_so() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for name in ["aws.yaml", "local.yaml", "reference.yaml"] {
+        let output = Command::new(STACK).args(["validate", &format!("stacks/{name}")]).current_dir(&root).output().unwrap();
+        expect_code(&output, 0);
+    }
+    let output = Command::new(STACK)
+        .args(["plan", "stacks/local.yaml"])
+        .current_dir(&root)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    expect_code(&output, 1);
+    assert!(
+        text(&output.stderr).contains("the kvm provider is not built in this version of stack (stacks/local.yaml:6:1)"),
+        "{}",
+        text(&output.stderr)
+    );
+    let json = Command::new(STACK).args(["validate", "--output", "json", "tests/broken/07-size-without-unit.yaml"]).current_dir(&root).output().unwrap();
+    expect_code(&json, 1);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["valid"], false);
+    assert_eq!(json["diagnostics"][0]["line"], 8);
+    assert_eq!(json["diagnostics"][0]["path"], "nodes[0].disk");
+}

@@ -248,6 +248,31 @@ pub fn resources(stack: &Stack, settings: &Ec2Settings, public_key: &str) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Provider;
+
+    const PUBLIC_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDlcRDUzHuYNBQ2XzLkqM1twyC5Bj1MZ4bc0PiTjxFau stack-demo";
+
+    #[test]
+    fn example_stack_resources_snapshot() {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/aws.yaml");
+        let stack = crate::model::load(&file).unwrap();
+        let Provider::Ec2(settings) = &stack.provider else {
+            panic!("stacks/aws.yaml is an ec2 stack")
+        };
+        let resources = resources(&stack, settings, PUBLIC_KEY).unwrap();
+        insta::assert_json_snapshot!(resources);
+    }
+
+    #[test]
+    fn nothing_is_open_to_the_world_unless_asked() {
+        let file = std::path::Path::new("stack.yaml");
+        let stack = crate::model::load_str(
+            file,
+            "version: 1\nname: closed\nprovider: {ec2: {ami: ami-12c6146b}}\nnodes: [{name: a}]\n",
+        )
+        .unwrap();
+        assert_eq!(ingress_text(&stack), vec!["all from self".to_string()]);
+    }
 
     #[test]
     fn rules_round_trip_through_text() {
