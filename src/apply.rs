@@ -25,6 +25,10 @@ pub enum ApplyError {
     State(#[from] StateError),
 }
 
+/// A change task's result: its index, how long it took, and the new record
+/// (`None` after a delete).
+type Finished<E> = (usize, Duration, Result<Option<Record>, E>);
+
 /// One finished change.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Outcome {
@@ -37,7 +41,10 @@ pub struct Outcome {
 /// A fresh idempotency token: random, and at most 64 ASCII characters as EC2 wants.
 fn new_token(address: &str) -> String {
     let random = RandomState::new().hash_one(address);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
     format!("stack-{random:016x}-{:x}", nanos as u64)
 }
 
@@ -52,9 +59,15 @@ fn dependencies<P: Provider>(provider: &P, changes: &[Change]) -> Vec<Vec<usize>
                 .filter(|(_, other)| {
                     if change.action == Action::Delete {
                         // Delete what depends on this kind first.
-                        other.action == Action::Delete && provider.dependencies(&other.kind).contains(&change.kind.as_str())
+                        other.action == Action::Delete
+                            && provider
+                                .dependencies(&other.kind)
+                                .contains(&change.kind.as_str())
                     } else {
-                        other.action != Action::Delete && provider.dependencies(&change.kind).contains(&other.kind.as_str())
+                        other.action != Action::Delete
+                            && provider
+                                .dependencies(&change.kind)
+                                .contains(&other.kind.as_str())
                     }
                 })
                 .map(|(i, _)| i)
@@ -72,15 +85,26 @@ fn resource_of(change: &Change) -> Resource {
     }
 }
 
-async fn run_change<P: Provider>(provider: Arc<P>, change: Change, token: String, snapshot: State) -> Result<Option<Record>, P::Error> {
+async fn run_change<P: Provider>(
+    provider: Arc<P>,
+    change: Change,
+    token: String,
+    snapshot: State,
+) -> Result<Option<Record>, P::Error> {
     match change.action {
-        Action::Create => provider.create(&resource_of(&change), &token, &snapshot).await.map(Some),
+        Action::Create => provider
+            .create(&resource_of(&change), &token, &snapshot)
+            .await
+            .map(Some),
         Action::Update => provider.update(&change, &snapshot).await.map(Some),
         Action::Replace => {
             if let Some(id) = &change.id {
                 provider.delete(&change.kind, id).await?;
             }
-            provider.create(&resource_of(&change), &token, &snapshot).await.map(Some)
+            provider
+                .create(&resource_of(&change), &token, &snapshot)
+                .await
+                .map(Some)
         }
         Action::Delete => {
             let id = change.id.as_deref().unwrap_or_default();
@@ -99,7 +123,11 @@ fn verb(action: Action) -> (&'static str, &'static str) {
 }
 
 /// Records resources found by tag and drops records of things that are gone.
-pub fn bookkeeping(plan: &Plan, store: &mut dyn StateStore, state: &mut State) -> Result<(), StateError> {
+pub fn bookkeeping(
+    plan: &Plan,
+    store: &mut dyn StateStore,
+    state: &mut State,
+) -> Result<(), StateError> {
     if !plan.has_bookkeeping() {
         return Ok(());
     }
@@ -135,7 +163,7 @@ pub async fn apply<P: Provider>(
     let mut outcomes = Vec::new();
     let mut failures = Vec::new();
     let mut interrupted = false;
-    let mut running: JoinSet<(usize, Duration, Result<Option<Record>, P::Error>)> = JoinSet::new();
+    let mut running: JoinSet<Finished<P::Error>> = JoinSet::new();
     let mut sigint = signal(SignalKind::interrupt()).ok();
     let mut sigterm = signal(SignalKind::terminate()).ok();
 
@@ -152,13 +180,18 @@ pub async fn apply<P: Provider>(
                 let change = changes[i].clone();
                 let token = if matches!(change.action, Action::Create | Action::Replace) {
                     // Recorded before the call, so a re-run after a crash reuses it.
-                    let token = change.token.clone().unwrap_or_else(|| new_token(&change.address));
+                    let token = change
+                        .token
+                        .clone()
+                        .unwrap_or_else(|| new_token(&change.address));
                     let recorded = state.get(&change.address).cloned();
                     state.put(Record {
                         address: change.address.clone(),
                         kind: change.kind.clone(),
                         id: recorded.as_ref().and_then(|r| r.id.clone()),
-                        attrs: recorded.map(|r| r.attrs).unwrap_or_else(|| change.after.clone().unwrap_or_default()),
+                        attrs: recorded
+                            .map(|r| r.attrs)
+                            .unwrap_or_else(|| change.after.clone().unwrap_or_default()),
                         pending_token: Some(token.clone()),
                     });
                     store.save(state)?;
@@ -212,7 +245,9 @@ pub async fn apply<P: Provider>(
                     }
                     None => {
                         // Only forget the record if it is the one deleted (not a kept twin).
-                        if state.get(&change.address).and_then(|r| r.id.as_deref()) == change.id.as_deref() {
+                        if state.get(&change.address).and_then(|r| r.id.as_deref())
+                            == change.id.as_deref()
+                        {
                             state.remove(&change.address);
                         }
                         change.id.clone()

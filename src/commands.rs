@@ -24,9 +24,15 @@ const EXIT_CHANGES: u8 = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     #[error("{} uses what this version of stack does not build yet:\n{}\nremove {} to plan and apply the rest", file.display(), sections.join("\n"), if sections.len() == 1 { "it" } else { "them" })]
-    NotBuilt { file: PathBuf, sections: Vec<String> },
+    NotBuilt {
+        file: PathBuf,
+        sections: Vec<String>,
+    },
     #[error("the {provider} provider is not built in this version of stack ({location})")]
-    ProviderNotBuilt { provider: &'static str, location: String },
+    ProviderNotBuilt {
+        provider: &'static str,
+        location: String,
+    },
     #[error("not applied: the answer was not `yes`")]
     Declined,
     #[error("down finished but these are still tagged stack={stack}:\n{}", left.join("\n"))]
@@ -45,15 +51,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn print_json(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(value).expect("JSON serialises"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON serialises")
+    );
 }
 
 pub fn validate(args: &FileArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
     match model::load(&args.file) {
         Ok(stack) => {
             match output {
-                OutputFormat::Json => print_json(&json!({"valid": true, "stack": stack.name, "diagnostics": []})),
-                OutputFormat::Text => println!("{}: valid stack `{}`", args.file.display(), stack.name),
+                OutputFormat::Json => {
+                    print_json(&json!({"valid": true, "stack": stack.name, "diagnostics": []}))
+                }
+                OutputFormat::Text => {
+                    println!("{}: valid stack `{}`", args.file.display(), stack.name)
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -137,7 +150,13 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Plan> {
     Ok(if destroy {
         plan::destroy(name, provider, &session.state, &observed)
     } else {
-        plan::plan(name, provider, &session.provider.desired(), &session.state, &observed)
+        plan::plan(
+            name,
+            provider,
+            &session.provider.desired(),
+            &session.state,
+            &observed,
+        )
     })
 }
 
@@ -269,7 +288,8 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
     let ProviderSettings::Ec2(settings) = &stack.provider else {
         unreachable!("check_provider refused other providers")
     };
-    let public_key = std::fs::read_to_string(format!("{}.pub", key_path.display())).unwrap_or_default();
+    let public_key =
+        std::fs::read_to_string(format!("{}.pub", key_path.display())).unwrap_or_default();
     let provider = Ec2Provider::connect(&stack, public_key.trim())
         .await
         .with_context(|| format!("cannot reach EC2 for stack {}", stack.name))?;
@@ -289,11 +309,23 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
         OutputFormat::Text => {
             println!("stack {} ({})", stack.name, stack.provider_name());
             match &recorded {
-                Some(s) => println!("state:   {} (serial {}, {} resources)", state_path.display(), s.serial, s.resources.len()),
-                None => println!("state:   {} (none yet: run `stack up`)", state_path.display()),
+                Some(s) => println!(
+                    "state:   {} (serial {}, {} resources)",
+                    state_path.display(),
+                    s.serial,
+                    s.resources.len()
+                ),
+                None => println!(
+                    "state:   {} (none yet: run `stack up`)",
+                    state_path.display()
+                ),
             }
             if key_exists {
-                println!("ssh key: {} (user {})", key_path.display(), settings.ssh_user);
+                println!(
+                    "ssh key: {} (user {})",
+                    key_path.display(),
+                    settings.ssh_user
+                );
             } else {
                 println!("ssh key: none yet");
             }
@@ -301,7 +333,10 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
                 println!("no nodes");
             } else {
                 println!();
-                println!("{:<28} {:<21} {:<9} {:<16} {:<16}", "NODE", "ID", "STATE", "PUBLIC", "PRIVATE");
+                println!(
+                    "{:<28} {:<21} {:<9} {:<16} {:<16}",
+                    "NODE", "ID", "STATE", "PUBLIC", "PRIVATE"
+                );
                 for node in &nodes {
                     println!(
                         "{:<28} {:<21} {:<9} {:<16} {:<16}",

@@ -74,7 +74,10 @@ impl Diagnostics {
     /// Whether an error was already reported at `path` or below it.
     pub fn mentions(&self, path: &str) -> bool {
         self.items.iter().any(|d| {
-            d.path == path || d.path.strip_prefix(path).is_some_and(|rest| rest.starts_with(['.', '[']))
+            d.path == path
+                || d.path
+                    .strip_prefix(path)
+                    .is_some_and(|rest| rest.starts_with(['.', '[']))
         })
     }
 

@@ -40,7 +40,11 @@ pub fn ensure(dir: &Path, stack: &str) -> Result<StackKey, KeyError> {
     let private_path = private_key_path(dir, stack);
     let io = |action, path: &Path| {
         let path = path.to_path_buf();
-        move |source| KeyError::Io { action, path, source }
+        move |source| KeyError::Io {
+            action,
+            path,
+            source,
+        }
     };
     let key = if private_path.exists() {
         let text = fs::read_to_string(&private_path).map_err(io("read", &private_path))?;
@@ -75,7 +79,8 @@ pub fn ensure(dir: &Path, stack: &str) -> Result<StackKey, KeyError> {
         .map_err(|e| KeyError::Generate(e.to_string()))?;
     let mut pub_path = private_path.clone().into_os_string();
     pub_path.push(".pub");
-    fs::write(&pub_path, format!("{public_openssh}\n")).map_err(io("write", Path::new(&pub_path)))?;
+    fs::write(&pub_path, format!("{public_openssh}\n"))
+        .map_err(io("write", Path::new(&pub_path)))?;
     Ok(StackKey {
         private_path,
         public_openssh,
@@ -91,7 +96,13 @@ pub fn remove(dir: &Path, stack: &str) -> Result<(), KeyError> {
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(KeyError::Io { action: "remove", path, source }),
+            Err(source) => {
+                return Err(KeyError::Io {
+                    action: "remove",
+                    path,
+                    source,
+                })
+            }
         }
     }
     Ok(())
@@ -109,7 +120,11 @@ mod tests {
         let second = ensure(dir.path(), "demo").unwrap();
         assert_eq!(first.public_openssh, second.public_openssh);
         assert!(first.public_openssh.starts_with("ssh-ed25519 "));
-        let mode = fs::metadata(&first.private_path).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(&first.private_path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         remove(dir.path(), "demo").unwrap();
         assert!(!first.private_path.exists());

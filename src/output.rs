@@ -39,7 +39,9 @@ impl Reporter {
                 );
                 bar.set_message(format!("{address}: {doing}"));
                 bar.enable_steady_tick(Duration::from_millis(120));
-                bars.lock().expect("progress lock").insert(address.to_string(), bar);
+                bars.lock()
+                    .expect("progress lock")
+                    .insert(address.to_string(), bar);
             }
             Reporter::Plain => eprintln!("{address}: {doing}"),
         }
@@ -48,10 +50,12 @@ impl Reporter {
     pub fn finish(&self, address: &str, message: &str, elapsed: Duration) {
         let line = format!("{address}: {message} after {:.1}s", elapsed.as_secs_f64());
         match self {
-            Reporter::Bars { bars, .. } => match bars.lock().expect("progress lock").remove(address) {
-                Some(bar) => bar.finish_with_message(line),
-                None => eprintln!("{line}"),
-            },
+            Reporter::Bars { bars, .. } => {
+                match bars.lock().expect("progress lock").remove(address) {
+                    Some(bar) => bar.finish_with_message(line),
+                    None => eprintln!("{line}"),
+                }
+            }
             Reporter::Plain => eprintln!("{line}"),
         }
     }

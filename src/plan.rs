@@ -122,7 +122,14 @@ pub struct Summary {
 }
 
 impl Plan {
-    fn new(stack: &str, provider: &str, mode: Mode, mut changes: Vec<Change>, adopt: Vec<Observed>, forget: Vec<String>) -> Self {
+    fn new(
+        stack: &str,
+        provider: &str,
+        mode: Mode,
+        mut changes: Vec<Change>,
+        adopt: Vec<Observed>,
+        forget: Vec<String>,
+    ) -> Self {
         changes.sort_by(|a, b| a.address.cmp(&b.address).then(a.id.cmp(&b.id)));
         let mut summary = Summary::default();
         for change in &changes {
@@ -174,7 +181,11 @@ fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, Value>) {
     match value {
         Value::Object(map) if !map.is_empty() => {
             for (key, child) in map {
-                let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
                 flatten(&path, child, out);
             }
         }
@@ -194,7 +205,10 @@ fn field_changes(before: Option<&Value>, live: &Value, desired: &Value) -> Vec<F
     }
     flatten("", live, &mut l);
     flatten("", desired, &mut d);
-    let managed: BTreeSet<&String> = d.keys().chain(b.keys().filter(|k| k.starts_with("tags."))).collect();
+    let managed: BTreeSet<&String> = d
+        .keys()
+        .chain(b.keys().filter(|k| k.starts_with("tags.")))
+        .collect();
     managed
         .into_iter()
         .filter(|path| l.get(*path) != d.get(*path))
@@ -209,7 +223,13 @@ fn field_changes(before: Option<&Value>, live: &Value, desired: &Value) -> Vec<F
 }
 
 /// The plan that makes the live world match `desired`.
-pub fn plan(stack: &str, provider: &str, desired: &[Resource], state: &State, observed: &[Observed]) -> Plan {
+pub fn plan(
+    stack: &str,
+    provider: &str,
+    desired: &[Resource],
+    state: &State,
+    observed: &[Observed],
+) -> Plan {
     let mut changes = Vec::new();
     let mut adopt = Vec::new();
     let mut forget = Vec::new();
@@ -217,15 +237,27 @@ pub fn plan(stack: &str, provider: &str, desired: &[Resource], state: &State, ob
 
     for resource in desired {
         let record = state.get(&resource.address);
-        let mut found: Vec<&Observed> = observed.iter().filter(|o| o.address == resource.address).collect();
+        let mut found: Vec<&Observed> = observed
+            .iter()
+            .filter(|o| o.address == resource.address)
+            .collect();
         // Keep the one the state knows, else the first; the rest are duplicates.
         let keep = found
             .iter()
             .position(|o| record.and_then(|r| r.id.as_deref()) == Some(o.id.as_str()))
             .unwrap_or(0);
-        let live = if found.is_empty() { None } else { Some(found.remove(keep)) };
+        let live = if found.is_empty() {
+            None
+        } else {
+            Some(found.remove(keep))
+        };
         for duplicate in found {
-            changes.push(delete_change(duplicate, None, "a duplicate of the same address (an interrupted create made two)", false));
+            changes.push(delete_change(
+                duplicate,
+                None,
+                "a duplicate of the same address (an interrupted create made two)",
+                false,
+            ));
         }
         let after = Some(resource.attrs.clone());
         match live {
@@ -267,7 +299,12 @@ pub fn plan(stack: &str, provider: &str, desired: &[Resource], state: &State, ob
                 });
                 let drift = fields.iter().any(|f| f.drift);
                 let names = |drifted: bool| {
-                    fields.iter().filter(|f| f.drift == drifted).map(|f| f.path.as_str()).collect::<Vec<_>>().join(", ")
+                    fields
+                        .iter()
+                        .filter(|f| f.drift == drifted)
+                        .map(|f| f.path.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 };
                 let mut parts = Vec::new();
                 if drift {
@@ -283,7 +320,11 @@ pub fn plan(stack: &str, provider: &str, desired: &[Resource], state: &State, ob
                 changes.push(Change {
                     address: resource.address.clone(),
                     kind: resource.kind.clone(),
-                    action: if replace { Action::Replace } else { Action::Update },
+                    action: if replace {
+                        Action::Replace
+                    } else {
+                        Action::Update
+                    },
                     id: Some(live.id.clone()),
                     drift,
                     reason,
@@ -297,8 +338,13 @@ pub fn plan(stack: &str, provider: &str, desired: &[Resource], state: &State, ob
         }
     }
 
-    for live in observed.iter().filter(|o| !wanted.contains(o.address.as_str())) {
-        let record = state.get(&live.address).filter(|r| r.id.as_deref() == Some(live.id.as_str()));
+    for live in observed
+        .iter()
+        .filter(|o| !wanted.contains(o.address.as_str()))
+    {
+        let record = state
+            .get(&live.address)
+            .filter(|r| r.id.as_deref() == Some(live.id.as_str()));
         let reason = if record.is_some() {
             "no longer in the stack"
         } else {
@@ -337,7 +383,9 @@ pub fn destroy(stack: &str, provider: &str, state: &State, observed: &[Observed]
     let changes = observed
         .iter()
         .map(|live| {
-            let record = state.get(&live.address).filter(|r| r.id.as_deref() == Some(live.id.as_str()));
+            let record = state
+                .get(&live.address)
+                .filter(|r| r.id.as_deref() == Some(live.id.as_str()));
             delete_change(live, record, "destroying the stack", false)
         })
         .collect();
@@ -363,7 +411,11 @@ pub fn redact(value: &Value) -> Value {
         Value::Object(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| {
-                    let v = if is_sensitive(k) { Value::String("(sensitive)".into()) } else { redact(v) };
+                    let v = if is_sensitive(k) {
+                        Value::String("(sensitive)".into())
+                    } else {
+                        redact(v)
+                    };
                     (k.clone(), v)
                 })
                 .collect(),
@@ -392,22 +444,52 @@ fn show(path: &str, value: Option<&Value>) -> String {
 }
 
 fn render_change(out: &mut String, change: &Change) {
-    let id = change.id.as_deref().map(|id| format!(" ({id})")).unwrap_or_default();
-    let _ = writeln!(out, "  {:<3} {}{id}", change.action.symbol(), change.address);
+    let id = change
+        .id
+        .as_deref()
+        .map(|id| format!(" ({id})"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  {:<3} {}{id}",
+        change.action.symbol(),
+        change.address
+    );
     let _ = writeln!(out, "        {}", change.reason);
     for field in &change.fields {
-        if let (Some(Value::Array(live)), Some(Value::Array(want))) = (&field.observed, &field.after) {
+        if let (Some(Value::Array(live)), Some(Value::Array(want))) =
+            (&field.observed, &field.after)
+        {
             for item in live.iter().filter(|i| !want.contains(i)) {
-                let _ = writeln!(out, "        {}: - {}", field.path, show(&field.path, Some(item)));
+                let _ = writeln!(
+                    out,
+                    "        {}: - {}",
+                    field.path,
+                    show(&field.path, Some(item))
+                );
             }
             for item in want.iter().filter(|i| !live.contains(i)) {
-                let _ = writeln!(out, "        {}: + {}", field.path, show(&field.path, Some(item)));
+                let _ = writeln!(
+                    out,
+                    "        {}: + {}",
+                    field.path,
+                    show(&field.path, Some(item))
+                );
             }
             continue;
         }
-        let mut line = format!("        {}: {} → {}", field.path, show(&field.path, field.observed.as_ref()), show(&field.path, field.after.as_ref()));
+        let mut line = format!(
+            "        {}: {} → {}",
+            field.path,
+            show(&field.path, field.observed.as_ref()),
+            show(&field.path, field.after.as_ref())
+        );
         if field.drift {
-            let _ = write!(line, "   (last applied: {})", show(&field.path, field.before.as_ref()));
+            let _ = write!(
+                line,
+                "   (last applied: {})",
+                show(&field.path, field.before.as_ref())
+            );
         }
         let _ = writeln!(out, "{line}");
     }
@@ -416,9 +498,13 @@ fn render_change(out: &mut String, change: &Change) {
 /// The plan for people: drift apart from intended changes, then totals.
 pub fn render(plan: &Plan) -> String {
     let mut out = String::new();
-    let (drift, intended): (Vec<&Change>, Vec<&Change>) = plan.changes.iter().partition(|c| c.drift);
+    let (drift, intended): (Vec<&Change>, Vec<&Change>) =
+        plan.changes.iter().partition(|c| c.drift);
     if !drift.is_empty() {
-        let _ = writeln!(out, "Drift: the live world differs from what stack last applied");
+        let _ = writeln!(
+            out,
+            "Drift: the live world differs from what stack last applied"
+        );
         for change in &drift {
             render_change(&mut out, change);
         }
@@ -437,10 +523,18 @@ pub fn render(plan: &Plan) -> String {
     }
     if !plan.adopt.is_empty() {
         let names: Vec<&str> = plan.adopt.iter().map(|o| o.address.as_str()).collect();
-        let _ = writeln!(out, "Found by tag, to be recorded in state: {}", names.join(", "));
+        let _ = writeln!(
+            out,
+            "Found by tag, to be recorded in state: {}",
+            names.join(", ")
+        );
     }
     if !plan.forget.is_empty() {
-        let _ = writeln!(out, "Recorded but gone, to be dropped from state: {}", plan.forget.join(", "));
+        let _ = writeln!(
+            out,
+            "Recorded but gone, to be dropped from state: {}",
+            plan.forget.join(", ")
+        );
     }
     let s = plan.summary;
     if plan.is_empty() {
@@ -503,11 +597,25 @@ mod tests {
     fn a_live_change_is_drift_and_an_edit_is_not() {
         let attrs = json!({"ami": "x", "state": "running", "tags": {"Name": "a"}});
         let state = state_with("a", "i-1", attrs.clone());
-        let live = [observed("a", "i-1", json!({"ami": "x", "state": "stopped", "tags": {"Name": "a", "other": "1"}}))];
-        let plan1 = plan("demo", "ec2", &[resource("a", attrs.clone())], &state, &live);
+        let live = [observed(
+            "a",
+            "i-1",
+            json!({"ami": "x", "state": "stopped", "tags": {"Name": "a", "other": "1"}}),
+        )];
+        let plan1 = plan(
+            "demo",
+            "ec2",
+            &[resource("a", attrs.clone())],
+            &state,
+            &live,
+        );
         assert_eq!(plan1.changes[0].action, Action::Update);
         assert!(plan1.changes[0].drift);
-        assert_eq!(plan1.changes[0].fields.len(), 1, "tags not set by stack are ignored");
+        assert_eq!(
+            plan1.changes[0].fields.len(),
+            1,
+            "tags not set by stack are ignored"
+        );
         let edited = json!({"ami": "y", "state": "running", "tags": {"Name": "a"}});
         let live = [observed("a", "i-1", attrs)];
         let plan2 = plan("demo", "ec2", &[resource("a", edited)], &state, &live);
@@ -527,8 +635,18 @@ mod tests {
         ];
         let desired = [resource("a", attrs.clone()), resource("c", attrs)];
         let plan = plan("demo", "ec2", &desired, &state, &live);
-        let deleted: Vec<_> = plan.changes.iter().map(|c| (c.action, c.id.clone().unwrap())).collect();
-        assert_eq!(deleted, vec![(Action::Delete, "i-2".to_string()), (Action::Delete, "i-3".to_string())]);
+        let deleted: Vec<_> = plan
+            .changes
+            .iter()
+            .map(|c| (c.action, c.id.clone().unwrap()))
+            .collect();
+        assert_eq!(
+            deleted,
+            vec![
+                (Action::Delete, "i-2".to_string()),
+                (Action::Delete, "i-3".to_string())
+            ]
+        );
         assert_eq!(plan.adopt.len(), 1);
         assert_eq!(plan.adopt[0].id, "i-4");
     }
@@ -545,11 +663,21 @@ mod tests {
             pending_token: None,
         });
         let desired = [
-            resource("ec2.instance.a[0]", json!({"ami": "x", "instanceType": "t3.xlarge", "state": "running", "ingress": ["all from self"], "tags": {"team": "platform"}})),
-            resource("ec2.instance.new[0]", json!({"ami": "x", "adminPassword": "hunter2"})),
+            resource(
+                "ec2.instance.a[0]",
+                json!({"ami": "x", "instanceType": "t3.xlarge", "state": "running", "ingress": ["all from self"], "tags": {"team": "platform"}}),
+            ),
+            resource(
+                "ec2.instance.new[0]",
+                json!({"ami": "x", "adminPassword": "hunter2"}),
+            ),
         ];
         let live = [
-            observed("ec2.instance.a[0]", "i-1", json!({"ami": "x", "instanceType": "t3.large", "state": "stopped", "ingress": ["all from self", "tcp 22 from 0.0.0.0/0"], "tags": {"team": "other"}})),
+            observed(
+                "ec2.instance.a[0]",
+                "i-1",
+                json!({"ami": "x", "instanceType": "t3.large", "state": "stopped", "ingress": ["all from self", "tcp 22 from 0.0.0.0/0"], "tags": {"team": "other"}}),
+            ),
             observed("ec2.instance.old[0]", "i-7", json!({"ami": "x"})),
         ];
         let plan = plan("demo", "ec2", &desired, &state, &live);
@@ -559,7 +687,11 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        let value = json!({"adminPassword": "hunter2", "nested": {"erlangCookie": "c"}, "name": "x"});
-        assert_eq!(redact(&value), json!({"adminPassword": "(sensitive)", "nested": {"erlangCookie": "(sensitive)"}, "name": "x"}));
+        let value =
+            json!({"adminPassword": "hunter2", "nested": {"erlangCookie": "c"}, "name": "x"});
+        assert_eq!(
+            redact(&value),
+            json!({"adminPassword": "(sensitive)", "nested": {"erlangCookie": "(sensitive)"}, "name": "x"})
+        );
     }
 }

@@ -97,7 +97,11 @@ impl State {
 
     /// Inserts or replaces the record for its address.
     pub fn put(&mut self, record: Record) {
-        match self.resources.iter_mut().find(|r| r.address == record.address) {
+        match self
+            .resources
+            .iter_mut()
+            .find(|r| r.address == record.address)
+        {
             Some(slot) => *slot = record,
             None => self.resources.push(record),
         }
@@ -177,7 +181,11 @@ impl LocalStateStore {
         let write_holder = |lock: &mut File| -> std::io::Result<()> {
             lock.set_len(0)?;
             lock.rewind()?;
-            lock.write_all(serde_json::to_string(&holder).unwrap_or_default().as_bytes())?;
+            lock.write_all(
+                serde_json::to_string(&holder)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            )?;
             lock.sync_data()
         };
         write_holder(&mut lock).map_err(io("write the lock file", &lock_path))?;
@@ -248,7 +256,8 @@ pub fn read(path: &Path, stack: &str) -> Result<Option<State>, StateError> {
 
 impl StateStore for LocalStateStore {
     fn load(&self) -> Result<State, StateError> {
-        Ok(read(&self.path, &self.stack)?.unwrap_or_else(|| State::new(&self.stack, &self.provider)))
+        Ok(read(&self.path, &self.stack)?
+            .unwrap_or_else(|| State::new(&self.stack, &self.provider)))
     }
 
     fn save(&mut self, state: &mut State) -> Result<(), StateError> {
@@ -277,8 +286,10 @@ impl StateStore for LocalStateStore {
             link_name.push(".tmp");
             let link = PathBuf::from(link_name);
             let _ = fs::remove_file(&link);
-            fs::hard_link(&self.path, &link).map_err(io("keep the previous copy of", &self.path))?;
-            fs::rename(&link, self.backup_path()).map_err(io("keep the previous copy of", &self.path))?;
+            fs::hard_link(&self.path, &link)
+                .map_err(io("keep the previous copy of", &self.path))?;
+            fs::rename(&link, self.backup_path())
+                .map_err(io("keep the previous copy of", &self.path))?;
         }
         fs::rename(&tmp, &self.path).map_err(io("replace", &self.path))?;
         File::open(dir)
@@ -331,7 +342,9 @@ mod tests {
     fn a_second_open_names_the_holder() {
         let dir = tempfile::tempdir().unwrap();
         let _first = LocalStateStore::open(dir.path(), "demo", "ec2").unwrap();
-        let err = LocalStateStore::open(dir.path(), "demo", "ec2").err().unwrap();
+        let err = LocalStateStore::open(dir.path(), "demo", "ec2")
+            .err()
+            .unwrap();
         let message = err.to_string();
         assert!(
             message.contains(&format!("pid {}", std::process::id())),

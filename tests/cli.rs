@@ -18,7 +18,11 @@ use aws_sdk_ec2::types::{AttributeValue, Filter, IpPermission, IpRange};
 const STACK: &str = env!("CARGO_BIN_EXE_stack");
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A real moto server on loopback, stopped on drop.
@@ -35,10 +39,15 @@ impl Moto {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("moto_server is not installed: run `pip install 'moto[server]'` (.ci/run does)");
+            .expect(
+                "moto_server is not installed: run `pip install 'moto[server]'` (.ci/run does)",
+            );
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not start on port {port}"
+            );
             thread::sleep(Duration::from_millis(100));
         }
         Moto { child, port }
@@ -128,11 +137,15 @@ impl Proxy {
                 let Ok(mut client) = client else { continue };
                 let (count, rules) = (count.clone(), shared.clone());
                 thread::spawn(move || {
-                    let Some(request) = read_request(&mut client) else { return };
+                    let Some(request) = read_request(&mut client) else {
+                        return;
+                    };
                     let n = count.fetch_add(1, Ordering::SeqCst) + 1;
                     let delay = rules.lock().unwrap().delay;
                     thread::sleep(delay);
-                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                        return;
+                    };
                     if server.write_all(&with_close(&request)).is_err() {
                         return;
                     }
@@ -152,7 +165,11 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, requests, rules }
+        Proxy {
+            port,
+            requests,
+            rules,
+        }
     }
 
     fn url(&self) -> String {
@@ -205,7 +222,10 @@ impl Env {
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_REGION", "us-east-1")
             .env("AWS_CONFIG_FILE", self.path().join("no-aws-config"))
-            .env("AWS_SHARED_CREDENTIALS_FILE", self.path().join("no-aws-credentials"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                self.path().join("no-aws-credentials"),
+            )
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_ENDPOINT_URL_EC2", endpoint)
             .stdin(Stdio::null());
@@ -217,7 +237,10 @@ impl Env {
     }
 
     fn state(&self, name: &str) -> serde_json::Value {
-        let path = self.path().join(".stack").join(format!("{name}.state.json"));
+        let path = self
+            .path()
+            .join(".stack")
+            .join(format!("{name}.state.json"));
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
@@ -254,13 +277,18 @@ fn ec2(endpoint: &str) -> aws_sdk_ec2::Client {
         .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
         .region(aws_sdk_ec2::config::Region::new("us-east-1"))
         .endpoint_url(endpoint)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "tests"))
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "tests",
+        ))
         .build();
     aws_sdk_ec2::Client::from_conf(config)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Everything moto still holds that is tagged with the stack.
@@ -278,9 +306,16 @@ fn tagged(endpoint: &str, stack: &str) -> Tagged {
         let reservations = client
             .describe_instances()
             .filters(by_tag())
-            .filters(Filter::builder().name("instance-state-name").set_values(Some(
-                ["pending", "running", "stopping", "stopped"].map(String::from).to_vec(),
-            )).build())
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .set_values(Some(
+                        ["pending", "running", "stopping", "stopped"]
+                            .map(String::from)
+                            .to_vec(),
+                    ))
+                    .build(),
+            )
             .send()
             .await
             .unwrap();
@@ -288,17 +323,46 @@ fn tagged(endpoint: &str, stack: &str) -> Tagged {
             .reservations()
             .iter()
             .flat_map(|r| r.instances())
-            .flat_map(|i| i.tags().iter().filter(|t| t.key() == Some("stack:address")).map(|t| t.value().unwrap().to_string()))
+            .flat_map(|i| {
+                i.tags()
+                    .iter()
+                    .filter(|t| t.key() == Some("stack:address"))
+                    .map(|t| t.value().unwrap().to_string())
+            })
             .collect();
         instances.sort();
-        let groups = client.describe_security_groups().filters(by_tag()).send().await.unwrap().security_groups().len();
-        let key_pairs = client.describe_key_pairs().filters(by_tag()).send().await.unwrap().key_pairs().len();
-        Tagged { instances, groups, key_pairs }
+        let groups = client
+            .describe_security_groups()
+            .filters(by_tag())
+            .send()
+            .await
+            .unwrap()
+            .security_groups()
+            .len();
+        let key_pairs = client
+            .describe_key_pairs()
+            .filters(by_tag())
+            .send()
+            .await
+            .unwrap()
+            .key_pairs()
+            .len();
+        Tagged {
+            instances,
+            groups,
+            key_pairs,
+        }
     })
 }
 
 fn three_nodes() -> Vec<String> {
-    ["ec2.instance.control[0]", "ec2.instance.worker[0]", "ec2.instance.worker[1]"].map(String::from).to_vec()
+    [
+        "ec2.instance.control[0]",
+        "ec2.instance.worker[0]",
+        "ec2.instance.worker[1]",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 #[test]
@@ -307,9 +371,20 @@ fn up_plan_drift_repair_down() {
     let env = Env::new("drift", 2, moto.url());
     let up = env.run(&["up", "--yes"]);
     expect_code(&up, 0);
-    assert!(text(&up.stdout).contains("Plan: 5 to create"), "{}", text(&up.stdout));
+    assert!(
+        text(&up.stdout).contains("Plan: 5 to create"),
+        "{}",
+        text(&up.stdout)
+    );
     expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
-    assert_eq!(tagged(&moto.url(), "drift"), Tagged { instances: three_nodes(), groups: 1, key_pairs: 1 });
+    assert_eq!(
+        tagged(&moto.url(), "drift"),
+        Tagged {
+            instances: three_nodes(),
+            groups: 1,
+            key_pairs: 1
+        }
+    );
 
     // Out of band: stop one instance and change its type, terminate another,
     // add one security-group rule and remove one, change a tag, delete the key pair.
@@ -319,7 +394,12 @@ fn up_plan_drift_repair_down() {
     let control = env.id_of("drift", "ec2.instance.control[0]");
     let group = env.id_of("drift", "ec2.security_group.main");
     runtime().block_on(async {
-        client.stop_instances().instance_ids(&stopped).send().await.unwrap();
+        client
+            .stop_instances()
+            .instance_ids(&stopped)
+            .send()
+            .await
+            .unwrap();
         client
             .modify_instance_attribute()
             .instance_id(&stopped)
@@ -327,7 +407,12 @@ fn up_plan_drift_repair_down() {
             .send()
             .await
             .unwrap();
-        client.terminate_instances().instance_ids(&terminated).send().await.unwrap();
+        client
+            .terminate_instances()
+            .instance_ids(&terminated)
+            .send()
+            .await
+            .unwrap();
         let rule = |port: i32, cidr: &str| {
             IpPermission::builder()
                 .ip_protocol("tcp")
@@ -336,16 +421,38 @@ fn up_plan_drift_repair_down() {
                 .ip_ranges(IpRange::builder().cidr_ip(cidr).build())
                 .build()
         };
-        client.authorize_security_group_ingress().group_id(&group).ip_permissions(rule(3306, "0.0.0.0/0")).send().await.unwrap();
-        client.revoke_security_group_ingress().group_id(&group).ip_permissions(rule(22, "203.0.113.0/24")).send().await.unwrap();
         client
-            .create_tags()
-            .resources(&control)
-            .tags(aws_sdk_ec2::types::Tag::builder().key("team").value("someone-else").build())
+            .authorize_security_group_ingress()
+            .group_id(&group)
+            .ip_permissions(rule(3306, "0.0.0.0/0"))
             .send()
             .await
             .unwrap();
-        client.delete_key_pair().key_name("stack-drift").send().await.unwrap();
+        client
+            .revoke_security_group_ingress()
+            .group_id(&group)
+            .ip_permissions(rule(22, "203.0.113.0/24"))
+            .send()
+            .await
+            .unwrap();
+        client
+            .create_tags()
+            .resources(&control)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("team")
+                    .value("someone-else")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        client
+            .delete_key_pair()
+            .key_name("stack-drift")
+            .send()
+            .await
+            .unwrap();
     });
 
     let plan = env.run(&["plan", "--detailed-exitcode"]);
@@ -366,29 +473,56 @@ fn up_plan_drift_repair_down() {
         "+   ec2.key_pair.main",
         "Plan: 2 to create, 3 to update, 0 to replace, 0 to delete (5 repairing drift).",
     ] {
-        assert!(shown.contains(expected), "plan lacks {expected:?}:\n{shown}");
+        assert!(
+            shown.contains(expected),
+            "plan lacks {expected:?}:\n{shown}"
+        );
     }
     let json = env.run(&["plan", "--output", "json"]);
     expect_code(&json, 0);
     let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(json["formatVersion"], 1);
     assert_eq!(json["summary"]["drift"], 5);
-    assert!(json["changes"].as_array().unwrap().iter().all(|c| c["drift"] == true));
+    assert!(json["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["drift"] == true));
 
     expect_code(&env.run(&["up", "--yes"]), 0);
     expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
-    assert_eq!(tagged(&moto.url(), "drift"), Tagged { instances: three_nodes(), groups: 1, key_pairs: 1 });
+    assert_eq!(
+        tagged(&moto.url(), "drift"),
+        Tagged {
+            instances: three_nodes(),
+            groups: 1,
+            key_pairs: 1
+        }
+    );
 
     let status = env.run(&["status"]);
     expect_code(&status, 0);
     let status = text(&status.stdout);
-    assert!(status.contains("ssh key: .stack/drift.id_ed25519"), "{status}");
-    assert!(status.contains("ec2.instance.worker[1]") && status.contains("running"), "{status}");
+    assert!(
+        status.contains("ssh key: .stack/drift.id_ed25519"),
+        "{status}"
+    );
+    assert!(
+        status.contains("ec2.instance.worker[1]") && status.contains("running"),
+        "{status}"
+    );
 
     let down = env.run(&["down", "--yes"]);
     expect_code(&down, 0);
     assert!(text(&down.stdout).contains("Nothing tagged stack=drift is left."));
-    assert_eq!(tagged(&moto.url(), "drift"), Tagged { instances: vec![], groups: 0, key_pairs: 0 });
+    assert_eq!(
+        tagged(&moto.url(), "drift"),
+        Tagged {
+            instances: vec![],
+            groups: 0,
+            key_pairs: 0
+        }
+    );
     expect_code(&env.run(&["down", "--yes"]), 0);
 }
 
@@ -399,14 +533,25 @@ fn sigkill_at_many_points_then_rerun_converges_without_duplicates() {
     let probe = Env::new("probe", 2, proxy.url());
     expect_code(&probe.run(&["up", "--yes"]), 0);
     let requests_per_up = proxy.count();
-    assert!(requests_per_up > 10, "a clean up made only {requests_per_up} requests");
+    assert!(
+        requests_per_up > 10,
+        "a clean up made only {requests_per_up} requests"
+    );
 
-    let points: BTreeSet<usize> = (1..=requests_per_up).step_by(3).chain([requests_per_up - 1]).collect();
+    let points: BTreeSet<usize> = (1..=requests_per_up)
+        .step_by(3)
+        .chain([requests_per_up - 1])
+        .collect();
     for point in points {
         let name = format!("kill{point}");
         let env = Env::new(&name, 2, proxy.url());
         let before = proxy.count();
-        let child = env.command(&["up", "--yes"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let child = env
+            .command(&["up", "--yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let child = Arc::new(Mutex::new(child));
         {
             let mut rules = proxy.rules.lock().unwrap();
@@ -420,18 +565,45 @@ fn sigkill_at_many_points_then_rerun_converges_without_duplicates() {
             thread::sleep(Duration::from_millis(20));
         };
         *proxy.rules.lock().unwrap() = ProxyRules::default();
-        assert!(status.code().is_none(), "up was not killed at request {point}: {status:?}");
+        assert!(
+            status.code().is_none(),
+            "up was not killed at request {point}: {status:?}"
+        );
 
-        let rerun = env.command_at(&moto.url(), &["up", "--yes"]).output().unwrap();
+        let rerun = env
+            .command_at(&moto.url(), &["up", "--yes"])
+            .output()
+            .unwrap();
         expect_code(&rerun, 0);
-        expect_code(&env.command_at(&moto.url(), &["plan", "--detailed-exitcode"]).output().unwrap(), 0);
+        expect_code(
+            &env.command_at(&moto.url(), &["plan", "--detailed-exitcode"])
+                .output()
+                .unwrap(),
+            0,
+        );
         assert_eq!(
             tagged(&moto.url(), &name),
-            Tagged { instances: three_nodes(), groups: 1, key_pairs: 1 },
+            Tagged {
+                instances: three_nodes(),
+                groups: 1,
+                key_pairs: 1
+            },
             "after a kill at request {point}"
         );
-        expect_code(&env.command_at(&moto.url(), &["down", "--yes"]).output().unwrap(), 0);
-        assert_eq!(tagged(&moto.url(), &name), Tagged { instances: vec![], groups: 0, key_pairs: 0 });
+        expect_code(
+            &env.command_at(&moto.url(), &["down", "--yes"])
+                .output()
+                .unwrap(),
+            0,
+        );
+        assert_eq!(
+            tagged(&moto.url(), &name),
+            Tagged {
+                instances: vec![],
+                groups: 0,
+                key_pairs: 0
+            }
+        );
     }
 }
 
@@ -441,26 +613,53 @@ fn a_second_run_fails_fast_naming_the_lock_holder() {
     let proxy = Proxy::start(moto.port);
     proxy.rules.lock().unwrap().delay = Duration::from_millis(150);
     let env = Env::new("locked", 1, proxy.url());
-    let first = env.command(&["up", "--yes"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let first = env
+        .command(&["up", "--yes"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let lock = env.path().join(".stack/locked.lock");
     let pid = first.id();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&lock).unwrap_or_default().contains(&format!("\"pid\":{pid}")) {
-        assert!(Instant::now() < deadline, "the first run never took the lock");
+    while !std::fs::read_to_string(&lock)
+        .unwrap_or_default()
+        .contains(&format!("\"pid\":{pid}"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first run never took the lock"
+        );
         thread::sleep(Duration::from_millis(10));
     }
-    let second = env.command_at(&moto.url(), &["up", "--yes"]).output().unwrap();
+    let second = env
+        .command_at(&moto.url(), &["up", "--yes"])
+        .output()
+        .unwrap();
     expect_code(&second, 1);
     let message = text(&second.stderr);
-    assert!(message.contains(&format!("state is locked by pid {pid} on ")), "{message}");
+    assert!(
+        message.contains(&format!("state is locked by pid {pid} on ")),
+        "{message}"
+    );
     assert!(message.contains(" since "), "{message}");
     let first = first.wait_with_output().unwrap();
     expect_code(&first, 0);
     let state = env.state("locked");
     assert_eq!(state["schemaVersion"], 1);
     assert_eq!(state["resources"].as_array().unwrap().len(), 4);
-    expect_code(&env.command_at(&moto.url(), &["plan", "--detailed-exitcode"]).output().unwrap(), 0);
-    expect_code(&env.command_at(&moto.url(), &["down", "--yes"]).output().unwrap(), 0);
+    expect_code(
+        &env.command_at(&moto.url(), &["plan", "--detailed-exitcode"])
+            .output()
+            .unwrap(),
+        0,
+    );
+    expect_code(
+        &env.command_at(&moto.url(), &["down", "--yes"])
+            .output()
+            .unwrap(),
+        0,
+    );
 }
 
 #[test]
@@ -473,10 +672,24 @@ fn corrupt_state_is_refused_and_left_untouched() {
     for verb in [["plan", "--detailed-exitcode"], ["up", "--yes"]] {
         let output = env.run(&verb);
         expect_code(&output, 1);
-        assert!(text(&output.stderr).contains("state file .stack/corrupt.state.json is corrupt"), "{}", text(&output.stderr));
+        assert!(
+            text(&output.stderr).contains("state file .stack/corrupt.state.json is corrupt"),
+            "{}",
+            text(&output.stderr)
+        );
     }
-    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"schemaVersion\": 1, \"resources\": [");
-    assert_eq!(tagged(&moto.url(), "corrupt"), Tagged { instances: vec![], groups: 0, key_pairs: 0 });
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "{\"schemaVersion\": 1, \"resources\": ["
+    );
+    assert_eq!(
+        tagged(&moto.url(), "corrupt"),
+        Tagged {
+            instances: vec![],
+            groups: 0,
+            key_pairs: 0
+        }
+    );
 }
 
 #[test]
@@ -485,13 +698,22 @@ fn a_broken_stack_makes_no_network_call() {
     let proxy = Proxy::start(moto.port);
     let env = Env::new("quiet", 1, proxy.url());
     std::fs::write(env.path().join("stack.yaml"), "version: 1\nname: quiet\nprovider: {ec2: {ami: ami-12c6146b}}\nnodes:\n  - name: a\n    disk: 20\n").unwrap();
-    for verb in [&["validate"][..], &["plan"], &["up", "--yes"], &["down", "--yes"], &["status"]] {
+    for verb in [
+        &["validate"][..],
+        &["plan"],
+        &["up", "--yes"],
+        &["down", "--yes"],
+        &["status"],
+    ] {
         let output = env.run(verb);
         expect_code(&output, 1);
         assert!(text(&output.stderr).contains("stack.yaml:6:11: nodes[0].disk: expected a size with a unit such as 20GiB, found `20`"), "{}", text(&output.stderr));
     }
     assert_eq!(proxy.count(), 0);
-    assert!(!env.path().join(".stack").exists(), "a broken stack must not create state");
+    assert!(
+        !env.path().join(".stack").exists(),
+        "a broken stack must not create state"
+    );
 }
 
 #[test]
@@ -499,17 +721,34 @@ fn sections_not_built_yet_stop_plan_and_up_by_name() {
     let moto = Moto::start();
     let env = Env::new("later", 1, moto.url());
     let mut yaml = stack_yaml("later", 1);
-    yaml.push_str("kubernetes:\n  channel: 1.32/stable\ndatabases:\n  - kind: couchdb\n    name: docs\n");
+    yaml.push_str(
+        "kubernetes:\n  channel: 1.32/stable\ndatabases:\n  - kind: couchdb\n    name: docs\n",
+    );
     std::fs::write(env.path().join("stack.yaml"), yaml).unwrap();
     expect_code(&env.run(&["validate"]), 0);
     for verb in [&["plan"][..], &["up", "--yes"]] {
         let output = env.run(verb);
         expect_code(&output, 1);
         let message = text(&output.stderr);
-        assert!(message.contains("stack.yaml:17:1: `kubernetes` (microk8s bootstrap and deploying to a cluster)"), "{message}");
-        assert!(message.contains("stack.yaml:19:1: `databases` (database clusters)"), "{message}");
+        assert!(
+            message.contains(
+                "stack.yaml:17:1: `kubernetes` (microk8s bootstrap and deploying to a cluster)"
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains("stack.yaml:19:1: `databases` (database clusters)"),
+            "{message}"
+        );
     }
-    assert_eq!(tagged(&moto.url(), "later"), Tagged { instances: vec![], groups: 0, key_pairs: 0 });
+    assert_eq!(
+        tagged(&moto.url(), "later"),
+        Tagged {
+            instances: vec![],
+            groups: 0,
+            key_pairs: 0
+        }
+    );
 }
 
 #[test]
@@ -523,7 +762,11 @@ fn missing_credentials_and_unreachable_endpoints_are_clear_errors() {
         .output()
         .unwrap();
     expect_code(&output, 1);
-    assert!(text(&output.stderr).contains("no usable AWS credentials"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("no usable AWS credentials"),
+        "{}",
+        text(&output.stderr)
+    );
 
     let closed = format!("http://127.0.0.1:{}", free_port());
     let output = env.command_at(&closed, &["up", "--yes"]).output().unwrap();
@@ -551,10 +794,18 @@ fn broken_stack_files_give_the_expected_errors() {
     let mut mismatches = Vec::new();
     for file in &files {
         let name = file.file_name().unwrap().to_str().unwrap();
-        let output = Command::new(STACK).args(["validate", name]).current_dir(&dir).output().unwrap();
+        let output = Command::new(STACK)
+            .args(["validate", name])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
         let expected = std::fs::read_to_string(file.with_extension("expected")).unwrap_or_default();
         if output.status.code() != Some(1) || text(&output.stderr) != expected {
-            mismatches.push(format!("== {name} (exit {:?})\n{}", output.status.code(), text(&output.stderr)));
+            mismatches.push(format!(
+                "== {name} (exit {:?})\n{}",
+                output.status.code(),
+                text(&output.stderr)
+            ));
         }
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
@@ -564,7 +815,11 @@ fn broken_stack_files_give_the_expected_errors() {
 fn example_stacks_validate_and_unbuilt_providers_say_so() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     for name in ["aws.yaml", "local.yaml", "reference.yaml"] {
-        let output = Command::new(STACK).args(["validate", &format!("stacks/{name}")]).current_dir(&root).output().unwrap();
+        let output = Command::new(STACK)
+            .args(["validate", &format!("stacks/{name}")])
+            .current_dir(&root)
+            .output()
+            .unwrap();
         expect_code(&output, 0);
     }
     let output = Command::new(STACK)
@@ -575,11 +830,22 @@ fn example_stacks_validate_and_unbuilt_providers_say_so() {
         .unwrap();
     expect_code(&output, 1);
     assert!(
-        text(&output.stderr).contains("the kvm provider is not built in this version of stack (stacks/local.yaml:6:1)"),
+        text(&output.stderr).contains(
+            "the kvm provider is not built in this version of stack (stacks/local.yaml:6:1)"
+        ),
         "{}",
         text(&output.stderr)
     );
-    let json = Command::new(STACK).args(["validate", "--output", "json", "tests/broken/07-size-without-unit.yaml"]).current_dir(&root).output().unwrap();
+    let json = Command::new(STACK)
+        .args([
+            "validate",
+            "--output",
+            "json",
+            "tests/broken/07-size-without-unit.yaml",
+        ])
+        .current_dir(&root)
+        .output()
+        .unwrap();
     expect_code(&json, 1);
     let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(json["valid"], false);

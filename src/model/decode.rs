@@ -39,7 +39,10 @@ impl<'n> Fields<'n> {
 
     /// Where the key was written, for diagnostics about a whole section.
     fn key_pos(&self, key: &str) -> Option<Pos> {
-        self.entries.iter().find(|(k, _, _)| *k == key).map(|(_, pos, _)| *pos)
+        self.entries
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, pos, _)| *pos)
     }
 }
 
@@ -106,8 +109,12 @@ impl Decoder<'_> {
                     Some(s) => format!("unknown field `{text}` (did you mean `{s}`?)"),
                     None => format!("unknown field `{text}`"),
                 };
-                self.diags
-                    .push(key.pos, &key_path, format!("one of {}", one_of(keys)), found);
+                self.diags.push(
+                    key.pos,
+                    &key_path,
+                    format!("one of {}", one_of(keys)),
+                    found,
+                );
                 continue;
             }
             if fields.entries.iter().any(|(k, _, _)| k == text) {
@@ -311,8 +318,10 @@ impl Decoder<'_> {
         decode: impl FnOnce(&mut Self, &Node, &str) -> Option<Spanned<T>>,
     ) -> Option<Spanned<T>> {
         let pos = fields.key_pos(key)?;
-        self.opt(fields, "", key, decode)
-            .map(|section| Spanned { value: section.value, pos })
+        self.opt(fields, "", key, decode).map(|section| Spanned {
+            value: section.value,
+            pos,
+        })
     }
 
     fn stack(&mut self, root: &Node) -> Option<StackFile> {
@@ -405,12 +414,12 @@ impl Decoder<'_> {
                 );
                 return None;
             }
-            (Some(ec2), None) => ProviderFile::Ec2(self.ec2(ec2, "provider.ec2")?),
+            (Some(ec2), None) => ProviderFile::Ec2(Box::new(self.ec2(ec2, "provider.ec2")?)),
             (None, Some(kvm)) => ProviderFile::Kvm(self.kvm(kvm, "provider.kvm")?),
             (None, None) => {
                 // `ec2: {}` written as `ec2:` is null: that still picks the provider.
                 match f.entries.first() {
-                    Some(("ec2", _, _)) => ProviderFile::Ec2(Ec2File::default()),
+                    Some(("ec2", _, _)) => ProviderFile::Ec2(Box::default()),
                     Some(("kvm", _, _)) => ProviderFile::Kvm(KvmFile::default()),
                     _ => {
                         self.diags.push(
@@ -487,9 +496,9 @@ impl Decoder<'_> {
             Some((family, size))
                 if !family.is_empty()
                     && !size.is_empty()
-                    && text
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-') =>
+                    && text.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-'
+                    }) =>
             {
                 Ok(text.to_string())
             }
@@ -504,7 +513,11 @@ impl Decoder<'_> {
                 d.choice(
                     n,
                     p,
-                    &[("auto", Accel::Auto), ("kvm", Accel::Kvm), ("tcg", Accel::Tcg)],
+                    &[
+                        ("auto", Accel::Auto),
+                        ("kvm", Accel::Kvm),
+                        ("tcg", Accel::Tcg),
+                    ],
                 )
             }),
             ssh_user: self.opt(&f, path, "sshUser", |d, n, p| d.dns_label(n, p, 32)),
@@ -542,7 +555,11 @@ impl Decoder<'_> {
             .and_then(|n| self.dns_label(n, &join(path, "name"), 30));
         let count = self.opt(&f, path, "count", |d, n, p| d.integer(n, p, 1, 100));
         let role = self.opt(&f, path, "role", |d, n, p| {
-            d.choice(n, p, &[("control", Role::Control), ("worker", Role::Worker)])
+            d.choice(
+                n,
+                p,
+                &[("control", Role::Control), ("worker", Role::Worker)],
+            )
         });
         let disk = self.opt(&f, path, "disk", Self::size);
         let instance_type = self.opt(&f, path, "instanceType", Self::instance_type);
@@ -579,7 +596,12 @@ impl Decoder<'_> {
                     }
                 });
                 let sha = self
-                    .required(&f, path, "sha256", "the image's sha256, to verify the download")
+                    .required(
+                        &f,
+                        path,
+                        "sha256",
+                        "the image's sha256, to verify the download",
+                    )
                     .and_then(|n| {
                         self.parsed(n, &join(path, "sha256"), |t| {
                             if t.len() == 64 && t.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -612,7 +634,11 @@ impl Decoder<'_> {
                     node.pos,
                     path,
                     "either `url` with `sha256`, or `path`",
-                    if f.get("url").is_some() { "both `url` and `path`" } else { "neither" },
+                    if f.get("url").is_some() {
+                        "both `url` and `path`"
+                    } else {
+                        "neither"
+                    },
                 );
                 return None;
             }
@@ -624,13 +650,19 @@ impl Decoder<'_> {
     }
 
     fn kubernetes(&mut self, node: &Node, path: &str) -> Option<Spanned<KubernetesFile>> {
-        let f = self.mapping(node, path, &["channel", "addons", "storage", "kubeconfig", "context"])?;
+        let f = self.mapping(
+            node,
+            path,
+            &["channel", "addons", "storage", "kubeconfig", "context"],
+        )?;
         let value = KubernetesFile {
             channel: self.opt(&f, path, "channel", |d, n, p| {
                 d.parsed(n, p, |t| {
                     let ok = t.split_once('/').is_some_and(|(version, risk)| {
                         version.split_once('.').is_some_and(|(major, minor)| {
-                            major == "1" && !minor.is_empty() && minor.chars().all(|c| c.is_ascii_digit())
+                            major == "1"
+                                && !minor.is_empty()
+                                && minor.chars().all(|c| c.is_ascii_digit())
                         }) && matches!(risk, "stable" | "candidate" | "beta" | "edge")
                     });
                     if ok {
@@ -658,7 +690,10 @@ impl Decoder<'_> {
                 d.choice(
                     n,
                     p,
-                    &[("hostpath", StorageKind::Hostpath), ("openebs", StorageKind::Openebs)],
+                    &[
+                        ("hostpath", StorageKind::Hostpath),
+                        ("openebs", StorageKind::Openebs),
+                    ],
                 )
             }),
             kubeconfig: self.opt(&f, path, "kubeconfig", |d, n, p| {
@@ -791,7 +826,10 @@ impl Decoder<'_> {
             d.choice(
                 n,
                 p,
-                &[("nodePort", TcpExposure::NodePort), ("entryPoint", TcpExposure::EntryPoint)],
+                &[
+                    ("nodePort", TcpExposure::NodePort),
+                    ("entryPoint", TcpExposure::EntryPoint),
+                ],
             )
         });
         let value = IngressFile {

@@ -21,6 +21,15 @@ pub const RUNNING_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DELETE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const UPGRADE_HEALTH_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The first node group runs the control plane unless the stack says otherwise.
+pub fn role(group_index: usize) -> Role {
+    if group_index == 0 {
+        Role::Control
+    } else {
+        Role::Worker
+    }
+}
+
 fn val<T>(value: Option<Spanned<T>>) -> Option<T> {
     value.map(|s| s.value)
 }
@@ -43,7 +52,11 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
         mark("provider.kvm", stack.provider.pos, "the local KVM provider");
     }
     if let Some(k) = &stack.kubernetes {
-        mark("kubernetes", k.pos, "microk8s bootstrap and deploying to a cluster");
+        mark(
+            "kubernetes",
+            k.pos,
+            "microk8s bootstrap and deploying to a cluster",
+        );
     }
     if let Some(d) = stack.databases.as_ref().filter(|d| !d.value.is_empty()) {
         mark("databases", d.pos, "database clusters");
@@ -77,10 +90,15 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
     };
     let network = stack.network.unwrap_or_default();
     let cidrs = |list: Opt<Vec<Spanned<ipnet::IpNet>>>| {
-        val(list).unwrap_or_default().into_iter().map(|c| c.value).collect()
+        val(list)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.value)
+            .collect()
     };
     let network = Network {
-        cidr: val(network.cidr).or_else(|| (!is_ec2).then(|| KVM_CIDR.parse().expect("default CIDR parses"))),
+        cidr: val(network.cidr)
+            .or_else(|| (!is_ec2).then(|| KVM_CIDR.parse().expect("default CIDR parses"))),
         allowed_cidrs: cidrs(network.allowed_cidrs),
         ingress_cidrs: cidrs(network.ingress_cidrs),
     };
@@ -91,7 +109,7 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
         .map(|(i, g)| NodeGroup {
             name: g.name.value,
             count: val(g.count).unwrap_or(1),
-            role: val(g.role).unwrap_or(if i == 0 { Role::Control } else { Role::Worker }),
+            role: val(g.role).unwrap_or(role(i)),
             disk: val(g.disk).unwrap_or(ByteSize::gib(DISK_GIB)),
             instance_type: is_ec2.then(|| val(g.instance_type)).flatten(),
             ami: val(g.ami),
@@ -119,13 +137,15 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             Database {
                 kind,
                 name: d.name.value,
-                image: val(d.image)
-                    .unwrap_or_else(|| ImageRef::parse(kind.default_image()).expect("default image parses")),
+                image: val(d.image).unwrap_or_else(|| {
+                    ImageRef::parse(kind.default_image()).expect("default image parses")
+                }),
                 replicas: val(d.replicas).unwrap_or(kind.default_replicas()),
                 storage: val(d.storage).unwrap_or(ByteSize::gib(DATABASE_STORAGE_GIB)),
                 upgrade: val(d.upgrade).unwrap_or(UpgradePolicy::Patch),
                 shm_size: is_agraph.then(|| val(d.shm_size).unwrap_or(ByteSize::gib(1))),
-                repository: is_agraph.then(|| val(d.repository).unwrap_or_else(|| "main".to_string())),
+                repository: is_agraph
+                    .then(|| val(d.repository).unwrap_or_else(|| "main".to_string())),
                 replications: val(d.replications)
                     .unwrap_or_default()
                     .into_iter()

@@ -35,7 +35,7 @@ pub struct StackFile {
 
 #[derive(Debug, Clone)]
 pub enum ProviderFile {
-    Ec2(Ec2File),
+    Ec2(Box<Ec2File>),
     Kvm(KvmFile),
 }
 

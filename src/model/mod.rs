@@ -9,8 +9,8 @@
 pub mod decode;
 pub mod defaults;
 pub mod file;
-pub mod values;
 pub mod validate;
+pub mod values;
 pub mod yaml;
 
 use std::collections::BTreeMap;

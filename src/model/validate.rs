@@ -38,7 +38,11 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
         _ => {}
     }
 
-    let groups = stack.nodes.as_ref().map(|n| n.value.as_slice()).unwrap_or_default();
+    let groups = stack
+        .nodes
+        .as_ref()
+        .map(|n| n.value.as_slice())
+        .unwrap_or_default();
     unique(
         diags,
         "nodes",
@@ -54,7 +58,10 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
     for (i, group) in groups.iter().enumerate() {
         let path = format!("nodes[{i}]");
         let other_provider_field = |field: &str| {
-            format!("`{field}` is for the {} provider", if is_ec2 { "kvm" } else { "ec2" })
+            format!(
+                "`{field}` is for the {} provider",
+                if is_ec2 { "kvm" } else { "ec2" }
+            )
         };
         let misplaced: Vec<(&str, Option<Pos>)> = if is_ec2 {
             vec![
@@ -76,7 +83,12 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
                 } else {
                     "a setting of the kvm provider (`cpus`, `memory`, `image`)"
                 };
-                diags.push(pos, &format!("{path}.{field}"), hint, other_provider_field(field));
+                diags.push(
+                    pos,
+                    &format!("{path}.{field}"),
+                    hint,
+                    other_provider_field(field),
+                );
             }
         }
         let (ami_failed, image_failed) = (
@@ -102,17 +114,32 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
         if let Some(disk) = &group.disk {
             let (min, max) = (ByteSize::gib(8), ByteSize::gib(16 * 1024));
             if disk.value < min || disk.value > max {
-                diags.push(disk.pos, &format!("{path}.disk"), "a disk from 8GiB to 16TiB", disk.value.to_string());
+                diags.push(
+                    disk.pos,
+                    &format!("{path}.disk"),
+                    "a disk from 8GiB to 16TiB",
+                    disk.value.to_string(),
+                );
             }
         }
         if let Some(memory) = &group.memory {
             if memory.value < ByteSize(512 << 20) {
-                diags.push(memory.pos, &format!("{path}.memory"), "at least 512MiB of memory", memory.value.to_string());
+                diags.push(
+                    memory.pos,
+                    &format!("{path}.memory"),
+                    "at least 512MiB of memory",
+                    memory.value.to_string(),
+                );
             }
         }
         if let Some(BaseImage::Path { path: image }) = group.image.as_ref().map(|i| &i.value) {
             if image.as_os_str().is_empty() {
-                diags.push(group.pos, &format!("{path}.image.path"), "a file path", "an empty path");
+                diags.push(
+                    group.pos,
+                    &format!("{path}.image.path"),
+                    "a file path",
+                    "an empty path",
+                );
             }
         }
     }
@@ -127,9 +154,14 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
                     "`cidr` with provider ec2",
                 );
             } else {
-                let nodes: u32 = groups.iter().map(|g| g.count.as_ref().map_or(1, |c| c.value)).sum();
+                let nodes: u32 = groups
+                    .iter()
+                    .map(|g| g.count.as_ref().map_or(1, |c| c.value))
+                    .sum();
                 let usable = match cidr.value {
-                    ipnet::IpNet::V4(net) if net.prefix_len() <= 30 => (1u64 << (32 - net.prefix_len())) - 3,
+                    ipnet::IpNet::V4(net) if net.prefix_len() <= 30 => {
+                        (1u64 << (32 - net.prefix_len())) - 3
+                    }
                     _ => 0,
                 };
                 if usable < u64::from(nodes) {
@@ -150,7 +182,10 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
             unique(
                 diags,
                 "kubernetes.addons",
-                addons.value.iter().map(|a| (format!("{:?}", a.value).to_lowercase(), a.pos)),
+                addons
+                    .value
+                    .iter()
+                    .map(|a| (format!("{:?}", a.value).to_lowercase(), a.pos)),
                 "",
                 "addon",
             );
@@ -172,16 +207,38 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
             }
         } else {
             if let Some(context) = &k.context {
-                diags.push(context.pos, "kubernetes.context", "`context` only together with `kubeconfig`", "`context` alone");
+                diags.push(
+                    context.pos,
+                    "kubernetes.context",
+                    "`context` only together with `kubeconfig`",
+                    "`context` alone",
+                );
             }
-            if !groups.is_empty() && !groups.iter().any(|g| g.role.as_ref().map_or(true, |r| r.value == Role::Control)) {
-                diags.push(kubernetes.pos, "nodes", "at least one node group with role `control`", "only worker groups");
+            if !groups.is_empty()
+                && !groups.iter().enumerate().any(|(i, g)| {
+                    g.role
+                        .as_ref()
+                        .map_or(super::defaults::role(i), |r| r.value)
+                        == Role::Control
+                })
+            {
+                diags.push(
+                    kubernetes.pos,
+                    "nodes",
+                    "at least one node group with role `control`",
+                    "only worker groups",
+                );
             }
         }
     }
     let needs_kubernetes = |diags: &mut Diagnostics, pos: Pos, path: &str| {
         if stack.kubernetes.is_none() {
-            diags.push(pos, path, "a `kubernetes` section for this to run on", "no `kubernetes`");
+            diags.push(
+                pos,
+                path,
+                "a `kubernetes` section for this to run on",
+                "no `kubernetes`",
+            );
         }
     };
     if let Some(databases) = &stack.databases {
@@ -207,7 +264,12 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
     }
     if let Some(upgrades) = &stack.upgrades {
         if stack.databases.as_ref().is_none_or(|d| d.value.is_empty()) {
-            diags.push(upgrades.pos, "upgrades", "`databases` for upgrades to roll forward", "no databases");
+            diags.push(
+                upgrades.pos,
+                "upgrades",
+                "`databases` for upgrades to roll forward",
+                "no databases",
+            );
         }
     }
 }
@@ -221,7 +283,11 @@ fn database(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
             DatabaseKind::Immudb => (0, 5),
         };
         if !(min..=max).contains(&replicas.value) {
-            let what = if kind == DatabaseKind::Immudb { "read replicas" } else { "members" };
+            let what = if kind == DatabaseKind::Immudb {
+                "read replicas"
+            } else {
+                "members"
+            };
             diags.push(
                 replicas.pos,
                 &format!("{path}.replicas"),
@@ -232,7 +298,12 @@ fn database(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
     }
     if let Some(storage) = &db.storage {
         if storage.value < ByteSize(1 << 30) {
-            diags.push(storage.pos, &format!("{path}.storage"), "at least 1GiB of storage", storage.value.to_string());
+            diags.push(
+                storage.pos,
+                &format!("{path}.storage"),
+                "at least 1GiB of storage",
+                storage.value.to_string(),
+            );
         }
     }
     let only = |diags: &mut Diagnostics, field: &str, pos: Option<Pos>, owner: DatabaseKind| {
@@ -241,18 +312,41 @@ fn database(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
                 diags.push(
                     pos,
                     &format!("{path}.{field}"),
-                    format!("`{field}` only on {} databases", format!("{owner:?}").to_lowercase()),
+                    format!(
+                        "`{field}` only on {} databases",
+                        format!("{owner:?}").to_lowercase()
+                    ),
                     format!("`{field}` on {kind_name}"),
                 );
             }
         }
     };
-    only(diags, "shmSize", db.shm_size.as_ref().map(|s| s.pos), DatabaseKind::Allegrograph);
-    only(diags, "repository", db.repository.as_ref().map(|s| s.pos), DatabaseKind::Allegrograph);
-    only(diags, "replications", db.replications.as_ref().map(|s| s.pos), DatabaseKind::Couchdb);
+    only(
+        diags,
+        "shmSize",
+        db.shm_size.as_ref().map(|s| s.pos),
+        DatabaseKind::Allegrograph,
+    );
+    only(
+        diags,
+        "repository",
+        db.repository.as_ref().map(|s| s.pos),
+        DatabaseKind::Allegrograph,
+    );
+    only(
+        diags,
+        "replications",
+        db.replications.as_ref().map(|s| s.pos),
+        DatabaseKind::Couchdb,
+    );
     if let Some(shm) = &db.shm_size {
         if kind == DatabaseKind::Allegrograph && shm.value < ByteSize(1 << 30) {
-            diags.push(shm.pos, &format!("{path}.shmSize"), "at least 1GiB of /dev/shm (AllegroGraph needs it)", shm.value.to_string());
+            diags.push(
+                shm.pos,
+                &format!("{path}.shmSize"),
+                "at least 1GiB of /dev/shm (AllegroGraph needs it)",
+                shm.value.to_string(),
+            );
         }
     }
 }
@@ -271,7 +365,11 @@ fn unique<S: AsRef<str>>(
         match seen.get(&name) {
             Some(first) => diags.push(
                 pos,
-                &if field.is_empty() { format!("{path}[{i}]") } else { format!("{path}[{i}].{field}") },
+                &if field.is_empty() {
+                    format!("{path}[{i}]")
+                } else {
+                    format!("{path}[{i}].{field}")
+                },
                 format!("a unique {what}"),
                 format!("`{name}` again (first at {}:{})", first.line, first.column),
             ),

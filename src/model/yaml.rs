@@ -34,7 +34,10 @@ pub struct Node {
 pub enum Value {
     Null,
     /// A scalar as written; `quoted` scalars are always strings.
-    Scalar { text: String, quoted: bool },
+    Scalar {
+        text: String,
+        quoted: bool,
+    },
     Seq(Vec<Node>),
     /// Keys keep their own positions so unknown keys point at the key.
     Map(Vec<(Node, Node)>),
@@ -115,12 +118,12 @@ impl MarkedEventReceiver for TreeBuilder {
         match event {
             Event::Scalar(text, style, anchor, _tag) => {
                 let quoted = !matches!(style, TScalarStyle::Plain);
-                let value = if !quoted && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL")
-                {
-                    Value::Null
-                } else {
-                    Value::Scalar { text, quoted }
-                };
+                let value =
+                    if !quoted && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL") {
+                        Value::Null
+                    } else {
+                        Value::Scalar { text, quoted }
+                    };
                 let node = Node { pos, value };
                 self.remember_anchor(anchor, &node);
                 self.push_value(node);
@@ -151,7 +154,9 @@ impl MarkedEventReceiver for TreeBuilder {
                 // block collections fall after the first key.
                 let mut node = node;
                 match &node.value {
-                    Value::Map(entries) if !entries.is_empty() => node.pos = node.pos.min(entries[0].0.pos),
+                    Value::Map(entries) if !entries.is_empty() => {
+                        node.pos = node.pos.min(entries[0].0.pos)
+                    }
                     Value::Seq(items) if !items.is_empty() => node.pos = node.pos.min(items[0].pos),
                     _ => {}
                 }

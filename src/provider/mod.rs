@@ -33,7 +33,10 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Reads back everything tagged with the stack, and everything the state
     /// records by id (so a changed tag does not hide a resource).
-    fn refresh(&self, state: &State) -> impl Future<Output = Result<Vec<Observed>, Self::Error>> + Send;
+    fn refresh(
+        &self,
+        state: &State,
+    ) -> impl Future<Output = Result<Vec<Observed>, Self::Error>> + Send;
 
     /// Makes the resource, or finds it when a previous run already made it.
     /// `token` is the idempotency token recorded in state before the call;
@@ -46,7 +49,11 @@ pub trait Provider: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Record, Self::Error>> + Send;
 
     /// Changes a live resource in place to match the change's `after`.
-    fn update(&self, change: &Change, state: &State) -> impl Future<Output = Result<Record, Self::Error>> + Send;
+    fn update(
+        &self,
+        change: &Change,
+        state: &State,
+    ) -> impl Future<Output = Result<Record, Self::Error>> + Send;
 
     /// Deletes a live resource and waits until it is gone.
     fn delete(&self, kind: &str, id: &str) -> impl Future<Output = Result<(), Self::Error>> + Send;

@@ -38,7 +38,11 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// `type base64` of an OpenSSH public key, without its comment: what EC2
 /// hands back, whatever comment it was imported with.
 pub fn key_material(public_key: &str) -> String {
-    public_key.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    public_key
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The resource name used for the key pair and the security group.
@@ -152,7 +156,10 @@ pub fn ingress_rules(stack: &Stack) -> Vec<IngressRule> {
 
 /// The rules as text, sorted as refresh sorts what it reads back.
 fn ingress_text(stack: &Stack) -> Vec<String> {
-    let mut rules: Vec<String> = ingress_rules(stack).iter().map(ToString::to_string).collect();
+    let mut rules: Vec<String> = ingress_rules(stack)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     rules.sort();
     rules
 }
@@ -185,7 +192,11 @@ pub fn instances(stack: &Stack, public_key: &str) -> Result<Vec<InstanceSpec>, T
 }
 
 /// Every resource of the stack with the attributes `stack` manages.
-pub fn resources(stack: &Stack, settings: &Ec2Settings, public_key: &str) -> Result<Vec<Resource>, TemplateError> {
+pub fn resources(
+    stack: &Stack,
+    settings: &Ec2Settings,
+    public_key: &str,
+) -> Result<Vec<Resource>, TemplateError> {
     let name = resource_name(&stack.name);
     let mut resources = vec![
         Resource {
@@ -238,7 +249,14 @@ pub fn resources(stack: &Stack, settings: &Ec2Settings, public_key: &str) -> Res
                 address: spec.address,
                 kind: INSTANCE.to_string(),
                 attrs,
-                replace_on: &["ami", "rootVolumeGiB", "keyName", "securityGroup", "userDataSha256", "subnetId"],
+                replace_on: &[
+                    "ami",
+                    "rootVolumeGiB",
+                    "keyName",
+                    "securityGroup",
+                    "userDataSha256",
+                    "subnetId",
+                ],
             });
         }
     }
@@ -276,7 +294,12 @@ mod tests {
 
     #[test]
     fn rules_round_trip_through_text() {
-        for text in ["tcp 22 from 10.0.0.0/8", "all from self", "tcp 80-443 from sg-123", "udp 53 from ::/0"] {
+        for text in [
+            "tcp 22 from 10.0.0.0/8",
+            "all from self",
+            "tcp 80-443 from sg-123",
+            "udp 53 from ::/0",
+        ] {
             let rule: IngressRule = text.parse().unwrap();
             assert_eq!(rule.to_string(), text);
         }

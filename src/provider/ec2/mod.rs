@@ -63,7 +63,10 @@ fn error_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&str> 
     err.as_service_error().and_then(|e| e.code())
 }
 
-fn api<E, R>(action: &'static str, target: impl Into<String>) -> impl FnOnce(SdkError<E, R>) -> Ec2Error
+fn api<E, R>(
+    action: &'static str,
+    target: impl Into<String>,
+) -> impl FnOnce(SdkError<E, R>) -> Ec2Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: Debug + Send + Sync + 'static,
@@ -100,11 +103,12 @@ fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
 }
 
 fn tag_spec(kind: ResourceType, tags: &Value) -> TagSpecification {
-    let tags = tags
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| Tag::builder().key(k).value(v.as_str().unwrap_or_default()).build());
+    let tags = tags.as_object().into_iter().flatten().map(|(k, v)| {
+        Tag::builder()
+            .key(k)
+            .value(v.as_str().unwrap_or_default())
+            .build()
+    });
     TagSpecification::builder()
         .resource_type(kind)
         .set_tags(Some(tags.collect()))
@@ -194,8 +198,15 @@ impl Ec2Provider {
                 .set_next_token(token)
                 .send()
                 .await
-                .map_err(api("DescribeInstances", format!("stack {}", self.stack.name)))?;
-            out.extend(page.reservations().iter().flat_map(|r| r.instances().iter().cloned()));
+                .map_err(api(
+                    "DescribeInstances",
+                    format!("stack {}", self.stack.name),
+                ))?;
+            out.extend(
+                page.reservations()
+                    .iter()
+                    .flat_map(|r| r.instances().iter().cloned()),
+            );
             token = page.next_token().map(str::to_string);
             if token.is_none() {
                 return Ok(out);
@@ -206,18 +217,33 @@ impl Ec2Provider {
     /// Instances tagged with the stack, plus the recorded ones by id.
     async fn live_instances(&self, recorded: &[String]) -> Result<Vec<Instance>, Ec2Error> {
         let states = filter("instance-state-name", LIVE_STATES);
-        let mut instances = self.describe_instances(vec![self.stack_filter(), states.clone()]).await?;
+        let mut instances = self
+            .describe_instances(vec![self.stack_filter(), states.clone()])
+            .await?;
         let missing: Vec<&String> = recorded
             .iter()
-            .filter(|id| !instances.iter().any(|i| i.instance_id() == Some(id.as_str())))
+            .filter(|id| {
+                !instances
+                    .iter()
+                    .any(|i| i.instance_id() == Some(id.as_str()))
+            })
             .collect();
         if !missing.is_empty() {
-            instances.extend(self.describe_instances(vec![filter("instance-id", missing), states]).await?);
+            instances.extend(
+                self.describe_instances(vec![filter("instance-id", missing), states])
+                    .await?,
+            );
         }
         Ok(instances)
     }
 
-    fn address_of(&self, state: &State, kind: &str, id: &str, tags: &BTreeMap<String, String>) -> String {
+    fn address_of(
+        &self,
+        state: &State,
+        kind: &str,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> String {
         state
             .resources
             .iter()
@@ -236,8 +262,14 @@ impl Ec2Provider {
             .collect()
     }
 
-    async fn root_volume_sizes(&self, instances: &[Instance]) -> Result<HashMap<String, i64>, Ec2Error> {
-        let ids: Vec<String> = instances.iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
+    async fn root_volume_sizes(
+        &self,
+        instances: &[Instance],
+    ) -> Result<HashMap<String, i64>, Ec2Error> {
+        let ids: Vec<String> = instances
+            .iter()
+            .filter_map(|i| i.instance_id().map(str::to_string))
+            .collect();
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
@@ -255,23 +287,42 @@ impl Ec2Provider {
         let mut sizes = HashMap::new();
         for volume in volumes.volumes() {
             for attachment in volume.attachments() {
-                let (Some(instance), Some(device)) = (attachment.instance_id(), attachment.device()) else {
+                let (Some(instance), Some(device)) =
+                    (attachment.instance_id(), attachment.device())
+                else {
                     continue;
                 };
                 if roots.get(instance) == Some(&device) {
-                    sizes.insert(instance.to_string(), i64::from(volume.size().unwrap_or_default()));
+                    sizes.insert(
+                        instance.to_string(),
+                        i64::from(volume.size().unwrap_or_default()),
+                    );
                 }
             }
         }
         Ok(sizes)
     }
 
-    fn observe_instance(&self, instance: &Instance, state: &State, root_sizes: &HashMap<String, i64>, our_group: &str) -> Option<Observed> {
+    fn observe_instance(
+        &self,
+        instance: &Instance,
+        state: &State,
+        root_sizes: &HashMap<String, i64>,
+        our_group: &str,
+    ) -> Option<Observed> {
         let id = instance.instance_id()?;
         let live_state = instance_state(instance)?;
         let tags = tag_map(instance.tags());
-        let groups: Vec<&str> = instance.security_groups().iter().filter_map(|g| g.group_name()).collect();
-        let group = if groups.contains(&our_group) { Some(our_group) } else { groups.first().copied() };
+        let groups: Vec<&str> = instance
+            .security_groups()
+            .iter()
+            .filter_map(|g| g.group_name())
+            .collect();
+        let group = if groups.contains(&our_group) {
+            Some(our_group)
+        } else {
+            groups.first().copied()
+        };
         let mut attrs = json!({
             "ami": instance.image_id(),
             "instanceType": instance.instance_type().map(|t| t.as_str()),
@@ -321,7 +372,10 @@ impl Ec2Provider {
                     .unwrap_or_default(),
             );
         }
-        let ids: Vec<String> = groups.iter().filter_map(|g| g.group_id().map(str::to_string)).collect();
+        let ids: Vec<String> = groups
+            .iter()
+            .filter_map(|g| g.group_id().map(str::to_string))
+            .collect();
         let rules = self.ingress_rules(&ids).await?;
         let mut out = Vec::new();
         for group in &groups {
@@ -351,7 +405,10 @@ impl Ec2Provider {
     }
 
     /// Ingress rules of the groups, with the rule ids that revoke them.
-    async fn ingress_rules(&self, group_ids: &[String]) -> Result<HashMap<String, Vec<(IngressRule, String)>>, Ec2Error> {
+    async fn ingress_rules(
+        &self,
+        group_ids: &[String],
+    ) -> Result<HashMap<String, Vec<(IngressRule, String)>>, Ec2Error> {
         let mut out: HashMap<String, Vec<(IngressRule, String)>> = HashMap::new();
         if group_ids.is_empty() {
             return Ok(out);
@@ -365,12 +422,16 @@ impl Ec2Provider {
                 .set_next_token(token)
                 .send()
                 .await
-                .map_err(api("DescribeSecurityGroupRules", format!("stack {}", self.stack.name)))?;
+                .map_err(api(
+                    "DescribeSecurityGroupRules",
+                    format!("stack {}", self.stack.name),
+                ))?;
             for rule in page.security_group_rules() {
                 if rule.is_egress() == Some(true) {
                     continue;
                 }
-                let (Some(group), Some(rule_id)) = (rule.group_id(), rule.security_group_rule_id()) else {
+                let (Some(group), Some(rule_id)) = (rule.group_id(), rule.security_group_rule_id())
+                else {
                     continue;
                 };
                 let protocol = match rule.ip_protocol() {
@@ -383,7 +444,8 @@ impl Ec2Provider {
                 };
                 let source = if let Some(cidr) = rule.cidr_ipv4().or(rule.cidr_ipv6()) {
                     Source::Cidr(cidr.to_string())
-                } else if let Some(other) = rule.referenced_group_info().and_then(|g| g.group_id()) {
+                } else if let Some(other) = rule.referenced_group_info().and_then(|g| g.group_id())
+                {
                     if other == group {
                         Source::SelfGroup
                     } else {
@@ -395,7 +457,11 @@ impl Ec2Provider {
                     continue;
                 };
                 out.entry(group.to_string()).or_default().push((
-                    IngressRule { protocol, ports, source },
+                    IngressRule {
+                        protocol,
+                        ports,
+                        source,
+                    },
                     rule_id.to_string(),
                 ));
             }
@@ -454,13 +520,25 @@ impl Ec2Provider {
             .collect())
     }
 
-    async fn wait_instance(&self, id: &str, want: &[InstanceStateName], timeout: Duration, timeout_name: &'static str) -> Result<Option<Instance>, Ec2Error> {
+    async fn wait_instance(
+        &self,
+        id: &str,
+        want: &[InstanceStateName],
+        timeout: Duration,
+        timeout_name: &'static str,
+    ) -> Result<Option<Instance>, Ec2Error> {
         let start = Instant::now();
         let mut pause = Duration::from_millis(200);
         loop {
-            let instances = self.describe_instances(vec![filter("instance-id", [id])]).await?;
+            let instances = self
+                .describe_instances(vec![filter("instance-id", [id])])
+                .await?;
             let instance = instances.into_iter().next();
-            let current = instance.as_ref().and_then(|i| i.state()).and_then(|s| s.name()).cloned();
+            let current = instance
+                .as_ref()
+                .and_then(|i| i.state())
+                .and_then(|s| s.name())
+                .cloned();
             match &current {
                 None if want.contains(&InstanceStateName::Terminated) => return Ok(None),
                 Some(name) if want.contains(name) => return Ok(instance),
@@ -472,7 +550,9 @@ impl Ec2Provider {
                         .and_then(|i| i.state_reason())
                         .and_then(|r| r.message())
                         .unwrap_or("no reason given");
-                    return Err(Ec2Error::Conflict(format!("instance {id} terminated while waiting for it: {reason}")));
+                    return Err(Ec2Error::Conflict(format!(
+                        "instance {id} terminated while waiting for it: {reason}"
+                    )));
                 }
                 _ => {}
             }
@@ -511,7 +591,10 @@ impl Ec2Provider {
             .root_device_name()
             .unwrap_or("/dev/xvda")
             .to_string();
-        self.root_devices.lock().expect("lock").insert(ami.to_string(), device.clone());
+        self.root_devices
+            .lock()
+            .expect("lock")
+            .insert(ami.to_string(), device.clone());
         Ok(device)
     }
 
@@ -534,11 +617,21 @@ impl Ec2Provider {
         .await
     }
 
-    async fn create_instance(&self, resource: &Resource, token: &str, state: &State) -> Result<Record, Ec2Error> {
+    async fn create_instance(
+        &self,
+        resource: &Resource,
+        token: &str,
+        state: &State,
+    ) -> Result<Record, Ec2Error> {
         let address = &resource.address;
         let attrs = &resource.attrs;
         let running = self.stack.timeouts.running;
-        let id = match self.find_by_address(address).await?.first().and_then(|i| i.instance_id()) {
+        let id = match self
+            .find_by_address(address)
+            .await?
+            .first()
+            .and_then(|i| i.instance_id())
+        {
             Some(id) => id.to_string(),
             None => {
                 let ami = attrs["ami"].as_str().unwrap_or_default();
@@ -557,7 +650,12 @@ impl Ec2Provider {
                     .key_name(attrs["keyName"].as_str().unwrap_or_default())
                     .security_group_ids(Self::group_id(state)?)
                     .set_subnet_id(attrs["subnetId"].as_str().map(str::to_string))
-                    .block_device_mappings(BlockDeviceMapping::builder().device_name(device).ebs(volume).build())
+                    .block_device_mappings(
+                        BlockDeviceMapping::builder()
+                            .device_name(device)
+                            .ebs(volume)
+                            .build(),
+                    )
                     .user_data(base64::engine::general_purpose::STANDARD.encode(user_data))
                     .client_token(token)
                     .min_count(1)
@@ -579,7 +677,8 @@ impl Ec2Provider {
                     .to_string()
             }
         };
-        self.wait_instance(&id, &[InstanceStateName::Running], running, "running").await?;
+        self.wait_instance(&id, &[InstanceStateName::Running], running, "running")
+            .await?;
         Ok(Record {
             address: address.clone(),
             kind: INSTANCE.to_string(),
@@ -601,7 +700,11 @@ impl Ec2Provider {
             .send()
             .await
             .map_err(api("DescribeSecurityGroups", target))?;
-        let id = match existing.security_groups().first().and_then(|g| g.group_id()) {
+        let id = match existing
+            .security_groups()
+            .first()
+            .and_then(|g| g.group_id())
+        {
             Some(id) => id.to_string(),
             None => {
                 let vpc = match (attrs["vpcId"].as_str(), self.subnet_for_vpc()) {
@@ -630,7 +733,10 @@ impl Ec2Provider {
                 }
             }
         };
-        let wanted: Vec<IngressRule> = string_list(&attrs["ingress"]).iter().filter_map(|r| r.parse().ok()).collect();
+        let wanted: Vec<IngressRule> = string_list(&attrs["ingress"])
+            .iter()
+            .filter_map(|r| r.parse().ok())
+            .collect();
         self.sync_rules(&id, &wanted).await?;
         Ok(Record {
             address: target.clone(),
@@ -656,13 +762,25 @@ impl Ec2Provider {
             .send()
             .await
             .map_err(api("DescribeSubnets", subnet))?;
-        Ok(out.subnets().first().and_then(|s| s.vpc_id()).map(str::to_string))
+        Ok(out
+            .subnets()
+            .first()
+            .and_then(|s| s.vpc_id())
+            .map(str::to_string))
     }
 
     /// Revokes ingress rules that are not wanted and authorises the missing ones.
     async fn sync_rules(&self, group_id: &str, wanted: &[IngressRule]) -> Result<(), Ec2Error> {
-        let live = self.ingress_rules(&[group_id.to_string()]).await?.remove(group_id).unwrap_or_default();
-        let extra: Vec<String> = live.iter().filter(|(rule, _)| !wanted.contains(rule)).map(|(_, id)| id.clone()).collect();
+        let live = self
+            .ingress_rules(&[group_id.to_string()])
+            .await?
+            .remove(group_id)
+            .unwrap_or_default();
+        let extra: Vec<String> = live
+            .iter()
+            .filter(|(rule, _)| !wanted.contains(rule))
+            .map(|(_, id)| id.clone())
+            .collect();
         if !extra.is_empty() {
             self.client
                 .revoke_security_group_ingress()
@@ -741,7 +859,9 @@ impl Ec2Provider {
         let mut set = Vec::new();
         let mut remove = Vec::new();
         for field in &change.fields {
-            let Some(key) = field.path.strip_prefix("tags.") else { continue };
+            let Some(key) = field.path.strip_prefix("tags.") else {
+                continue;
+            };
             match field.after.as_ref().and_then(Value::as_str) {
                 Some(value) => set.push(Tag::builder().key(key).value(value).build()),
                 None => remove.push(Tag::builder().key(key).build()),
@@ -779,11 +899,16 @@ impl Ec2Provider {
                 .send()
                 .await
                 .map_err(api("StopInstances", &change.address))?;
-            self.wait_instance(id, &[InstanceStateName::Stopped], running, "running").await?;
+            self.wait_instance(id, &[InstanceStateName::Stopped], running, "running")
+                .await?;
             self.client
                 .modify_instance_attribute()
                 .instance_id(id)
-                .instance_type(AttributeValue::builder().value(after["instanceType"].as_str().unwrap_or_default()).build())
+                .instance_type(
+                    AttributeValue::builder()
+                        .value(after["instanceType"].as_str().unwrap_or_default())
+                        .build(),
+                )
                 .send()
                 .await
                 .map_err(api("ModifyInstanceAttribute", &change.address))?;
@@ -795,7 +920,8 @@ impl Ec2Provider {
                 .send()
                 .await
                 .map_err(api("StartInstances", &change.address))?;
-            self.wait_instance(id, &[InstanceStateName::Running], running, "running").await?;
+            self.wait_instance(id, &[InstanceStateName::Running], running, "running")
+                .await?;
         }
         Ok(())
     }
@@ -811,15 +937,25 @@ fn string_list(value: &Value) -> Vec<String> {
 }
 
 fn permission(rule: &IngressRule, group_id: &str) -> IpPermission {
-    let mut builder = IpPermission::builder().ip_protocol(if rule.protocol == "all" { "-1" } else { rule.protocol.as_str() });
+    let mut builder = IpPermission::builder().ip_protocol(if rule.protocol == "all" {
+        "-1"
+    } else {
+        rule.protocol.as_str()
+    });
     if let Some((from, to)) = rule.ports {
         builder = builder.from_port(from).to_port(to);
     }
     match &rule.source {
-        Source::Cidr(cidr) if cidr.contains(':') => builder.ipv6_ranges(Ipv6Range::builder().cidr_ipv6(cidr).build()),
+        Source::Cidr(cidr) if cidr.contains(':') => {
+            builder.ipv6_ranges(Ipv6Range::builder().cidr_ipv6(cidr).build())
+        }
         Source::Cidr(cidr) => builder.ip_ranges(IpRange::builder().cidr_ip(cidr).build()),
-        Source::SelfGroup => builder.user_id_group_pairs(UserIdGroupPair::builder().group_id(group_id).build()),
-        Source::Group(other) => builder.user_id_group_pairs(UserIdGroupPair::builder().group_id(other).build()),
+        Source::SelfGroup => {
+            builder.user_id_group_pairs(UserIdGroupPair::builder().group_id(group_id).build())
+        }
+        Source::Group(other) => {
+            builder.user_id_group_pairs(UserIdGroupPair::builder().group_id(other).build())
+        }
     }
     .build()
 }
@@ -861,7 +997,12 @@ impl Provider for Ec2Provider {
         Ok(observed)
     }
 
-    async fn create(&self, resource: &Resource, token: &str, state: &State) -> Result<Record, Ec2Error> {
+    async fn create(
+        &self,
+        resource: &Resource,
+        token: &str,
+        state: &State,
+    ) -> Result<Record, Ec2Error> {
         match resource.kind.as_str() {
             KEY_PAIR => self.create_key_pair(resource).await,
             SECURITY_GROUP => self.create_group(resource).await,
@@ -877,7 +1018,10 @@ impl Provider for Ec2Provider {
         let after = change.after.clone().unwrap_or_default();
         match change.kind.as_str() {
             SECURITY_GROUP => {
-                let wanted: Vec<IngressRule> = string_list(&after["ingress"]).iter().filter_map(|r| r.parse().ok()).collect();
+                let wanted: Vec<IngressRule> = string_list(&after["ingress"])
+                    .iter()
+                    .filter_map(|r| r.parse().ok())
+                    .collect();
                 self.sync_rules(&id, &wanted).await?;
             }
             INSTANCE => self.update_instance(change, &id).await?,
@@ -897,22 +1041,39 @@ impl Provider for Ec2Provider {
         let timeout = self.stack.timeouts.delete;
         match kind {
             INSTANCE => {
-                let result = self.client.terminate_instances().instance_ids(id).send().await;
+                let result = self
+                    .client
+                    .terminate_instances()
+                    .instance_ids(id)
+                    .send()
+                    .await;
                 match result {
                     Ok(_) => {}
-                    Err(err) if error_code(&err) == Some("InvalidInstanceID.NotFound") => return Ok(()),
+                    Err(err) if error_code(&err) == Some("InvalidInstanceID.NotFound") => {
+                        return Ok(())
+                    }
                     Err(err) => return Err(api("TerminateInstances", id)(err)),
                 }
-                self.wait_instance(id, &[InstanceStateName::Terminated], timeout, "delete").await?;
+                self.wait_instance(id, &[InstanceStateName::Terminated], timeout, "delete")
+                    .await?;
             }
             SECURITY_GROUP => {
                 let start = Instant::now();
                 loop {
-                    match self.client.delete_security_group().group_id(id).send().await {
+                    match self
+                        .client
+                        .delete_security_group()
+                        .group_id(id)
+                        .send()
+                        .await
+                    {
                         Ok(_) => break,
                         Err(err) if error_code(&err) == Some("InvalidGroup.NotFound") => break,
                         // Instances that used the group may still be shutting down.
-                        Err(err) if error_code(&err) == Some("DependencyViolation") && start.elapsed() < timeout => {
+                        Err(err)
+                            if error_code(&err) == Some("DependencyViolation")
+                                && start.elapsed() < timeout =>
+                        {
                             tokio::time::sleep(Duration::from_secs(2)).await;
                         }
                         Err(err) => return Err(api("DeleteSecurityGroup", id)(err)),
