@@ -195,6 +195,7 @@ pub async fn apply<P: Provider>(
                         pending_token: Some(token.clone()),
                     });
                     store.save(state)?;
+                    tracing::debug!(address = %change.address, %token, "recorded the create's token before calling the provider");
                     token
                 } else {
                     String::new()
@@ -213,19 +214,26 @@ pub async fn apply<P: Provider>(
             break;
         }
         let joined = tokio::select! {
-            joined = running.join_next() => joined,
-            _ = async { match sigint.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
-                reporter.line("interrupted: finishing the changes under way, starting no more");
-                interrupted = true;
-                continue;
-            }
-            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
-                reporter.line("terminated: finishing the changes under way, starting no more");
-                interrupted = true;
-                continue;
-            }
+            joined = running.join_next() => match joined {
+                Some(joined) => Some(joined),
+                None => break,
+            },
+            _ = async { match sigint.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => None,
+            _ = async { match sigterm.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => None,
         };
-        let Some(joined) = joined else { break };
+        let Some(joined) = joined else {
+            // A signal: the first lets the changes under way finish, a second
+            // stops at once (creates in flight have their tokens recorded).
+            if interrupted {
+                return Err(ApplyError::Interrupted {
+                    done: outcomes.len(),
+                    total,
+                });
+            }
+            reporter.line("interrupted: finishing the changes under way, starting no more (again to stop now)");
+            interrupted = true;
+            continue;
+        };
         let (i, elapsed, result) = match joined {
             Ok(done) => done,
             Err(err) => {

@@ -983,6 +983,7 @@ impl Provider for Ec2Provider {
         );
         let instances = instances?;
         let sizes = self.root_volume_sizes(&instances).await?;
+        tracing::info!(stack = %self.stack.name, instances = instances.len(), "refreshed from EC2");
         let our_group = resource_name(&self.stack.name);
         let mut observed = pairs?;
         observed.extend(groups?);
