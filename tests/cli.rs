@@ -212,8 +212,13 @@ impl Env {
     /// leaves loopback.
     fn command_at(&self, endpoint: &str, args: &[&str]) -> Command {
         let mut command = Command::new(STACK);
+        command.args(args);
+        self.isolate(&mut command, endpoint);
         command
-            .args(args)
+    }
+
+    fn isolate(&self, command: &mut Command, endpoint: &str) {
+        command
             .current_dir(self.path())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -229,7 +234,6 @@ impl Env {
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_ENDPOINT_URL_EC2", endpoint)
             .stdin(Stdio::null());
-        command
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -851,4 +855,114 @@ fn example_stacks_validate_and_unbuilt_providers_say_so() {
     assert_eq!(json["valid"], false);
     assert_eq!(json["diagnostics"][0]["line"], 8);
     assert_eq!(json["diagnostics"][0]["path"], "nodes[0].disk");
+}
+
+#[test]
+fn up_on_a_terminal_asks_and_only_yes_applies() {
+    let moto = Moto::start();
+    let env = Env::new("ask", 1, moto.url());
+    // `script` gives `stack` a terminal, as a person at a shell has.
+    let on_terminal = |answer: &str| {
+        let mut script = Command::new("script");
+        script.args(["-q", "-e", "-c", &format!("{STACK} up"), "/dev/null"]);
+        env.isolate(&mut script, &env.endpoint);
+        let mut child = script
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(answer.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let declined = on_terminal("no\n");
+    let shown = text(&declined.stdout);
+    assert!(
+        shown.contains("Apply this plan? Only `yes` is accepted"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("not applied: the answer was not `yes`"),
+        "{shown}"
+    );
+    assert_eq!(
+        tagged(&moto.url(), "ask"),
+        Tagged {
+            instances: vec![],
+            groups: 0,
+            key_pairs: 0
+        }
+    );
+    let accepted = on_terminal("yes\n");
+    assert!(
+        text(&accepted.stdout).contains("Applied: 4 created"),
+        "{}",
+        text(&accepted.stdout)
+    );
+    assert_eq!(tagged(&moto.url(), "ask").instances.len(), 2);
+    expect_code(&env.run(&["down", "--yes"]), 0);
+}
+
+#[test]
+fn sigint_lets_changes_under_way_finish_and_a_rerun_continues() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    proxy.rules.lock().unwrap().delay = Duration::from_millis(300);
+    let env = Env::new("sigint", 2, proxy.url());
+    let child = env
+        .command(&["up", "--yes"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = env.path().join(".stack/sigint.state.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Wait until the first resource is recorded, then interrupt.
+    while !std::fs::read_to_string(&state)
+        .unwrap_or_default()
+        .contains("\"id\": \"")
+    {
+        assert!(Instant::now() < deadline, "nothing was recorded");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let output = child.wait_with_output().unwrap();
+    expect_code(&output, 1);
+    let message = text(&output.stderr);
+    assert!(
+        message.contains("interrupted: finishing the changes under way"),
+        "{message}"
+    );
+    assert!(
+        message.contains("finished ones are recorded in state; run again to continue"),
+        "{message}"
+    );
+    let rerun = env
+        .command_at(&moto.url(), &["up", "--yes"])
+        .output()
+        .unwrap();
+    expect_code(&rerun, 0);
+    assert_eq!(
+        tagged(&moto.url(), "sigint"),
+        Tagged {
+            instances: three_nodes(),
+            groups: 1,
+            key_pairs: 1
+        }
+    );
+    expect_code(
+        &env.command_at(&moto.url(), &["down", "--yes"])
+            .output()
+            .unwrap(),
+        0,
+    );
 }
