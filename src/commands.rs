@@ -217,6 +217,23 @@ fn report(plan: &Plan, outcomes: &[Outcome], session: &Session, output: OutputFo
     }
 }
 
+async fn apply_plan(
+    session: &mut Session,
+    plan: &Plan,
+    args: &ApplyArgs,
+) -> anyhow::Result<Vec<Outcome>> {
+    let reporter = Reporter::new();
+    Ok(apply::apply(
+        session.provider.clone(),
+        plan,
+        &mut session.store,
+        &mut session.state,
+        usize::from(args.parallelism),
+        &reporter,
+    )
+    .await?)
+}
+
 pub async fn up(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
     let mut session = open(&args.file.file, true).await?;
     let plan = make_plan(&session, false).await?;
@@ -227,16 +244,7 @@ pub async fn up(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<ExitCo
         return Ok(ExitCode::SUCCESS);
     }
     confirm(args.yes, "Apply this plan?")?;
-    let reporter = Reporter::new();
-    let outcomes = apply::apply(
-        session.provider.clone(),
-        &plan,
-        &mut session.store,
-        &mut session.state,
-        usize::from(args.parallelism),
-        &reporter,
-    )
-    .await?;
+    let outcomes = apply_plan(&mut session, &plan, args).await?;
     report(&plan, &outcomes, &session, output);
     Ok(ExitCode::SUCCESS)
 }
@@ -248,16 +256,7 @@ pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<Exit
     if !plan.is_empty() {
         confirm(args.yes, "Destroy everything of this stack?")?;
     }
-    let reporter = Reporter::new();
-    let outcomes = apply::apply(
-        session.provider.clone(),
-        &plan,
-        &mut session.store,
-        &mut session.state,
-        usize::from(args.parallelism),
-        &reporter,
-    )
-    .await?;
+    let outcomes = apply_plan(&mut session, &plan, args).await?;
     let left = session
         .provider
         .leftovers()

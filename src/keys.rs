@@ -1,12 +1,12 @@
 //! The stack's SSH key: an ed25519 key pair generated once per stack and
 //! kept next to the state (private key mode 0600), never defaulted.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use ssh_key::{rand_core::OsRng, Algorithm, LineEnding, PrivateKey};
+
+use crate::files::write_private;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -61,15 +61,7 @@ pub fn ensure(dir: &Path, stack: &str) -> Result<StackKey, KeyError> {
             .to_openssh(LineEnding::LF)
             .map_err(|e| KeyError::Generate(e.to_string()))?;
         let tmp = private_path.with_extension("tmp");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("write", &tmp))?;
-        file.write_all(pem.as_bytes()).map_err(io("write", &tmp))?;
-        file.sync_all().map_err(io("sync", &tmp))?;
+        write_private(&tmp, pem.as_bytes()).map_err(io("write", &tmp))?;
         fs::rename(&tmp, &private_path).map_err(io("write", &private_path))?;
         key
     };

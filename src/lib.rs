@@ -9,6 +9,7 @@ pub mod apply;
 pub mod cli;
 pub mod commands;
 pub mod diag;
+pub mod files;
 pub mod keys;
 pub mod model;
 pub mod output;

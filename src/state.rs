@@ -266,19 +266,9 @@ impl StateStore for LocalStateStore {
         let mut tmp_name = self.path.clone().into_os_string();
         tmp_name.push(".tmp");
         let tmp = PathBuf::from(tmp_name);
-        let text = serde_json::to_string_pretty(state).expect("state serialises");
-        {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io("write", &tmp))?;
-            file.write_all(text.as_bytes()).map_err(io("write", &tmp))?;
-            file.write_all(b"\n").map_err(io("write", &tmp))?;
-            file.sync_all().map_err(io("sync", &tmp))?;
-        }
+        let mut text = serde_json::to_string_pretty(state).expect("state serialises");
+        text.push('\n');
+        crate::files::write_private(&tmp, text.as_bytes()).map_err(io("write", &tmp))?;
         if self.path.exists() {
             // Keep the previous copy: link it under a temporary name, then
             // rename over the backup, so every step leaves whole files.

@@ -236,6 +236,15 @@ impl Env {
             .stdin(Stdio::null());
     }
 
+    /// Starts `stack` in the background with its output captured.
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     fn run(&self, args: &[&str]) -> Output {
         self.command(args).output().unwrap()
     }
@@ -617,12 +626,7 @@ fn a_second_run_fails_fast_naming_the_lock_holder() {
     let proxy = Proxy::start(moto.port);
     proxy.rules.lock().unwrap().delay = Duration::from_millis(150);
     let env = Env::new("locked", 1, proxy.url());
-    let first = env
-        .command(&["up", "--yes"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let first = env.spawn(&["up", "--yes"]);
     let lock = env.path().join(".stack/locked.lock");
     let pid = first.id();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -914,12 +918,7 @@ fn sigint_lets_changes_under_way_finish_and_a_rerun_continues() {
     let proxy = Proxy::start(moto.port);
     proxy.rules.lock().unwrap().delay = Duration::from_millis(300);
     let env = Env::new("sigint", 2, proxy.url());
-    let child = env
-        .command(&["up", "--yes"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = env.spawn(&["up", "--yes"]);
     let state = env.path().join(".stack/sigint.state.json");
     let deadline = Instant::now() + Duration::from_secs(30);
     // Wait until the first resource is recorded, then interrupt.
