@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::apply::{self, Outcome};
 use crate::cli::{ApplyArgs, Cli, Command, FileArgs, OutputFormat, PlanArgs};
 use crate::keys;
-use crate::model::{self, LoadError, Provider as ProviderSettings, Stack};
+use crate::model::{self, Ec2Settings, LoadError, Provider as ProviderSettings, Stack};
 use crate::output::Reporter;
 use crate::plan::{self, Plan};
 use crate::provider::ec2::Ec2Provider;
@@ -87,19 +87,28 @@ struct Session {
     provider: Arc<Ec2Provider>,
 }
 
-fn check_provider(stack: &Stack) -> anyhow::Result<()> {
-    if let Some(kvm) = stack.unbuilt.iter().find(|u| u.path == "provider.kvm") {
-        return Err(CommandError::ProviderNotBuilt {
-            provider: "kvm",
-            location: kvm.location.clone(),
+/// The EC2 settings, or an error naming the provider that is not built yet.
+fn ec2_settings(stack: &Stack) -> anyhow::Result<&Ec2Settings> {
+    match &stack.provider {
+        ProviderSettings::Ec2(settings) => Ok(settings),
+        ProviderSettings::Kvm(_) => {
+            let location = stack
+                .unbuilt
+                .iter()
+                .find(|u| u.path == "provider.kvm")
+                .map(|u| u.location.clone())
+                .unwrap_or_default();
+            Err(CommandError::ProviderNotBuilt {
+                provider: "kvm",
+                location,
+            }
+            .into())
         }
-        .into());
     }
-    Ok(())
 }
 
+/// Stops when the stack uses a section whose behaviour is not built yet.
 fn check_built(stack: &Stack) -> anyhow::Result<()> {
-    check_provider(stack)?;
     if stack.unbuilt.is_empty() {
         return Ok(());
     }
@@ -116,19 +125,15 @@ fn check_built(stack: &Stack) -> anyhow::Result<()> {
 
 async fn open(file: &Path, require_built: bool) -> anyhow::Result<Session> {
     let stack = model::load(file)?;
+    let settings = ec2_settings(&stack)?.clone();
     if require_built {
         check_built(&stack)?;
-    } else {
-        check_provider(&stack)?;
     }
     let dir = stack.state_dir();
     let store = LocalStateStore::open(&dir, &stack.name, stack.provider_name())?;
     let state = store.load()?;
     let key = keys::ensure(&dir, &stack.name)?;
-    let ProviderSettings::Ec2(_) = &stack.provider else {
-        unreachable!("check_provider refused other providers")
-    };
-    let provider = Ec2Provider::connect(&stack, &key.public_openssh)
+    let provider = Ec2Provider::connect(&stack, &settings, &key.public_openssh)
         .await
         .with_context(|| format!("cannot reach EC2 for stack {}", stack.name))?;
     Ok(Session {
@@ -279,17 +284,14 @@ pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<Exit
 
 pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
     let stack = model::load(&args.file)?;
-    check_provider(&stack)?;
+    let settings = ec2_settings(&stack)?;
     let dir = stack.state_dir();
     let state_path = state::state_path(&dir, &stack.name);
     let recorded = state::read(&state_path, &stack.name)?;
     let key_path = keys::private_key_path(&dir, &stack.name);
-    let ProviderSettings::Ec2(settings) = &stack.provider else {
-        unreachable!("check_provider refused other providers")
-    };
     let public_key =
         std::fs::read_to_string(format!("{}.pub", key_path.display())).unwrap_or_default();
-    let provider = Ec2Provider::connect(&stack, public_key.trim())
+    let provider = Ec2Provider::connect(&stack, settings, public_key.trim())
         .await
         .with_context(|| format!("cannot reach EC2 for stack {}", stack.name))?;
     let nodes = provider.nodes().await.context("cannot read the nodes")?;

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 
 use self::desired::*;
 use super::{NodeStatus, Provider};
-use crate::model::{Ec2Settings, Provider as ProviderSettings, Stack};
+use crate::model::{Ec2Settings, Stack};
 use crate::plan::{Change, Observed, Resource};
 use crate::state::{Record, State};
 use crate::templates::TemplateError;
@@ -140,10 +140,11 @@ pub struct Ec2Provider {
 impl Ec2Provider {
     /// Builds the client from the standard chain (plus the stack's region,
     /// profile and endpoint) and checks that credentials are there.
-    pub async fn connect(stack: &Stack, public_key: &str) -> Result<Self, Ec2Error> {
-        let ProviderSettings::Ec2(settings) = &stack.provider else {
-            unreachable!("the ec2 provider is only built for ec2 stacks")
-        };
+    pub async fn connect(
+        stack: &Stack,
+        settings: &Ec2Settings,
+        public_key: &str,
+    ) -> Result<Self, Ec2Error> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(profile) = &settings.profile {
             loader = loader.profile_name(profile);
