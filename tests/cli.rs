@@ -929,8 +929,9 @@ fn sigint_lets_changes_under_way_finish_and_a_rerun_continues() {
         assert!(Instant::now() < deadline, "nothing was recorded");
         thread::sleep(Duration::from_millis(10));
     }
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    // The shell's own `kill`: no procps needed.
+    let kill = Command::new("sh")
+        .args(["-c", &format!("kill -INT {}", child.id())])
         .status()
         .unwrap();
     assert!(kill.success());
