@@ -298,3 +298,250 @@ pub async fn apply<P: Provider>(
     }
     Ok(outcomes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{plan as make_plan, Observed};
+    use crate::provider::NodeStatus;
+    use crate::state::LocalStateStore;
+    use serde_json::json;
+    use std::sync::Mutex;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("scripted failure of {0}")]
+    struct ScriptedError(String);
+
+    /// A test double of a provider: every call takes a little time and is
+    /// logged, and one address can be made to fail. No cloud is involved.
+    struct ScriptedProvider {
+        log: Mutex<Vec<(String, &'static str)>>,
+        fail: Option<String>,
+    }
+
+    impl ScriptedProvider {
+        async fn call(&self, address: &str) -> Result<(), ScriptedError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push((address.to_string(), "start"));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.log.lock().unwrap().push((address.to_string(), "end"));
+            match &self.fail {
+                Some(fail) if fail == address => Err(ScriptedError(address.to_string())),
+                _ => Ok(()),
+            }
+        }
+
+        fn position(&self, address: &str, event: &str) -> usize {
+            let log = self.log.lock().unwrap();
+            log.iter()
+                .position(|(a, e)| a == address && *e == event)
+                .unwrap_or_else(|| panic!("no {event} of {address}"))
+        }
+
+        fn max_concurrent(&self) -> usize {
+            let mut now = 0usize;
+            let mut max = 0;
+            for (_, event) in self.log.lock().unwrap().iter() {
+                if *event == "start" {
+                    now += 1;
+                    max = max.max(now);
+                } else {
+                    now -= 1;
+                }
+            }
+            max
+        }
+    }
+
+    impl Provider for ScriptedProvider {
+        type Error = ScriptedError;
+
+        fn desired(&self) -> Vec<Resource> {
+            Vec::new()
+        }
+
+        fn dependencies(&self, kind: &str) -> &'static [&'static str] {
+            if kind == "instance" {
+                &["key_pair", "security_group"]
+            } else {
+                &[]
+            }
+        }
+
+        async fn refresh(&self, _state: &State) -> Result<Vec<Observed>, ScriptedError> {
+            Ok(Vec::new())
+        }
+
+        async fn create(
+            &self,
+            resource: &Resource,
+            _token: &str,
+            _state: &State,
+        ) -> Result<Record, ScriptedError> {
+            self.call(&resource.address).await?;
+            Ok(Record {
+                address: resource.address.clone(),
+                kind: resource.kind.clone(),
+                id: Some(format!("id-{}", resource.address)),
+                attrs: resource.attrs.clone(),
+                pending_token: None,
+            })
+        }
+
+        async fn update(&self, change: &Change, _state: &State) -> Result<Record, ScriptedError> {
+            self.call(&change.address).await?;
+            Ok(Record {
+                address: change.address.clone(),
+                kind: change.kind.clone(),
+                id: change.id.clone(),
+                attrs: change.after.clone().unwrap_or_default(),
+                pending_token: None,
+            })
+        }
+
+        async fn delete(&self, _kind: &str, id: &str) -> Result<(), ScriptedError> {
+            self.call(id.trim_start_matches("id-")).await
+        }
+
+        async fn leftovers(&self) -> Result<Vec<String>, ScriptedError> {
+            Ok(Vec::new())
+        }
+
+        async fn nodes(&self) -> Result<Vec<NodeStatus>, ScriptedError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn resources() -> Vec<Resource> {
+        let mut out = vec![
+            Resource {
+                address: "kp".into(),
+                kind: "key_pair".into(),
+                attrs: json!({"n": 1}),
+                replace_on: &[],
+            },
+            Resource {
+                address: "sg".into(),
+                kind: "security_group".into(),
+                attrs: json!({"n": 1}),
+                replace_on: &[],
+            },
+        ];
+        for i in 0..6 {
+            out.push(Resource {
+                address: format!("vm{i}"),
+                kind: "instance".into(),
+                attrs: json!({"n": 1}),
+                replace_on: &[],
+            });
+        }
+        out
+    }
+
+    fn provider(fail: Option<&str>) -> Arc<ScriptedProvider> {
+        Arc::new(ScriptedProvider {
+            log: Mutex::new(Vec::new()),
+            fail: fail.map(str::to_string),
+        })
+    }
+
+    #[tokio::test]
+    async fn creates_wait_for_dependencies_deletes_go_in_reverse_and_parallelism_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LocalStateStore::open(dir.path(), "demo", "test").unwrap();
+        let mut state = State::new("demo", "test");
+        let up = provider(None);
+        let plan = make_plan("demo", "test", &resources(), &state, &[]);
+        let outcomes = apply(
+            up.clone(),
+            &plan,
+            &mut store,
+            &mut state,
+            3,
+            &Reporter::Plain,
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcomes.len(), 8);
+        for vm in (0..6).map(|i| format!("vm{i}")) {
+            assert!(up.position(&vm, "start") > up.position("kp", "end"));
+            assert!(up.position(&vm, "start") > up.position("sg", "end"));
+        }
+        assert_eq!(up.max_concurrent(), 3);
+        assert_eq!(
+            store.load().unwrap().resources.len(),
+            8,
+            "every finished change is recorded"
+        );
+
+        let live: Vec<Observed> = state
+            .resources
+            .iter()
+            .map(|r| Observed {
+                address: r.address.clone(),
+                kind: r.kind.clone(),
+                id: r.id.clone().unwrap(),
+                attrs: r.attrs.clone(),
+            })
+            .collect();
+        let down = provider(None);
+        let destroy = crate::plan::destroy("demo", "test", &state, &live);
+        apply(
+            down.clone(),
+            &destroy,
+            &mut store,
+            &mut state,
+            10,
+            &Reporter::Plain,
+        )
+        .await
+        .unwrap();
+        for vm in (0..6).map(|i| format!("vm{i}")) {
+            assert!(down.position("kp", "start") > down.position(&vm, "end"));
+            assert!(down.position("sg", "start") > down.position(&vm, "end"));
+        }
+        assert!(store.load().unwrap().resources.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failure_starts_nothing_new_and_keeps_what_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LocalStateStore::open(dir.path(), "demo", "test").unwrap();
+        let mut state = State::new("demo", "test");
+        let failing = provider(Some("sg"));
+        let plan = make_plan("demo", "test", &resources(), &state, &[]);
+        let err = apply(
+            failing.clone(),
+            &plan,
+            &mut store,
+            &mut state,
+            10,
+            &Reporter::Plain,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("1 of 8 changes failed"), "{err}");
+        assert!(
+            err.to_string().contains("+ sg: scripted failure of sg"),
+            "{err}"
+        );
+        assert!(
+            failing
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|(a, _)| !a.starts_with("vm")),
+            "no instance may start"
+        );
+        let saved = store.load().unwrap();
+        assert_eq!(saved.get("kp").and_then(|r| r.id.as_deref()), Some("id-kp"));
+        let sg = saved.get("sg").unwrap();
+        assert!(
+            sg.id.is_none() && sg.pending_token.is_some(),
+            "the failed create keeps its token for the re-run"
+        );
+    }
+}
