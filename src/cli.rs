@@ -39,6 +39,25 @@ pub enum Command {
     Down(ApplyArgs),
     /// Show the nodes, their addresses and where the key and state files are.
     Status(FileArgs),
+    /// Open a shell on a KVM node (or run a command) with its pinned host key.
+    Ssh(SshArgs),
+    /// Run the frame switch of a stack's private network (started by `up`).
+    #[command(name = "__switch", hide = true)]
+    Switch { socket: PathBuf },
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// The stack file.
+    #[arg(long, short = 'f', default_value = "stack.yaml")]
+    pub file: PathBuf,
+
+    /// The node: `control-0`, its hostname, or its address `kvm.vm.control[0]`.
+    pub node: String,
+
+    /// A command to run instead of a shell.
+    #[arg(last = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

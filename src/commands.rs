@@ -9,13 +9,14 @@ use anyhow::Context;
 use serde_json::json;
 
 use crate::apply::{self, Outcome};
-use crate::cli::{ApplyArgs, Cli, Command, FileArgs, OutputFormat, PlanArgs};
+use crate::cli::{ApplyArgs, Cli, Command, FileArgs, OutputFormat, PlanArgs, SshArgs};
 use crate::keys;
-use crate::model::{self, Ec2Settings, LoadError, Provider as ProviderSettings, Stack};
+use crate::model::{self, LoadError, Provider as ProviderSettings, Stack};
 use crate::output::Reporter;
 use crate::plan::{self, Plan};
 use crate::provider::ec2::Ec2Provider;
-use crate::provider::Provider;
+use crate::provider::kvm::KvmProvider;
+use crate::provider::{NodeStatus, Provider};
 use crate::state::{self, LocalStateStore, State, StateStore};
 
 /// Exit code of `plan --detailed-exitcode` when there is something to do.
@@ -28,14 +29,13 @@ pub enum CommandError {
         file: PathBuf,
         sections: Vec<String>,
     },
-    #[error("the {provider} provider is not built in this version of stack ({location})")]
-    ProviderNotBuilt {
-        provider: &'static str,
-        location: String,
-    },
+    #[error("`stack ssh` is for kvm stacks; for ec2 nodes use ssh -i {key} with the address `stack status` shows")]
+    SshNotKvm { key: String },
+    #[error("no node `{node}` with a recorded SSH port in stack {stack} (run `stack up`; `stack status` lists the nodes)")]
+    NoSuchNode { node: String, stack: String },
     #[error("not applied: the answer was not `yes`")]
     Declined,
-    #[error("down finished but these are still tagged stack={stack}:\n{}", left.join("\n"))]
+    #[error("down finished but these of stack {stack} are still there:\n{}", left.join("\n"))]
     Leftovers { stack: String, left: Vec<String> },
 }
 
@@ -47,6 +47,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up(&args, output).await,
         Command::Down(args) => down(&args, output).await,
         Command::Status(args) => status(&args, output).await,
+        Command::Ssh(args) => ssh(&args).await,
+        Command::Switch { socket } => {
+            crate::provider::kvm::switch::serve(&socket)
+                .await
+                .with_context(|| format!("the switch on {} stopped", socket.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -78,33 +85,64 @@ pub fn validate(args: &FileArgs, output: OutputFormat) -> anyhow::Result<ExitCod
     }
 }
 
+/// The provider of a stack, whichever backend it is.
+enum Backend {
+    Ec2(Arc<Ec2Provider>),
+    Kvm(Arc<KvmProvider>),
+}
+
+/// Runs `$body` with `$provider` bound to the backend's provider.
+macro_rules! with_provider {
+    ($backend:expr, $provider:ident => $body:expr) => {
+        match $backend {
+            Backend::Ec2($provider) => $body,
+            Backend::Kvm($provider) => $body,
+        }
+    };
+}
+
+impl Backend {
+    /// Builds the provider; for EC2 this finds credentials and region.
+    async fn connect(stack: &Stack, key: &keys::StackKey) -> anyhow::Result<Backend> {
+        Ok(match &stack.provider {
+            ProviderSettings::Ec2(settings) => Backend::Ec2(Arc::new(
+                Ec2Provider::connect(stack, settings, &key.public_openssh)
+                    .await
+                    .with_context(|| format!("cannot reach EC2 for stack {}", stack.name))?,
+            )),
+            ProviderSettings::Kvm(settings) => Backend::Kvm(Arc::new(KvmProvider::new(
+                stack,
+                settings,
+                &key.private_path,
+                &key.public_openssh,
+            ))),
+        })
+    }
+
+    async fn refresh(&self, state: &State) -> anyhow::Result<Vec<plan::Observed>> {
+        with_provider!(self, p => Ok(p.refresh(state).await?))
+    }
+
+    fn desired(&self) -> Vec<plan::Resource> {
+        with_provider!(self, p => p.desired())
+    }
+
+    async fn leftovers(&self) -> anyhow::Result<Vec<String>> {
+        with_provider!(self, p => Ok(p.leftovers().await?))
+    }
+
+    async fn nodes(&self) -> anyhow::Result<Vec<NodeStatus>> {
+        with_provider!(self, p => Ok(p.nodes().await?))
+    }
+}
+
 /// Everything a command that touches the world holds: the stack, the
 /// locked state store, the state and the provider.
 struct Session {
     stack: Stack,
     store: LocalStateStore,
     state: State,
-    provider: Arc<Ec2Provider>,
-}
-
-/// The EC2 settings, or an error naming the provider that is not built yet.
-fn ec2_settings(stack: &Stack) -> anyhow::Result<&Ec2Settings> {
-    match &stack.provider {
-        ProviderSettings::Ec2(settings) => Ok(settings),
-        ProviderSettings::Kvm(_) => {
-            let location = stack
-                .unbuilt
-                .iter()
-                .find(|u| u.path == "provider.kvm")
-                .map(|u| u.location.clone())
-                .unwrap_or_default();
-            Err(CommandError::ProviderNotBuilt {
-                provider: "kvm",
-                location,
-            }
-            .into())
-        }
-    }
+    backend: Backend,
 }
 
 /// Stops when the stack uses a section whose behaviour is not built yet.
@@ -125,7 +163,6 @@ fn check_built(stack: &Stack) -> anyhow::Result<()> {
 
 async fn open(file: &Path, require_built: bool) -> anyhow::Result<Session> {
     let stack = model::load(file)?;
-    let settings = ec2_settings(&stack)?.clone();
     if require_built {
         check_built(&stack)?;
     }
@@ -133,20 +170,18 @@ async fn open(file: &Path, require_built: bool) -> anyhow::Result<Session> {
     let store = LocalStateStore::open(&dir, &stack.name, stack.provider_name())?;
     let state = store.load()?;
     let key = keys::ensure(&dir, &stack.name)?;
-    let provider = Ec2Provider::connect(&stack, &settings, &key.public_openssh)
-        .await
-        .with_context(|| format!("cannot reach EC2 for stack {}", stack.name))?;
+    let backend = Backend::connect(&stack, &key).await?;
     Ok(Session {
         stack,
         store,
         state,
-        provider: Arc::new(provider),
+        backend,
     })
 }
 
 async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Plan> {
     let observed = session
-        .provider
+        .backend
         .refresh(&session.state)
         .await
         .with_context(|| format!("cannot refresh stack {}", session.stack.name))?;
@@ -158,7 +193,7 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Plan> {
         plan::plan(
             name,
             provider,
-            &session.provider.desired(),
+            &session.backend.desired(),
             &session.state,
             &observed,
         )
@@ -228,15 +263,9 @@ async fn apply_plan(
     args: &ApplyArgs,
 ) -> anyhow::Result<Vec<Outcome>> {
     let reporter = Reporter::new();
-    Ok(apply::apply(
-        session.provider.clone(),
-        plan,
-        &mut session.store,
-        &mut session.state,
-        usize::from(args.parallelism),
-        &reporter,
-    )
-    .await?)
+    let parallelism = usize::from(args.parallelism);
+    let (store, state) = (&mut session.store, &mut session.state);
+    with_provider!(&session.backend, p => Ok(apply::apply(p.clone(), plan, store, state, parallelism, &reporter).await?))
 }
 
 pub async fn up(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
@@ -263,7 +292,7 @@ pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<Exit
     }
     let outcomes = apply_plan(&mut session, &plan, args).await?;
     let left = session
-        .provider
+        .backend
         .leftovers()
         .await
         .context("cannot check what is left")?;
@@ -277,24 +306,35 @@ pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<Exit
     keys::remove(&session.stack.state_dir(), &session.stack.name)?;
     report(&plan, &outcomes, &session, output);
     if output == OutputFormat::Text {
-        println!("Nothing tagged stack={} is left.", session.stack.name);
+        match session.backend {
+            Backend::Ec2(_) => println!("Nothing tagged stack={} is left.", session.stack.name),
+            Backend::Kvm(_) => println!(
+                "Nothing of stack {} is left: no VM, switch, socket, disk or seed.",
+                session.stack.name
+            ),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
     let stack = model::load(&args.file)?;
-    let settings = ec2_settings(&stack)?;
     let dir = stack.state_dir();
     let state_path = state::state_path(&dir, &stack.name);
     let recorded = state::read(&state_path, &stack.name)?;
     let key_path = keys::private_key_path(&dir, &stack.name);
     let public_key =
         std::fs::read_to_string(format!("{}.pub", key_path.display())).unwrap_or_default();
-    let provider = Ec2Provider::connect(&stack, settings, public_key.trim())
-        .await
-        .with_context(|| format!("cannot reach EC2 for stack {}", stack.name))?;
-    let nodes = provider.nodes().await.context("cannot read the nodes")?;
+    let key = keys::StackKey {
+        private_path: key_path.clone(),
+        public_openssh: public_key.trim().to_string(),
+    };
+    let backend = Backend::connect(&stack, &key).await?;
+    let nodes = backend.nodes().await.context("cannot read the nodes")?;
+    let ssh_user = match &stack.provider {
+        ProviderSettings::Ec2(settings) => settings.ssh_user.clone(),
+        ProviderSettings::Kvm(settings) => settings.ssh_user.clone(),
+    };
     let key_exists = key_path.exists();
     match output {
         OutputFormat::Json => print_json(&json!({
@@ -304,7 +344,7 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
             "stateSerial": recorded.as_ref().map(|s| s.serial),
             "recordedResources": recorded.as_ref().map_or(0, |s| s.resources.len()),
             "sshKey": key_exists.then_some(&key_path),
-            "sshUser": settings.ssh_user,
+            "sshUser": ssh_user,
             "nodes": nodes,
         })),
         OutputFormat::Text => {
@@ -322,11 +362,7 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
                 ),
             }
             if key_exists {
-                println!(
-                    "ssh key: {} (user {})",
-                    key_path.display(),
-                    settings.ssh_user
-                );
+                println!("ssh key: {} (user {})", key_path.display(), ssh_user);
             } else {
                 println!("ssh key: none yet");
             }
@@ -352,4 +388,53 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Opens a shell (or runs a command) on a KVM node with OpenSSH, trusting
+/// only the node's pinned host key.
+pub async fn ssh(args: &SshArgs) -> anyhow::Result<ExitCode> {
+    let stack = model::load(&args.file)?;
+    let dir = stack.state_dir();
+    let key_path = keys::private_key_path(&dir, &stack.name);
+    let ProviderSettings::Kvm(settings) = &stack.provider else {
+        return Err(CommandError::SshNotKvm {
+            key: key_path.display().to_string(),
+        }
+        .into());
+    };
+    let provider = KvmProvider::new(&stack, settings, &key_path, "");
+    let (port, user, host_key, vm_dir) =
+        provider
+            .ssh_target(&args.node)
+            .ok_or_else(|| CommandError::NoSuchNode {
+                node: args.node.clone(),
+                stack: stack.name.clone(),
+            })?;
+    let known_hosts = vm_dir.join("known_hosts");
+    std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_key}\n"))
+        .with_context(|| format!("cannot write {}", known_hosts.display()))?;
+    let status = std::process::Command::new("ssh")
+        .args([
+            "-i",
+            &key_path.display().to_string(),
+            "-p",
+            &port.to_string(),
+        ])
+        .args([
+            "-o",
+            &format!("UserKnownHostsFile={}", known_hosts.display()),
+        ])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .arg(format!("{user}@127.0.0.1"))
+        .args(&args.command)
+        .status()
+        .context("cannot run ssh (install OpenSSH's client)")?;
+    Ok(ExitCode::from(status.code().unwrap_or(255) as u8))
 }

@@ -20,9 +20,12 @@ pub struct Ec2UserData<'a> {
     pub stack: &'a str,
     pub hostname: &'a str,
     pub public_key: &'a str,
+    /// Each command as a YAML (JSON) string literal.
+    pub runcmd: Vec<String>,
 }
 
 const EC2_USER_DATA: &str = "ec2-user-data";
+const KVM_USER_DATA: &str = "kvm-user-data";
 
 fn registry() -> Handlebars<'static> {
     let mut registry = Handlebars::new();
@@ -35,6 +38,23 @@ fn registry() -> Handlebars<'static> {
         )
         .expect("built-in template compiles");
     registry
+        .register_template_string(
+            KVM_USER_DATA,
+            include_str!("../cloud-init/kvm-user-data.yaml.hbs"),
+        )
+        .expect("built-in template compiles");
+    registry
+}
+
+pub fn kvm_user_data(
+    args: &crate::provider::kvm::seed::KvmUserData,
+) -> Result<String, TemplateError> {
+    registry()
+        .render(KVM_USER_DATA, args)
+        .map_err(|source| TemplateError::Render {
+            name: KVM_USER_DATA,
+            source: Box::new(source),
+        })
 }
 
 pub fn ec2_user_data(args: &Ec2UserData) -> Result<String, TemplateError> {
@@ -56,6 +76,7 @@ mod tests {
             stack: "demo",
             hostname: "demo-control-0",
             public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDlcRDUzHuYNBQ2XzLkqM1twyC5Bj1MZ4bc0PiTjxFau stack-demo",
+            runcmd: Vec::new(),
         })
         .unwrap();
         insta::assert_snapshot!(rendered);

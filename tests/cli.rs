@@ -820,7 +820,7 @@ fn broken_stack_files_give_the_expected_errors() {
 }
 
 #[test]
-fn example_stacks_validate_and_unbuilt_providers_say_so() {
+fn example_stacks_validate_and_diagnostics_come_as_json() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     for name in ["aws.yaml", "local.yaml", "reference.yaml"] {
         let output = Command::new(STACK)
@@ -830,20 +830,6 @@ fn example_stacks_validate_and_unbuilt_providers_say_so() {
             .unwrap();
         expect_code(&output, 0);
     }
-    let output = Command::new(STACK)
-        .args(["plan", "stacks/local.yaml"])
-        .current_dir(&root)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .output()
-        .unwrap();
-    expect_code(&output, 1);
-    assert!(
-        text(&output.stderr).contains(
-            "the kvm provider is not built in this version of stack (stacks/local.yaml:6:1)"
-        ),
-        "{}",
-        text(&output.stderr)
-    );
     let json = Command::new(STACK)
         .args([
             "validate",
@@ -965,4 +951,248 @@ fn sigint_lets_changes_under_way_finish_and_a_rerun_continues() {
             .unwrap(),
         0,
     );
+}
+
+/// The Debian test image (kernel, initrd, root file system), built once by
+/// `tests/image/build` and cached outside the checkout.
+fn test_image() -> PathBuf {
+    static IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/image/build");
+            let output = Command::new(&script).output().unwrap();
+            assert!(
+                output.status.success(),
+                "building the test image failed:\n{}",
+                text(&output.stderr)
+            );
+            PathBuf::from(text(&output.stdout).trim())
+        })
+        .clone()
+}
+
+/// The root file system line of a KVM stack: a local path, or a URL with its sha256.
+enum RootFs {
+    Local,
+    Url(String, String),
+}
+
+fn kvm_yaml(name: &str, count: u32, runcmd: &str, rootfs: &RootFs) -> String {
+    let image = test_image();
+    let rootfs = match rootfs {
+        RootFs::Local => format!("path: {}", image.join("rootfs.qcow2").display()),
+        RootFs::Url(url, sha256) => format!("url: {url}\n      sha256: {sha256}"),
+    };
+    format!(
+        "version: 1\nname: {name}\nprovider:\n  kvm:\n    accel: tcg\nnetwork:\n  cidr: 10.42.0.0/24\nnodes:\n  - name: node\n    count: {count}\n    cpus: 1\n    memory: 768MiB\n    disk: 8GiB\n    image:\n      {rootfs}\n      kernel: {}\n      initrd: {}\n{runcmd}timeouts:\n  ready: 8m\n",
+        image.join("vmlinuz").display(),
+        image.join("initrd.img").display(),
+    )
+}
+
+fn kvm_env(name: &str, count: u32, runcmd: &str, rootfs: &RootFs) -> Env {
+    let env = Env::new(name, 1, "http://127.0.0.1:9".to_string());
+    std::fs::write(
+        env.path().join("stack.yaml"),
+        kvm_yaml(name, count, runcmd, rootfs),
+    )
+    .unwrap();
+    env
+}
+
+/// Serves one file over HTTP on loopback. The first answer breaks off
+/// halfway; `Range: bytes=N-` requests get the rest (206), as a resume.
+struct FileServer {
+    port: u16,
+    /// The `Range` start of each request (`None` for a whole-file request).
+    ranges: Arc<Mutex<Vec<Option<usize>>>>,
+}
+
+impl FileServer {
+    fn start(path: &Path) -> FileServer {
+        let data = Arc::new(std::fs::read(path).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let seen = ranges.clone();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let Some(request) = read_request(&mut client) else {
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&request).to_lowercase();
+                let start = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("range: bytes="))
+                    .and_then(|r| r.trim().trim_end_matches('-').parse::<usize>().ok());
+                let first = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(start);
+                    seen.len() == 1
+                };
+                let len = data.len();
+                let (head, body) = match start {
+                    Some(from) => (
+                        format!("HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {from}-{}/{len}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", len - 1, len - from),
+                        &data[from..],
+                    ),
+                    None if first => (format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"), &data[..len / 2]),
+                    None => (format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"), &data[..]),
+                };
+                let _ = client.write_all(head.as_bytes());
+                let _ = client.write_all(body);
+                let _ = client.shutdown(Shutdown::Both);
+            }
+        });
+        FileServer { port, ranges }
+    }
+}
+
+fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(std::fs::read(path).unwrap());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// QEMU and switch processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) && !cmdline.contains("cargo") {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+fn vm_dir(env: &Env, stack: &str, node: u32) -> PathBuf {
+    env.path()
+        .join(format!(".stack/{stack}/vms/{stack}-node-{node}"))
+}
+
+fn kill_vm(env: &Env, stack: &str, node: u32) {
+    let pid = std::fs::read_to_string(vm_dir(env, stack, node).join("qemu.pid")).unwrap();
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill -9 {}", pid.trim())])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    thread::sleep(Duration::from_millis(300));
+}
+
+fn reaches(env: &Env, from: u32, to_address: &str) -> bool {
+    let probe = format!("timeout 5 bash -c '</dev/tcp/{to_address}/22'");
+    env.run(&["ssh", &format!("node-{from}"), "--", &probe])
+        .status
+        .success()
+}
+
+#[test]
+fn kvm_two_nodes_boot_reach_each_other_recover_and_leave_nothing() {
+    let rootfs = test_image().join("rootfs.qcow2");
+    let server = FileServer::start(&rootfs);
+    let url = format!("http://127.0.0.1:{}/rootfs.qcow2", server.port);
+    let env = kvm_env("kvm2", 2, "", &RootFs::Url(url, sha256_file(&rootfs)));
+    let up = env.run(&["up", "--yes"]);
+    expect_code(&up, 0);
+    // The first download broke off halfway and was resumed, once for both VMs.
+    let size = std::fs::metadata(&rootfs).unwrap().len() as usize;
+    assert_eq!(*server.ranges.lock().unwrap(), vec![None, Some(size / 2)]);
+    let cached: Vec<_> = std::fs::read_dir(env.path().join(".cache/stack/images"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".img"))
+        .collect();
+    assert_eq!(cached.len(), 1, "one cached copy for both VMs: {cached:?}");
+    assert!(
+        text(&up.stdout).contains("Plan: 3 to create"),
+        "{}",
+        text(&up.stdout)
+    );
+    for node in 0..2 {
+        assert!(vm_dir(&env, "kvm2", node).join("disk.qcow2").exists());
+    }
+    assert!(
+        reaches(&env, 0, "10.42.0.11"),
+        "node-0 cannot reach node-1 over the private network"
+    );
+    assert!(
+        reaches(&env, 1, "10.42.0.10"),
+        "node-1 cannot reach node-0 over the private network"
+    );
+    expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+
+    kill_vm(&env, "kvm2", 1);
+    let plan = env.run(&["plan", "--detailed-exitcode"]);
+    expect_code(&plan, 2);
+    let shown = text(&plan.stdout);
+    assert!(
+        shown.contains("~   kvm.vm.node[1]") && shown.contains("state: \"stopped\" → \"running\""),
+        "{shown}"
+    );
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+    assert!(
+        reaches(&env, 0, "10.42.0.11"),
+        "node-1 did not come back on the private network"
+    );
+
+    // Pin another host key than the one node-0 was given: stack must refuse it.
+    let meta_path = vm_dir(&env, "kvm2", 0).join("vm.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    let other_key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDlcRDUzHuYNBQ2XzLkqM1twyC5Bj1MZ4bc0PiTjxFau other";
+    meta["hostKey"] = serde_json::json!(other_key);
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    kill_vm(&env, "kvm2", 0);
+    let refused = env.run(&["up", "--yes"]);
+    expect_code(&refused, 1);
+    let message = text(&refused.stderr);
+    assert!(
+        message.contains("kvm2-node-0 presented host key ssh-ed25519"),
+        "{message}"
+    );
+    assert!(message.contains("refusing to connect"), "{message}");
+
+    let down = env.run(&["down", "--yes"]);
+    expect_code(&down, 0);
+    assert!(
+        text(&down.stdout).contains("Nothing of stack kvm2 is left"),
+        "{}",
+        text(&down.stdout)
+    );
+    let run_dir = env.path().join(".stack/kvm2");
+    assert!(!run_dir.exists(), "{} is still there", run_dir.display());
+    assert_eq!(
+        processes_mentioning(&run_dir.display().to_string()),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn kvm_cloud_init_failure_names_the_module_and_shows_the_console() {
+    let env = kvm_env(
+        "kvmfail",
+        1,
+        "    runcmd:\n      - exit 3\n",
+        &RootFs::Local,
+    );
+    let up = env.run(&["up", "--yes"]);
+    expect_code(&up, 1);
+    let message = text(&up.stderr);
+    assert!(
+        message.contains("kvmfail-node-0: cloud-init failed in"),
+        "{message}"
+    );
+    assert!(message.contains("scripts_user"), "{message}");
+    assert!(message.contains("last console lines:\n  | "), "{message}");
+    expect_code(&env.run(&["down", "--yes"]), 0);
+    assert!(!env.path().join(".stack/kvmfail").exists());
 }

@@ -548,6 +548,7 @@ impl Decoder<'_> {
                 "cpus",
                 "memory",
                 "image",
+                "runcmd",
             ],
         )?;
         let name = self
@@ -568,6 +569,7 @@ impl Decoder<'_> {
         let cpus = self.opt(&f, path, "cpus", |d, n, p| d.integer(n, p, 1, 64));
         let memory = self.opt(&f, path, "memory", Self::size);
         let image = self.opt(&f, path, "image", Self::base_image);
+        let runcmd = self.opt(&f, path, "runcmd", |d, n, p| d.list(n, p, Self::string));
         let group = NodeGroupFile {
             pos: node.pos,
             name: name?,
@@ -580,12 +582,32 @@ impl Decoder<'_> {
             cpus,
             memory,
             image,
+            runcmd,
         };
         Some(group)
     }
 
     fn base_image(&mut self, node: &Node, path: &str) -> Option<Spanned<BaseImage>> {
-        let f = self.mapping(node, path, &["url", "sha256", "path"])?;
+        let f = self.mapping(node, path, &["url", "sha256", "path", "kernel", "initrd"])?;
+        let boot_file = |d: &mut Self, key: &str| -> Option<PathBuf> {
+            let node = f.get(key)?;
+            d.string(node, &join(path, key))
+                .map(|s| PathBuf::from(s.value))
+        };
+        let (kernel, initrd) = (boot_file(self, "kernel"), boot_file(self, "initrd"));
+        if kernel.is_some() != initrd.is_some() {
+            self.diags.push(
+                node.pos,
+                path,
+                "`kernel` and `initrd` together (to boot a root file system directly)",
+                if kernel.is_some() {
+                    "`kernel` without `initrd`"
+                } else {
+                    "`initrd` without `kernel`"
+                },
+            );
+        }
+
         let value = match (f.get("url"), f.get("path")) {
             (Some(url), None) => {
                 let url = self.parsed(url, &join(path, "url"), |t| {
@@ -614,6 +636,8 @@ impl Decoder<'_> {
                 BaseImage::Url {
                     url: url?.value,
                     sha256: sha?.value,
+                    kernel,
+                    initrd,
                 }
             }
             (None, Some(local)) => {
@@ -627,6 +651,8 @@ impl Decoder<'_> {
                 }
                 BaseImage::Path {
                     path: PathBuf::from(self.string(local, &join(path, "path"))?.value),
+                    kernel,
+                    initrd,
                 }
             }
             _ => {
@@ -879,10 +905,11 @@ impl Decoder<'_> {
     }
 
     fn timeouts(&mut self, node: &Node, path: &str) -> Option<TimeoutsFile> {
-        let f = self.mapping(node, path, &["running", "delete"])?;
+        let f = self.mapping(node, path, &["running", "delete", "ready"])?;
         Some(TimeoutsFile {
             running: self.opt(&f, path, "running", Self::duration),
             delete: self.opt(&f, path, "delete", Self::duration),
+            ready: self.opt(&f, path, "ready", Self::duration),
         })
     }
 

@@ -19,6 +19,7 @@ pub const MICROK8S_CHANNEL: &str = "1.32/stable";
 pub const DATABASE_STORAGE_GIB: u64 = 10;
 pub const RUNNING_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DELETE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
 pub const UPGRADE_HEALTH_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The first node group runs the control plane unless the stack says otherwise.
@@ -48,9 +49,6 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             what: what.to_string(),
         })
     };
-    if matches!(stack.provider.value, ProviderFile::Kvm(_)) {
-        mark("provider.kvm", stack.provider.pos, "the local KVM provider");
-    }
     if let Some(k) = &stack.kubernetes {
         mark(
             "kubernetes",
@@ -117,6 +115,11 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             cpus: (!is_ec2).then(|| val(g.cpus).unwrap_or(KVM_CPUS)),
             memory: (!is_ec2).then(|| val(g.memory).unwrap_or(ByteSize::gib(KVM_MEMORY_GIB))),
             image: val(g.image),
+            runcmd: val(g.runcmd)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| c.value)
+                .collect(),
         })
         .collect();
     let kubernetes = val(stack.kubernetes).map(|k| Kubernetes {
@@ -191,6 +194,7 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
         timeouts: Timeouts {
             running: val(timeouts.running).unwrap_or(RUNNING_TIMEOUT),
             delete: val(timeouts.delete).unwrap_or(DELETE_TIMEOUT),
+            ready: val(timeouts.ready).unwrap_or(READY_TIMEOUT),
         },
         tags: val(stack.tags)
             .unwrap_or_default()

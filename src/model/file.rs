@@ -77,6 +77,7 @@ pub struct NodeGroupFile {
     pub cpus: Opt<u32>,
     pub memory: Opt<ByteSize>,
     pub image: Opt<BaseImage>,
+    pub runcmd: Opt<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -140,4 +141,5 @@ pub struct UpgradesFile {
 pub struct TimeoutsFile {
     pub running: Opt<Duration>,
     pub delete: Opt<Duration>,
+    pub ready: Opt<Duration>,
 }

@@ -177,13 +177,29 @@ pub struct NodeGroup {
     pub memory: Option<ByteSize>,
     /// KVM only.
     pub image: Option<BaseImage>,
+    /// Extra commands cloud-init runs once at first boot.
+    pub runcmd: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum BaseImage {
-    Url { url: String, sha256: String },
-    Path { path: PathBuf },
+    /// Downloaded once into the image cache and checked against `sha256`.
+    /// With `kernel` and `initrd` (local files) it is a root file system
+    /// booted directly, as with `Path`.
+    Url {
+        url: String,
+        sha256: String,
+        kernel: Option<PathBuf>,
+        initrd: Option<PathBuf>,
+    },
+    /// A local disk image; with `kernel` and `initrd` it is a root file
+    /// system booted directly.
+    Path {
+        path: PathBuf,
+        kernel: Option<PathBuf>,
+        initrd: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -317,6 +333,8 @@ pub struct Timeouts {
     pub running: Duration,
     /// How long deleting an instance or VM may take.
     pub delete: Duration,
+    /// How long a VM may take from start to SSH and cloud-init done.
+    pub ready: Duration,
 }
 
 impl Stack {

@@ -132,7 +132,7 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
                 );
             }
         }
-        if let Some(BaseImage::Path { path: image }) = group.image.as_ref().map(|i| &i.value) {
+        if let Some(BaseImage::Path { path: image, .. }) = group.image.as_ref().map(|i| &i.value) {
             if image.as_os_str().is_empty() {
                 diags.push(
                     group.pos,

@@ -5,6 +5,7 @@
 //! something already gone succeeds.
 
 pub mod ec2;
+pub mod kvm;
 
 use std::future::Future;
 

@@ -180,6 +180,11 @@ pub fn instances(stack: &Stack, public_key: &str) -> Result<Vec<InstanceSpec>, T
                 stack: &stack.name,
                 hostname: &hostname,
                 public_key,
+                runcmd: group
+                    .runcmd
+                    .iter()
+                    .map(|c| serde_json::to_string(c).expect("strings serialise"))
+                    .collect(),
             })?;
             out.push(InstanceSpec {
                 address: instance_address(&group.name, index),

@@ -1,0 +1,201 @@
+//! Base images and the per-VM disks on top of them: downloads into a cache
+//! shared by all stacks (`$XDG_CACHE_HOME/stack/images`), verified by sha256
+//! before use, resumed when a download broke off and redone when the bytes
+//! are wrong; each VM gets a qcow2 copy-on-write overlay made by `qemu-img`.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot {action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("downloading {url}: {message}")]
+    Download { url: String, message: String },
+    #[error("{url} has sha256 {found}, the stack expects {expected}")]
+    Checksum {
+        url: String,
+        expected: String,
+        found: String,
+    },
+    #[error("qemu-img {args} failed: {message}")]
+    QemuImg { args: String, message: String },
+}
+
+/// How often a broken-off download is resumed before giving up.
+const DOWNLOAD_ATTEMPTS: u32 = 4;
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The shared image cache folder.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"))
+        .join("stack/images")
+}
+
+fn sha256_of(path: &Path) -> Result<String, ImageError> {
+    let mut file = std::fs::File::open(path).map_err(io("read", path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io("read", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// The cached, verified copy of `url`, downloading what is missing.
+pub async fn fetch(url: &str, sha256: &str) -> Result<PathBuf, ImageError> {
+    let dir = cache_dir();
+    std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+    let done = dir.join(format!("{sha256}.img"));
+    if done.exists() {
+        return Ok(done);
+    }
+    // One download of an image at a time, across VMs, stacks and processes.
+    let lock_path = dir.join(format!("{sha256}.lock"));
+    let lock = std::fs::File::create(&lock_path).map_err(io("create", &lock_path))?;
+    let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+        .await
+        .expect("the lock task does not panic")
+        .map_err(io("lock", &lock_path))?;
+    if done.exists() {
+        return Ok(done);
+    }
+    let part = dir.join(format!("{sha256}.part"));
+    // A broken-off download is resumed (a few times); bytes that turn out
+    // wrong are thrown away and fetched once more from the start.
+    for fresh in [false, true] {
+        if fresh {
+            let _ = std::fs::remove_file(&part);
+        }
+        let mut attempt = 1;
+        while let Err(err) = download(url, &part).await {
+            if attempt == DOWNLOAD_ATTEMPTS {
+                return Err(err);
+            }
+            tracing::warn!(%url, attempt, "download broke off, resuming: {err}");
+            attempt += 1;
+        }
+        let found = sha256_of(&part)?;
+        if found == sha256 {
+            std::fs::rename(&part, &done).map_err(io("store", &done))?;
+            drop(lock);
+            return Ok(done);
+        }
+        if fresh {
+            let _ = std::fs::remove_file(&part);
+            return Err(ImageError::Checksum {
+                url: url.to_string(),
+                expected: sha256.to_string(),
+                found,
+            });
+        }
+        tracing::warn!(%url, "the download's sha256 is {found}, not {sha256}: fetching it again");
+    }
+    unreachable!("the second pass returns")
+}
+
+/// Appends to `part` from where it stopped (HTTP Range), or starts over.
+async fn download(url: &str, part: &Path) -> Result<(), ImageError> {
+    let error = |message: String| ImageError::Download {
+        url: url.to_string(),
+        message,
+    };
+    let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    let client = reqwest::Client::new();
+    let mut request = client.get(url);
+    if have > 0 {
+        request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
+    }
+    let mut response = request.send().await.map_err(|e| error(e.to_string()))?;
+    let status = response.status();
+    if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+        return Ok(());
+    }
+    if !status.is_success() {
+        return Err(error(format!("the server answered {status}")));
+    }
+    let append = status == reqwest::StatusCode::PARTIAL_CONTENT;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(part)
+        .map_err(io("write", part))?;
+    while let Some(chunk) = response.chunk().await.map_err(|e| error(e.to_string()))? {
+        file.write_all(&chunk).map_err(io("write", part))?;
+    }
+    file.sync_all().map_err(io("write", part))
+}
+
+fn qemu_img(args: &[&str]) -> Result<String, ImageError> {
+    let output = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| ImageError::QemuImg {
+            args: args.join(" "),
+            message: format!("cannot run qemu-img: {e}"),
+        })?;
+    if !output.status.success() {
+        return Err(ImageError::QemuImg {
+            args: args.join(" "),
+            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// `(format, virtual size in bytes)` of an image.
+pub fn info(path: &Path) -> Result<(String, u64), ImageError> {
+    let text = qemu_img(&["info", "--output=json", "-U", &path.display().to_string()])?;
+    let info: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    Ok((
+        info["format"].as_str().unwrap_or("raw").to_string(),
+        info["virtual-size"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// A qcow2 overlay of `size` bytes backed by `base`.
+pub fn create_overlay(base: &Path, overlay: &Path, size: u64) -> Result<(), ImageError> {
+    let base = std::fs::canonicalize(base).map_err(io("find the base image", base))?;
+    let (format, base_size) = info(&base)?;
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        &format,
+        "-b",
+        &base.display().to_string(),
+        &overlay.display().to_string(),
+        &size.max(base_size).to_string(),
+    ])?;
+    Ok(())
+}
