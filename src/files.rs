@@ -1,5 +1,6 @@
-//! Private files (state, keys): created with mode 0600 and flushed to disk
-//! before they are renamed into place, so a crash never leaves half a file.
+//! Files: private ones (state, keys) created with mode 0600 and flushed to
+//! disk before they are renamed into place, so a crash never leaves half a
+//! file; and the sha256 that identifies contents.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -16,4 +17,13 @@ pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
         .open(path)?;
     file.write_all(data)?;
     file.sync_all()
+}
+
+/// The lowercase hex sha256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

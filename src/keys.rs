@@ -31,6 +31,16 @@ pub struct StackKey {
     pub public_openssh: String,
 }
 
+/// `type base64` of an OpenSSH public key, without its comment: what a
+/// server or an API hands back, whatever comment the key was made with.
+pub fn key_material(public_key: &str) -> String {
+    public_key
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 pub fn private_key_path(dir: &Path, stack: &str) -> PathBuf {
     dir.join(format!("{stack}.id_ed25519"))
 }

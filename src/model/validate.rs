@@ -158,17 +158,18 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
                     .iter()
                     .map(|g| g.count.as_ref().map_or(1, |c| c.value))
                     .sum();
+                // Nodes take addresses from .10 up to the last host address.
                 let usable = match cidr.value {
-                    ipnet::IpNet::V4(net) if net.prefix_len() <= 30 => {
-                        (1u64 << (32 - net.prefix_len())) - 3
-                    }
-                    _ => 0,
+                    ipnet::IpNet::V4(net) => net.hosts().count().saturating_sub(9),
+                    ipnet::IpNet::V6(_) => 0,
                 };
-                if usable < u64::from(nodes) {
+                if usable < nodes as usize {
                     diags.push(
                         cidr.pos,
                         "network.cidr",
-                        format!("an IPv4 network with room for {nodes} nodes and a gateway"),
+                        format!(
+                            "an IPv4 network with room for {nodes} nodes from its .10 address up"
+                        ),
                         cidr.value.to_string(),
                     );
                 }

@@ -6,8 +6,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
+use crate::files::sha256_hex;
+use crate::keys::key_material;
 use crate::model::{Ec2Settings, Stack};
 use crate::plan::Resource;
 use crate::templates::{self, Ec2UserData, TemplateError};
@@ -27,23 +28,6 @@ pub const ADDRESS_TAG: &str = "stack:address";
 pub const SSH_PORT: i32 = 22;
 /// microk8s serves the Kubernetes API here.
 pub const KUBE_API_PORT: i32 = 16443;
-
-pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// `type base64` of an OpenSSH public key, without its comment: what EC2
-/// hands back, whatever comment it was imported with.
-pub fn key_material(public_key: &str) -> String {
-    public_key
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// The resource name used for the key pair and the security group.
 pub fn resource_name(stack: &str) -> String {

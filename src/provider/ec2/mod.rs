@@ -27,6 +27,8 @@ use serde_json::{json, Value};
 
 use self::desired::*;
 use super::{NodeStatus, Provider};
+use crate::files::sha256_hex;
+use crate::keys::key_material;
 use crate::model::{Ec2Settings, Stack};
 use crate::plan::{Change, Observed, Resource};
 use crate::state::{Record, State};

@@ -28,9 +28,9 @@ use ssh_key::{rand_core::OsRng, Algorithm, LineEnding, PrivateKey};
 use self::qemu::{Accelerator, VmSpec};
 use self::seed::SeedSpec;
 use super::{NodeStatus, Provider};
+use crate::files::sha256_hex;
 use crate::model::{Accel, BaseImage, KvmSettings, NodeGroup, Stack};
 use crate::plan::{Change, Observed, Resource};
-use crate::provider::ec2::desired::sha256_hex;
 use crate::state::{Record, State};
 use crate::templates::TemplateError;
 

@@ -10,6 +10,8 @@ use russh::client::{self, AuthResult};
 use russh::keys::{Algorithm, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Preferred};
 
+use crate::keys::key_material;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
     #[error("{node} presented host key {presented}, not the pinned {pinned}: refusing to connect (is something else listening on {address}?)")]
@@ -29,15 +31,6 @@ pub enum SshError {
     Auth { node: String, user: String },
     #[error("cannot read the SSH key {path}: {message}")]
     Key { path: String, message: String },
-}
-
-/// `type base64` of an OpenSSH public key, without its comment.
-pub fn key_material(public_key: &str) -> String {
-    public_key
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 struct PinnedHost {
