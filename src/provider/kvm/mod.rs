@@ -413,8 +413,9 @@ impl KvmProvider {
     }
 
     /// Starts the VM and waits until SSH answers with the pinned key and
-    /// cloud-init has finished; falls back from KVM to TCG when the guest
-    /// hits a KVM internal error.
+    /// cloud-init has finished. With `accel: auto` it falls back from KVM to
+    /// TCG when the guest hits a KVM internal error or stays silent on its
+    /// console for `KVM_SILENCE`.
     async fn boot(&self, vm: &VmPlan, dir: &Path, meta: &VmMeta) -> Result<(), KvmError> {
         let mut accel = self.accelerator();
         self.start_qemu(vm, &self.vm_spec(vm, dir, meta, accel))?;
@@ -430,19 +431,19 @@ impl KvmProvider {
         };
         let serial = dir.join("serial.log");
         let mut last = String::from("no answer yet");
-        let mut started = Instant::now();
+        let mut kvm_started = Instant::now();
         while start.elapsed() < timeout {
             let status = Self::qmp_status(dir).await;
             let silent = std::fs::metadata(&serial).map_or(true, |m| m.len() == 0);
             let kvm_failed = accel == Accelerator::Kvm
                 && self.settings.accel == Accel::Auto
                 && (status.as_deref() == Some("internal-error")
-                    || (silent && started.elapsed() > KVM_SILENCE));
+                    || (silent && kvm_started.elapsed() > KVM_SILENCE));
             match status.as_deref() {
                 _ if kvm_failed => {
                     tracing::warn!(node = %vm.hostname, status = ?status, "KVM cannot run this guest here; using TCG software emulation");
                     Self::stop_now(dir).await;
-                    started = Instant::now();
+                    kvm_started = Instant::now();
                     accel = Accelerator::Tcg;
                     *self.accel.lock().expect("lock") = Some(accel);
                     self.start_qemu(vm, &self.vm_spec(vm, dir, meta, accel))?;
