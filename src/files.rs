@@ -5,7 +5,29 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// A file operation that failed, naming what was being done and to which file.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {}", path.display())]
+pub struct FileError {
+    pub action: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// For `map_err`: turns an I/O error into a [`FileError`] on `path`.
+pub fn failed<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> FileError + 'a {
+    move |source| FileError {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// Writes `data` to `path` (normally a temporary name) with mode 0600 and fsyncs it.
 pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {

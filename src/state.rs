@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::files::{failed, FileError};
+
 /// The state file format this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -22,13 +24,8 @@ pub enum StateError {
     Locked { path: PathBuf, holder: LockHolder },
     #[error("state is locked ({}) by a process that did not say who it is", path.display())]
     LockedUnknown { path: PathBuf },
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     #[error("state file {} is corrupt ({reason}); it was left untouched: fix it or restore {}", path.display(), backup.display())]
     Corrupt {
         path: PathBuf,
@@ -129,19 +126,11 @@ pub struct LocalStateStore {
     _lock: File,
 }
 
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StateError + 'a {
-    move |source| StateError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 impl LocalStateStore {
     /// Takes the lock for the stack's state in `dir`, failing at once, with
     /// the holder's pid, host and start time, when another run has it.
     pub fn open(dir: &Path, stack: &str, provider: &str) -> Result<Self, StateError> {
-        fs::create_dir_all(dir).map_err(io("create the state folder", dir))?;
+        fs::create_dir_all(dir).map_err(failed("create the state folder", dir))?;
         let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
         let lock_path = dir.join(format!("{stack}.lock"));
         let mut lock = OpenOptions::new()
@@ -151,7 +140,7 @@ impl LocalStateStore {
             .truncate(false)
             .mode(0o600)
             .open(&lock_path)
-            .map_err(io("open the lock file", &lock_path))?;
+            .map_err(failed("open the lock file", &lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -166,11 +155,7 @@ impl LocalStateStore {
                 });
             }
             Err(fs::TryLockError::Error(source)) => {
-                return Err(StateError::Io {
-                    action: "lock",
-                    path: lock_path,
-                    source,
-                })
+                return Err(failed("lock", &lock_path)(source).into())
             }
         }
         let holder = LockHolder {
@@ -188,7 +173,7 @@ impl LocalStateStore {
             )?;
             lock.sync_data()
         };
-        write_holder(&mut lock).map_err(io("write the lock file", &lock_path))?;
+        write_holder(&mut lock).map_err(failed("write the lock file", &lock_path))?;
         Ok(LocalStateStore {
             path: state_path(dir, stack),
             stack: stack.to_string(),
@@ -224,7 +209,7 @@ pub fn read(path: &Path, stack: &str) -> Result<Option<State>, StateError> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => return Err(io("read", path)(err)),
+        Err(err) => return Err(failed("read", path)(err).into()),
     };
     let corrupt = |reason: String| StateError::Corrupt {
         path: path.to_path_buf(),
@@ -268,7 +253,7 @@ impl StateStore for LocalStateStore {
         let tmp = PathBuf::from(tmp_name);
         let mut text = serde_json::to_string_pretty(state).expect("state serialises");
         text.push('\n');
-        crate::files::write_private(&tmp, text.as_bytes()).map_err(io("write", &tmp))?;
+        crate::files::write_private(&tmp, text.as_bytes()).map_err(failed("write", &tmp))?;
         if self.path.exists() {
             // Keep the previous copy: link it under a temporary name, then
             // rename over the backup, so every step leaves whole files.
@@ -277,14 +262,14 @@ impl StateStore for LocalStateStore {
             let link = PathBuf::from(link_name);
             let _ = fs::remove_file(&link);
             fs::hard_link(&self.path, &link)
-                .map_err(io("keep the previous copy of", &self.path))?;
+                .map_err(failed("keep the previous copy of", &self.path))?;
             fs::rename(&link, self.backup_path())
-                .map_err(io("keep the previous copy of", &self.path))?;
+                .map_err(failed("keep the previous copy of", &self.path))?;
         }
-        fs::rename(&tmp, &self.path).map_err(io("replace", &self.path))?;
+        fs::rename(&tmp, &self.path).map_err(failed("replace", &self.path))?;
         File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(io("sync", dir))?;
+            .map_err(failed("sync", dir))?;
         Ok(())
     }
 

@@ -368,14 +368,30 @@ fn tagged(endpoint: &str, stack: &str) -> Tagged {
     })
 }
 
-fn three_nodes() -> Vec<String> {
-    [
-        "ec2.instance.control[0]",
-        "ec2.instance.worker[0]",
-        "ec2.instance.worker[1]",
-    ]
-    .map(String::from)
-    .to_vec()
+impl Tagged {
+    /// What a `down` must leave.
+    fn nothing() -> Tagged {
+        Tagged {
+            instances: vec![],
+            groups: 0,
+            key_pairs: 0,
+        }
+    }
+
+    /// The key pair, the group and the three nodes of `stack_yaml(_, 2)`.
+    fn three_nodes() -> Tagged {
+        Tagged {
+            instances: [
+                "ec2.instance.control[0]",
+                "ec2.instance.worker[0]",
+                "ec2.instance.worker[1]",
+            ]
+            .map(String::from)
+            .to_vec(),
+            groups: 1,
+            key_pairs: 1,
+        }
+    }
 }
 
 #[test]
@@ -390,14 +406,7 @@ fn up_plan_drift_repair_down() {
         text(&up.stdout)
     );
     expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
-    assert_eq!(
-        tagged(&moto.url(), "drift"),
-        Tagged {
-            instances: three_nodes(),
-            groups: 1,
-            key_pairs: 1
-        }
-    );
+    assert_eq!(tagged(&moto.url(), "drift"), Tagged::three_nodes());
 
     // Out of band: stop one instance and change its type, terminate another,
     // add one security-group rule and remove one, change a tag, delete the key pair.
@@ -504,14 +513,7 @@ fn up_plan_drift_repair_down() {
 
     expect_code(&env.run(&["up", "--yes"]), 0);
     expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
-    assert_eq!(
-        tagged(&moto.url(), "drift"),
-        Tagged {
-            instances: three_nodes(),
-            groups: 1,
-            key_pairs: 1
-        }
-    );
+    assert_eq!(tagged(&moto.url(), "drift"), Tagged::three_nodes());
 
     let status = env.run(&["status"]);
     expect_code(&status, 0);
@@ -528,14 +530,7 @@ fn up_plan_drift_repair_down() {
     let down = env.run(&["down", "--yes"]);
     expect_code(&down, 0);
     assert!(text(&down.stdout).contains("Nothing tagged stack=drift is left."));
-    assert_eq!(
-        tagged(&moto.url(), "drift"),
-        Tagged {
-            instances: vec![],
-            groups: 0,
-            key_pairs: 0
-        }
-    );
+    assert_eq!(tagged(&moto.url(), "drift"), Tagged::nothing());
     expect_code(&env.run(&["down", "--yes"]), 0);
 }
 
@@ -596,11 +591,7 @@ fn sigkill_at_many_points_then_rerun_converges_without_duplicates() {
         );
         assert_eq!(
             tagged(&moto.url(), &name),
-            Tagged {
-                instances: three_nodes(),
-                groups: 1,
-                key_pairs: 1
-            },
+            Tagged::three_nodes(),
             "after a kill at request {point}"
         );
         expect_code(
@@ -609,14 +600,7 @@ fn sigkill_at_many_points_then_rerun_converges_without_duplicates() {
                 .unwrap(),
             0,
         );
-        assert_eq!(
-            tagged(&moto.url(), &name),
-            Tagged {
-                instances: vec![],
-                groups: 0,
-                key_pairs: 0
-            }
-        );
+        assert_eq!(tagged(&moto.url(), &name), Tagged::nothing());
     }
 }
 
@@ -690,14 +674,7 @@ fn corrupt_state_is_refused_and_left_untouched() {
         std::fs::read_to_string(&path).unwrap(),
         "{\"schemaVersion\": 1, \"resources\": ["
     );
-    assert_eq!(
-        tagged(&moto.url(), "corrupt"),
-        Tagged {
-            instances: vec![],
-            groups: 0,
-            key_pairs: 0
-        }
-    );
+    assert_eq!(tagged(&moto.url(), "corrupt"), Tagged::nothing());
 }
 
 #[test]
@@ -749,14 +726,7 @@ fn sections_not_built_yet_stop_plan_and_up_by_name() {
             "{message}"
         );
     }
-    assert_eq!(
-        tagged(&moto.url(), "later"),
-        Tagged {
-            instances: vec![],
-            groups: 0,
-            key_pairs: 0
-        }
-    );
+    assert_eq!(tagged(&moto.url(), "later"), Tagged::nothing());
 }
 
 #[test]
@@ -880,14 +850,7 @@ fn up_on_a_terminal_asks_and_only_yes_applies() {
         shown.contains("not applied: the answer was not `yes`"),
         "{shown}"
     );
-    assert_eq!(
-        tagged(&moto.url(), "ask"),
-        Tagged {
-            instances: vec![],
-            groups: 0,
-            key_pairs: 0
-        }
-    );
+    assert_eq!(tagged(&moto.url(), "ask"), Tagged::nothing());
     let accepted = on_terminal("yes\n");
     assert!(
         text(&accepted.stdout).contains("Applied: 4 created"),
@@ -937,14 +900,7 @@ fn sigint_lets_changes_under_way_finish_and_a_rerun_continues() {
         .output()
         .unwrap();
     expect_code(&rerun, 0);
-    assert_eq!(
-        tagged(&moto.url(), "sigint"),
-        Tagged {
-            instances: three_nodes(),
-            groups: 1,
-            key_pairs: 1
-        }
-    );
+    assert_eq!(tagged(&moto.url(), "sigint"), Tagged::three_nodes());
     expect_code(
         &env.command_at(&moto.url(), &["down", "--yes"])
             .output()

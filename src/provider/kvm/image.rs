@@ -9,15 +9,12 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+use crate::files::{failed, FileError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     #[error("downloading {url}: {message}")]
     Download { url: String, message: String },
     #[error("{url} has sha256 {found}, the stack expects {expected}")]
@@ -33,14 +30,6 @@ pub enum ImageError {
 /// How often a broken-off download is resumed before giving up.
 const DOWNLOAD_ATTEMPTS: u32 = 4;
 
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ImageError + 'a {
-    move |source| ImageError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// The shared image cache folder.
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
@@ -51,11 +40,11 @@ pub fn cache_dir() -> PathBuf {
 }
 
 fn sha256_of(path: &Path) -> Result<String, ImageError> {
-    let mut file = std::fs::File::open(path).map_err(io("read", path))?;
+    let mut file = std::fs::File::open(path).map_err(failed("read", path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(io("read", path))?;
+        let n = file.read(&mut buf).map_err(failed("read", path))?;
         if n == 0 {
             break;
         }
@@ -71,18 +60,18 @@ fn sha256_of(path: &Path) -> Result<String, ImageError> {
 /// The cached, verified copy of `url`, downloading what is missing.
 pub async fn fetch(url: &str, sha256: &str) -> Result<PathBuf, ImageError> {
     let dir = cache_dir();
-    std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+    std::fs::create_dir_all(&dir).map_err(failed("create", &dir))?;
     let done = dir.join(format!("{sha256}.img"));
     if done.exists() {
         return Ok(done);
     }
     // One download of an image at a time, across VMs, stacks and processes.
     let lock_path = dir.join(format!("{sha256}.lock"));
-    let lock = std::fs::File::create(&lock_path).map_err(io("create", &lock_path))?;
+    let lock = std::fs::File::create(&lock_path).map_err(failed("create", &lock_path))?;
     let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
         .await
         .expect("the lock task does not panic")
-        .map_err(io("lock", &lock_path))?;
+        .map_err(failed("lock", &lock_path))?;
     if done.exists() {
         return Ok(done);
     }
@@ -103,7 +92,7 @@ pub async fn fetch(url: &str, sha256: &str) -> Result<PathBuf, ImageError> {
         }
         let found = sha256_of(&part)?;
         if found == sha256 {
-            std::fs::rename(&part, &done).map_err(io("store", &done))?;
+            std::fs::rename(&part, &done).map_err(failed("store", &done))?;
             drop(lock);
             return Ok(done);
         }
@@ -147,11 +136,11 @@ async fn download(url: &str, part: &Path) -> Result<(), ImageError> {
         .append(append)
         .truncate(!append)
         .open(part)
-        .map_err(io("write", part))?;
+        .map_err(failed("write", part))?;
     while let Some(chunk) = response.chunk().await.map_err(|e| error(e.to_string()))? {
-        file.write_all(&chunk).map_err(io("write", part))?;
+        file.write_all(&chunk).map_err(failed("write", part))?;
     }
-    file.sync_all().map_err(io("write", part))
+    Ok(file.sync_all().map_err(failed("write", part))?)
 }
 
 fn qemu_img(args: &[&str]) -> Result<String, ImageError> {
@@ -183,7 +172,7 @@ pub fn info(path: &Path) -> Result<(String, u64), ImageError> {
 
 /// A qcow2 overlay of `size` bytes backed by `base`.
 pub fn create_overlay(base: &Path, overlay: &Path, size: u64) -> Result<(), ImageError> {
-    let base = std::fs::canonicalize(base).map_err(io("find the base image", base))?;
+    let base = std::fs::canonicalize(base).map_err(failed("find the base image", base))?;
     let (format, base_size) = info(&base)?;
     qemu_img(&[
         "create",

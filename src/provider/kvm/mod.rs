@@ -28,7 +28,7 @@ use ssh_key::{rand_core::OsRng, Algorithm, LineEnding, PrivateKey};
 use self::qemu::{Accelerator, VmSpec};
 use self::seed::SeedSpec;
 use super::{NodeStatus, Provider};
-use crate::files::sha256_hex;
+use crate::files::{failed, sha256_hex, FileError};
 use crate::model::{Accel, BaseImage, KvmSettings, NodeGroup, Stack};
 use crate::plan::{Change, Observed, Resource};
 use crate::state::{Record, State};
@@ -69,21 +69,8 @@ pub enum KvmError {
     Image(#[from] image::ImageError),
     #[error(transparent)]
     Template(#[from] TemplateError),
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> KvmError + 'a {
-    move |source| KvmError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
+    #[error(transparent)]
+    Io(#[from] FileError),
 }
 
 /// What a VM folder remembers about its VM (`vm.json`).
@@ -323,7 +310,8 @@ impl KvmProvider {
                     node: hostname.to_string(),
                     message: format!("cannot encode the host key: {e}"),
                 })?;
-                crate::files::write_private(&path, pem.as_bytes()).map_err(io("write", &path))?;
+                crate::files::write_private(&path, pem.as_bytes())
+                    .map_err(failed("write", &path))?;
                 pem.to_string()
             }
         };
@@ -514,7 +502,7 @@ impl KvmProvider {
             return Ok(self.record(resource, meta));
         }
         Self::stop_now(&dir).await;
-        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        std::fs::create_dir_all(&dir).map_err(failed("create", &dir))?;
         let (host_private, host_public) = self.host_key(&dir, &vm.hostname)?;
         let base = match vm.group.image.as_ref() {
             Some(BaseImage::Url { url, sha256, .. }) => image::fetch(url, sha256).await?,
@@ -531,11 +519,11 @@ impl KvmProvider {
         image::create_overlay(&base, &overlay, vm.group.disk.0)?;
         let seed_path = dir.join("seed.img");
         let spec = self.seed_spec(&vm, host_private, host_public.clone());
-        seed::write_image(&seed_path, &seed::files(&spec)?).map_err(io("write", &seed_path))?;
+        seed::write_image(&seed_path, &seed::files(&spec)?).map_err(failed("write", &seed_path))?;
         let meta = VmMeta {
             address: vm.address.clone(),
             hostname: vm.hostname.clone(),
-            ssh_port: free_port().map_err(io("find a free port for", &dir))?,
+            ssh_port: free_port().map_err(failed("find a free port for", &dir))?,
             host_key: host_public,
             private_address: format!("{}/{}", vm.private_address, vm.prefix),
         };
@@ -544,7 +532,7 @@ impl KvmProvider {
             &meta_path,
             serde_json::to_string_pretty(&meta).expect("meta serialises"),
         )
-        .map_err(io("write", &meta_path))?;
+        .map_err(failed("write", &meta_path))?;
         self.boot(&vm, &dir, &meta).await?;
         Ok(self.record(resource, &meta))
     }
@@ -563,23 +551,24 @@ impl KvmProvider {
     }
 
     async fn create_network(&self, resource: &Resource) -> Result<Record, KvmError> {
-        std::fs::create_dir_all(&self.run_dir).map_err(io("create", &self.run_dir))?;
+        std::fs::create_dir_all(&self.run_dir).map_err(failed("create", &self.run_dir))?;
         let pidfile = self.run_dir.join("switch.pid");
         let socket = self.socket();
         if !(read_pid(&pidfile).is_some_and(alive) && socket.exists()) {
             let log_path = self.run_dir.join("switch.log");
-            let log = std::fs::File::create(&log_path).map_err(io("create", &log_path))?;
-            let exe = std::env::current_exe().map_err(io("find", Path::new("the stack binary")))?;
+            let log = std::fs::File::create(&log_path).map_err(failed("create", &log_path))?;
+            let exe =
+                std::env::current_exe().map_err(failed("find", Path::new("the stack binary")))?;
             use std::os::unix::process::CommandExt;
             let child = Command::new(exe)
                 .args(["__switch", &socket.display().to_string()])
                 .stdin(Stdio::null())
-                .stdout(log.try_clone().map_err(io("open", &log_path))?)
+                .stdout(log.try_clone().map_err(failed("open", &log_path))?)
                 .stderr(log)
                 .process_group(0)
                 .spawn()
-                .map_err(io("start the switch for", &socket))?;
-            std::fs::write(&pidfile, child.id().to_string()).map_err(io("write", &pidfile))?;
+                .map_err(failed("start the switch for", &socket))?;
+            std::fs::write(&pidfile, child.id().to_string()).map_err(failed("write", &pidfile))?;
             let start = Instant::now();
             while !socket.exists() {
                 if start.elapsed() > Duration::from_secs(10) {
@@ -621,7 +610,9 @@ impl KvmProvider {
             }
         }
         match std::fs::remove_dir_all(&dir) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(io("remove", &dir)(err)),
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(failed("remove", &dir)(err).into())
+            }
             _ => Ok(()),
         }
     }
