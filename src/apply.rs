@@ -10,9 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
-use crate::output::Reporter;
+use crate::output::{error_chain, Reporter};
 use crate::plan::{Action, Change, Plan, Resource};
-use crate::provider::Provider;
+use crate::provider::Applier;
 use crate::state::{Record, State, StateError, StateStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +49,7 @@ fn new_token(address: &str) -> String {
 }
 
 /// Which changes each change waits for.
-fn dependencies<P: Provider>(provider: &P, changes: &[Change]) -> Vec<Vec<usize>> {
+fn dependencies<P: Applier>(applier: &P, changes: &[Change]) -> Vec<Vec<usize>> {
     changes
         .iter()
         .map(|change| {
@@ -60,12 +60,12 @@ fn dependencies<P: Provider>(provider: &P, changes: &[Change]) -> Vec<Vec<usize>
                     if change.action == Action::Delete {
                         // Delete what depends on this kind first.
                         other.action == Action::Delete
-                            && provider
+                            && applier
                                 .dependencies(&other.kind)
                                 .contains(&change.kind.as_str())
                     } else {
                         other.action != Action::Delete
-                            && provider
+                            && applier
                                 .dependencies(&change.kind)
                                 .contains(&other.kind.as_str())
                     }
@@ -85,30 +85,30 @@ fn resource_of(change: &Change) -> Resource {
     }
 }
 
-async fn run_change<P: Provider>(
-    provider: Arc<P>,
+async fn run_change<P: Applier>(
+    applier: Arc<P>,
     change: Change,
     token: String,
     snapshot: State,
 ) -> Result<Option<Record>, P::Error> {
     match change.action {
-        Action::Create => provider
+        Action::Create => applier
             .create(&resource_of(&change), &token, &snapshot)
             .await
             .map(Some),
-        Action::Update => provider.update(&change, &snapshot).await.map(Some),
+        Action::Update => applier.update(&change, &snapshot).await.map(Some),
         Action::Replace => {
             if let Some(id) = &change.id {
-                provider.delete(&change.kind, id).await?;
+                applier.delete(&change.kind, id).await?;
             }
-            provider
+            applier
                 .create(&resource_of(&change), &token, &snapshot)
                 .await
                 .map(Some)
         }
         Action::Delete => {
             let id = change.id.as_deref().unwrap_or_default();
-            provider.delete(&change.kind, id).await.map(|()| None)
+            applier.delete(&change.kind, id).await.map(|()| None)
         }
     }
 }
@@ -146,17 +146,16 @@ pub fn bookkeeping(
     store.save(state)
 }
 
-pub async fn apply<P: Provider>(
-    provider: Arc<P>,
-    plan: &Plan,
+/// Applies `changes` (a plan's, or one phase of it) with `applier`.
+pub async fn apply<P: Applier>(
+    applier: Arc<P>,
+    changes: &[Change],
     store: &mut dyn StateStore,
     state: &mut State,
     parallelism: usize,
     reporter: &Reporter,
 ) -> Result<Vec<Outcome>, ApplyError> {
-    bookkeeping(plan, store, state)?;
-    let changes = &plan.changes;
-    let deps = dependencies(provider.as_ref(), changes);
+    let deps = dependencies(applier.as_ref(), changes);
     let total = changes.len();
     let mut started = vec![false; total];
     let mut finished = vec![false; total];
@@ -201,11 +200,11 @@ pub async fn apply<P: Provider>(
                     String::new()
                 };
                 reporter.start(&change.address, verb(change.action).0);
-                let provider = provider.clone();
+                let applier = applier.clone();
                 let snapshot = state.clone();
                 running.spawn(async move {
                     let begun = Instant::now();
-                    let result = run_change(provider, change, token, snapshot).await;
+                    let result = run_change(applier, change, token, snapshot).await;
                     (i, begun.elapsed(), result)
                 });
             }
@@ -276,14 +275,22 @@ pub async fn apply<P: Provider>(
                 });
             }
             Err(err) => {
-                let mut message = format!("  {} {}: {err}", change.action.symbol(), change.address);
-                let mut source = std::error::Error::source(&err);
-                while let Some(cause) = source {
-                    message.push_str(&format!(": {cause}"));
-                    source = cause.source();
-                }
+                let message = format!(
+                    "  {} {}: {}",
+                    change.action.symbol(),
+                    change.address,
+                    error_chain(&err)
+                );
                 reporter.finish(&change.address, "failed", elapsed);
-                failures.push(message);
+                if applier.is_fatal(change) {
+                    failures.push(message);
+                } else {
+                    // Not recorded: the next run tries it again.
+                    finished[i] = true;
+                    reporter.line(&format!(
+                        "warning: a change that does not stop the run failed (the next run tries again):\n{message}"
+                    ));
+                }
             }
         }
     }
@@ -303,7 +310,6 @@ pub async fn apply<P: Provider>(
 mod tests {
     use super::*;
     use crate::plan::{plan as make_plan, Observed};
-    use crate::provider::NodeStatus;
     use crate::state::LocalStateStore;
     use serde_json::json;
     use std::sync::Mutex;
@@ -355,12 +361,8 @@ mod tests {
         }
     }
 
-    impl Provider for ScriptedProvider {
+    impl Applier for ScriptedProvider {
         type Error = ScriptedError;
-
-        fn desired(&self) -> Vec<Resource> {
-            Vec::new()
-        }
 
         fn dependencies(&self, kind: &str) -> &'static [&'static str] {
             if kind == "instance" {
@@ -368,10 +370,6 @@ mod tests {
             } else {
                 &[]
             }
-        }
-
-        async fn refresh(&self, _state: &State) -> Result<Vec<Observed>, ScriptedError> {
-            Ok(Vec::new())
         }
 
         async fn create(
@@ -403,14 +401,6 @@ mod tests {
 
         async fn delete(&self, _kind: &str, id: &str) -> Result<(), ScriptedError> {
             self.call(id.trim_start_matches("id-")).await
-        }
-
-        async fn leftovers(&self) -> Result<Vec<String>, ScriptedError> {
-            Ok(Vec::new())
-        }
-
-        async fn nodes(&self) -> Result<Vec<NodeStatus>, ScriptedError> {
-            Ok(Vec::new())
         }
     }
 
@@ -456,7 +446,7 @@ mod tests {
         let plan = make_plan("demo", "test", &resources(), &state, &[]);
         let outcomes = apply(
             up.clone(),
-            &plan,
+            &plan.changes,
             &mut store,
             &mut state,
             3,
@@ -490,7 +480,7 @@ mod tests {
         let destroy = crate::plan::destroy("demo", "test", &state, &live);
         apply(
             down.clone(),
-            &destroy,
+            &destroy.changes,
             &mut store,
             &mut state,
             10,
@@ -514,7 +504,7 @@ mod tests {
         let plan = make_plan("demo", "test", &resources(), &state, &[]);
         let err = apply(
             failing.clone(),
-            &plan,
+            &plan.changes,
             &mut store,
             &mut state,
             10,

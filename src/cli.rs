@@ -37,8 +37,10 @@ pub enum Command {
     Up(ApplyArgs),
     /// Remove everything the stack made, then check that nothing is left.
     Down(ApplyArgs),
-    /// Show the nodes, their addresses and where the key and state files are.
+    /// Show the nodes, their addresses, the kubeconfig and where the key and state files are.
     Status(FileArgs),
+    /// Print the path of the stack's kubeconfig, or merge it into your kubeconfig.
+    Kubeconfig(KubeconfigArgs),
     /// Open a shell on a KVM node (or run a command) with its pinned host key.
     Ssh(SshArgs),
     /// Run the frame switch of a stack's private network (started by `up`).
@@ -79,6 +81,17 @@ pub struct PlanArgs {
     /// Plan the removal of everything (what `down` would do).
     #[arg(long)]
     pub destroy: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KubeconfigArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+
+    /// Merge the cluster, user and a context named after the stack into
+    /// $KUBECONFIG (its first file) or ~/.kube/config, and make it current.
+    #[arg(long)]
+    pub merge: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,5 +1,6 @@
 //! One thin function per subcommand over the library.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,7 +10,9 @@ use anyhow::Context;
 use serde_json::json;
 
 use crate::apply::{self, Outcome};
-use crate::cli::{ApplyArgs, Cli, Command, FileArgs, OutputFormat, PlanArgs, SshArgs};
+use crate::bootstrap::steps::{self, is_bootstrap};
+use crate::bootstrap::{kubeconfig, Bootstrap};
+use crate::cli::{ApplyArgs, Cli, Command, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, SshArgs};
 use crate::keys;
 use crate::model::{self, LoadError, Provider as ProviderSettings, Stack};
 use crate::output::Reporter;
@@ -37,6 +40,14 @@ pub enum CommandError {
     Declined,
     #[error("down finished but these of stack {stack} are still there:\n{}", left.join("\n"))]
     Leftovers { stack: String, left: Vec<String> },
+    #[error("stack {stack} has no kubeconfig yet ({}): run `stack up`", path.display())]
+    NoKubeconfig { stack: String, path: PathBuf },
+    #[error("{}: the existing cluster's kubeconfig {} {problem}", file.display(), kubeconfig.display())]
+    ExistingCluster {
+        file: PathBuf,
+        kubeconfig: PathBuf,
+        problem: String,
+    },
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -47,6 +58,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up(&args, output).await,
         Command::Down(args) => down(&args, output).await,
         Command::Status(args) => status(&args, output).await,
+        Command::Kubeconfig(args) => merge_kubeconfig(&args),
         Command::Ssh(args) => ssh(&args).await,
         Command::Switch { socket } => {
             crate::provider::kvm::switch::serve(&socket)
@@ -110,12 +122,10 @@ impl Backend {
                     .await
                     .with_context(|| format!("cannot reach EC2 for stack {}", stack.name))?,
             )),
-            ProviderSettings::Kvm(settings) => Backend::Kvm(Arc::new(KvmProvider::new(
-                stack,
-                settings,
-                &key.private_path,
-                &key.public_openssh,
-            ))),
+            ProviderSettings::Kvm(settings) => Backend::Kvm(Arc::new(
+                KvmProvider::new(stack, settings, &key.private_path, &key.public_openssh)
+                    .with_context(|| format!("cannot plan the VMs of stack {}", stack.name))?,
+            )),
         })
     }
 
@@ -142,7 +152,50 @@ struct Session {
     stack: Stack,
     store: LocalStateStore,
     state: State,
-    backend: Backend,
+    /// `None` for an existing cluster: no infrastructure and no bootstrap.
+    backend: Option<Backend>,
+    key_path: PathBuf,
+}
+
+/// Where the kubeconfig of a stack's cluster is written: next to the state.
+pub fn kubeconfig_path(stack: &Stack) -> PathBuf {
+    stack.state_dir().join(format!("{}.kubeconfig", stack.name))
+}
+
+/// The kubeconfig and context of an existing cluster, checked to be usable.
+fn existing_cluster(stack: &Stack) -> anyhow::Result<Option<(PathBuf, String)>> {
+    let Some(path) = stack.kubernetes.as_ref().and_then(|k| k.kubeconfig.clone()) else {
+        return Ok(None);
+    };
+    let path = match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ if path.is_relative() => stack.file.parent().unwrap_or(Path::new("")).join(&path),
+        _ => path,
+    };
+    let problem = |problem: String| CommandError::ExistingCluster {
+        file: stack.file.clone(),
+        kubeconfig: path.clone(),
+        problem,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| problem(format!("cannot be read: {e}")))?;
+    let config = kubeconfig::parse(&text, &path.display().to_string())?;
+    let context = match stack.kubernetes.as_ref().and_then(|k| k.context.clone()) {
+        Some(context) => context,
+        None => config["current-context"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| problem("has no current-context: name one with kubernetes.context".to_string()))?,
+    };
+    let known: Vec<&str> = config["contexts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    if !known.contains(&context.as_str()) {
+        return Err(problem(format!("has no context `{context}` (it has: {})", known.join(", "))).into());
+    }
+    Ok(Some((path, context)))
 }
 
 /// Stops when the stack uses a section whose behaviour is not built yet.
@@ -170,34 +223,68 @@ async fn open(file: &Path, require_built: bool) -> anyhow::Result<Session> {
     let store = LocalStateStore::open(&dir, &stack.name, stack.provider_name())?;
     let state = store.load()?;
     let key = keys::ensure(&dir, &stack.name)?;
-    let backend = Backend::connect(&stack, &key).await?;
+    let backend = match existing_cluster(&stack)? {
+        Some(_) => None,
+        None => Some(Backend::connect(&stack, &key).await?),
+    };
     Ok(Session {
         stack,
         store,
         state,
         backend,
+        key_path: key.private_path,
     })
 }
 
+/// The bootstrap of a stack's cluster on its provider's nodes.
+fn bootstrap_of<P: Provider>(provider: &Arc<P>, session: &Session) -> Bootstrap<P> {
+    Bootstrap::new(
+        provider.clone(),
+        &session.stack,
+        &session.key_path,
+        &kubeconfig_path(&session.stack),
+    )
+}
+
 async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Plan> {
-    let observed = session
-        .backend
-        .refresh(&session.state)
-        .await
-        .with_context(|| format!("cannot refresh stack {}", session.stack.name))?;
     let name = &session.stack.name;
     let provider = session.stack.provider_name();
-    Ok(if destroy {
-        plan::destroy(name, provider, &session.state, &observed)
-    } else {
-        plan::plan(
-            name,
-            provider,
-            &session.backend.desired(),
-            &session.state,
-            &observed,
-        )
-    })
+    let Some(backend) = &session.backend else {
+        return Ok(plan::plan(name, provider, &[], &session.state, &[]));
+    };
+    let infra_state = session.state.only(|kind| !is_bootstrap(kind));
+    let observed = backend
+        .refresh(&infra_state)
+        .await
+        .with_context(|| format!("cannot refresh stack {}", session.stack.name))?;
+    if destroy {
+        // Removing the nodes removes the cluster: its steps are only forgotten.
+        return Ok(plan::destroy(name, provider, &session.state, &observed));
+    }
+    let infra = plan::plan(name, provider, &backend.desired(), &infra_state, &observed);
+    let bootstrap = with_provider!(backend, p => {
+        let bootstrap = bootstrap_of(p, session);
+        // Nodes this plan makes or replaces run all their steps again.
+        let fresh: BTreeSet<String> = steps::nodes(&session.stack)
+            .into_iter()
+            .filter(|node| {
+                let address = p.node_address(&node.key);
+                infra.changes.iter().any(|c| {
+                    c.address == address && matches!(c.action, plan::Action::Create | plan::Action::Replace)
+                })
+            })
+            .map(|node| node.key)
+            .collect();
+        let observed = bootstrap
+            .refresh(&session.state, &fresh)
+            .await
+            .with_context(|| format!("cannot read the cluster of stack {name}"))?;
+        let recorded = session.state.only(is_bootstrap);
+        let mut plan = plan::plan(name, provider, &bootstrap.desired(), &recorded, &observed);
+        bootstrap.annotate(&mut plan, &fresh);
+        plan
+    });
+    Ok(infra.combine(bootstrap))
 }
 
 fn show_plan(plan: &Plan, output: OutputFormat) {
@@ -257,15 +344,39 @@ fn report(plan: &Plan, outcomes: &[Outcome], session: &Session, output: OutputFo
     }
 }
 
+/// Applies the plan phase by phase: the infrastructure (in parallel where
+/// independent), then the bootstrap's steps one at a time in order.
 async fn apply_plan(
     session: &mut Session,
     plan: &Plan,
     args: &ApplyArgs,
 ) -> anyhow::Result<Vec<Outcome>> {
     let reporter = Reporter::new();
+    apply::bookkeeping(plan, &mut session.store, &mut session.state)?;
+    let Some(backend) = &session.backend else {
+        return Ok(Vec::new());
+    };
+    let (bootstrap, infra): (Vec<_>, Vec<_>) = plan
+        .changes
+        .iter()
+        .cloned()
+        .partition(|c| is_bootstrap(&c.kind));
     let parallelism = usize::from(args.parallelism);
     let (store, state) = (&mut session.store, &mut session.state);
-    with_provider!(&session.backend, p => Ok(apply::apply(p.clone(), plan, store, state, parallelism, &reporter).await?))
+    let mut outcomes = with_provider!(backend, p => apply::apply(p.clone(), &infra, store, state, parallelism, &reporter).await?);
+    if !bootstrap.is_empty() {
+        let steps = with_provider!(backend, p => {
+            let applier = Arc::new(Bootstrap::new(
+                p.clone(),
+                &session.stack,
+                &session.key_path,
+                &kubeconfig_path(&session.stack),
+            ));
+            apply::apply(applier, &bootstrap, store, state, 1, &reporter).await?
+        });
+        outcomes.extend(steps);
+    }
+    Ok(outcomes)
 }
 
 pub async fn up(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
@@ -291,11 +402,13 @@ pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<Exit
         confirm(args.yes, "Destroy everything of this stack?")?;
     }
     let outcomes = apply_plan(&mut session, &plan, args).await?;
-    let left = session
-        .backend
-        .leftovers()
-        .await
-        .context("cannot check what is left")?;
+    let left = match &session.backend {
+        Some(backend) => backend
+            .leftovers()
+            .await
+            .context("cannot check what is left")?,
+        None => Vec::new(),
+    };
     if !left.is_empty() {
         return Err(CommandError::Leftovers {
             stack: session.stack.name.clone(),
@@ -304,17 +417,46 @@ pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<Exit
         .into());
     }
     keys::remove(&session.stack.state_dir(), &session.stack.name)?;
+    remove_local_files(&session.stack)?;
     report(&plan, &outcomes, &session, output);
     if output == OutputFormat::Text {
         match session.backend {
-            Backend::Ec2(_) => println!("Nothing tagged stack={} is left.", session.stack.name),
-            Backend::Kvm(_) => println!(
+            Some(Backend::Ec2(_)) => {
+                println!("Nothing tagged stack={} is left.", session.stack.name)
+            }
+            Some(Backend::Kvm(_)) => println!(
                 "Nothing of stack {} is left: no VM, switch, socket, disk or seed.",
+                session.stack.name
+            ),
+            None => println!(
+                "Stack {} made nothing of its own: the existing cluster is left as it is.",
                 session.stack.name
             ),
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `down` removes next to the state besides the key: the cluster's
+/// kubeconfig and the nodes' host keys.
+fn remove_local_files(stack: &Stack) -> anyhow::Result<()> {
+    let kubeconfig = kubeconfig_path(stack);
+    match std::fs::remove_file(&kubeconfig) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            return Err(err).with_context(|| format!("cannot remove {}", kubeconfig.display()))
+        }
+        _ => {}
+    }
+    let hosts = crate::provider::ec2::host_keys_dir(stack);
+    match std::fs::remove_dir_all(&hosts) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("cannot remove {}", hosts.display()))
+        }
+        _ => {
+            let _ = std::fs::remove_dir(stack.state_dir().join(&stack.name));
+            Ok(())
+        }
+    }
 }
 
 pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
@@ -329,8 +471,23 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
         private_path: key_path.clone(),
         public_openssh: public_key.trim().to_string(),
     };
-    let backend = Backend::connect(&stack, &key).await?;
-    let nodes = backend.nodes().await.context("cannot read the nodes")?;
+    let existing = existing_cluster(&stack)?;
+    let nodes = match &existing {
+        Some(_) => Vec::new(),
+        None => Backend::connect(&stack, &key)
+            .await?
+            .nodes()
+            .await
+            .context("cannot read the nodes")?,
+    };
+    let (kubeconfig, context) = match existing {
+        Some((path, context)) => (Some(path), Some(context)),
+        None => {
+            let path = kubeconfig_path(&stack);
+            let exists = path.exists();
+            (exists.then_some(path), exists.then(|| stack.name.clone()))
+        }
+    };
     let ssh_user = match &stack.provider {
         ProviderSettings::Ec2(settings) => settings.ssh_user.clone(),
         ProviderSettings::Kvm(settings) => settings.ssh_user.clone(),
@@ -345,6 +502,8 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
             "recordedResources": recorded.as_ref().map_or(0, |s| s.resources.len()),
             "sshKey": key_exists.then_some(&key_path),
             "sshUser": ssh_user,
+            "kubeconfig": kubeconfig,
+            "context": context,
             "nodes": nodes,
         })),
         OutputFormat::Text => {
@@ -365,6 +524,14 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
                 println!("ssh key: {} (user {})", key_path.display(), ssh_user);
             } else {
                 println!("ssh key: none yet");
+            }
+            match (&kubeconfig, &context) {
+                (Some(path), Some(context)) => println!(
+                    "kubeconfig: {} (context {context}; `stack kubeconfig --merge` adds it to yours)",
+                    path.display()
+                ),
+                _ if stack.kubernetes.is_some() => println!("kubeconfig: none yet (run `stack up`)"),
+                _ => {}
             }
             if nodes.is_empty() {
                 println!("no nodes");
@@ -390,6 +557,54 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints the stack's kubeconfig path, or merges it into the user's.
+pub fn merge_kubeconfig(args: &KubeconfigArgs) -> anyhow::Result<ExitCode> {
+    let stack = model::load(&args.file.file)?;
+    let path = match existing_cluster(&stack)? {
+        Some((path, _)) => path,
+        None => kubeconfig_path(&stack),
+    };
+    if !path.exists() {
+        return Err(CommandError::NoKubeconfig {
+            stack: stack.name.clone(),
+            path,
+        }
+        .into());
+    }
+    if !args.merge {
+        println!("{}", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let target = std::env::var_os("KUBECONFIG")
+        .and_then(|v| std::env::split_paths(&v).next())
+        .filter(|p| !p.as_os_str().is_empty())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
+        .context("neither KUBECONFIG nor HOME is set: no kubeconfig to merge into")?;
+    let ours = kubeconfig::parse(
+        &std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?,
+        &path.display().to_string(),
+    )?;
+    let theirs = match std::fs::read_to_string(&target) {
+        Ok(text) => kubeconfig::parse(&text, &target.display().to_string())?,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", target.display())),
+    };
+    let merged = kubeconfig::merge(&theirs, &ours);
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = target.with_extension("stack-tmp");
+    crate::files::write_private(&tmp, kubeconfig::render(&merged).as_bytes())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &target).with_context(|| format!("cannot write {}", target.display()))?;
+    println!(
+        "merged context `{}` into {} and made it current",
+        ours["current-context"].as_str().unwrap_or(&stack.name),
+        target.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Opens a shell (or runs a command) on a KVM node with OpenSSH, trusting
 /// only the node's pinned host key.
 pub async fn ssh(args: &SshArgs) -> anyhow::Result<ExitCode> {
@@ -402,7 +617,7 @@ pub async fn ssh(args: &SshArgs) -> anyhow::Result<ExitCode> {
         }
         .into());
     };
-    let provider = KvmProvider::new(&stack, settings, &key_path, "");
+    let provider = KvmProvider::new(&stack, settings, &key_path, "")?;
     let (port, user, host_key, vm_dir) =
         provider
             .ssh_target(&args.node)

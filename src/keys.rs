@@ -1,5 +1,7 @@
-//! The stack's SSH key: an ed25519 key pair generated once per stack and
-//! kept next to the state (private key mode 0600), never defaulted.
+//! The stack's SSH keys: the stack's own ed25519 key pair, generated once per
+//! stack and kept next to the state (private key mode 0600), never defaulted;
+//! and each node's host key, generated before the node exists so that it is
+//! pinned before the first connection.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -87,6 +89,51 @@ pub fn ensure(dir: &Path, stack: &str) -> Result<StackKey, KeyError> {
         private_path,
         public_openssh,
     })
+}
+
+/// A node's ed25519 host key at `path`, generated on first use: the private
+/// key in OpenSSH form (for cloud-init's `ssh_keys`) and the public key.
+pub fn host_key(path: &Path, hostname: &str) -> Result<(String, String), KeyError> {
+    let pem = match fs::read_to_string(path) {
+        Ok(pem) => pem,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519)
+                .map_err(|e| KeyError::Generate(e.to_string()))?;
+            key.set_comment(hostname);
+            let pem = key
+                .to_openssh(LineEnding::LF)
+                .map_err(|e| KeyError::Generate(e.to_string()))?;
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(|source| KeyError::Io {
+                    action: "create the folder for",
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            }
+            write_private(path, pem.as_bytes()).map_err(|source| KeyError::Io {
+                action: "write",
+                path: path.to_path_buf(),
+                source,
+            })?;
+            pem.to_string()
+        }
+        Err(source) => {
+            return Err(KeyError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let key = PrivateKey::from_openssh(&pem).map_err(|e| KeyError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| KeyError::Generate(e.to_string()))?;
+    Ok((pem, public))
 }
 
 /// Removes the key files (after `down`).

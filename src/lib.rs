@@ -6,7 +6,9 @@
 //! `commands` holds one thin function per CLI subcommand (`cli`).
 
 pub mod apply;
+pub mod bootstrap;
 pub mod cli;
+pub mod cloudinit;
 pub mod commands;
 pub mod diag;
 pub mod files;
@@ -15,5 +17,6 @@ pub mod model;
 pub mod output;
 pub mod plan;
 pub mod provider;
+pub mod ssh;
 pub mod state;
 pub mod templates;

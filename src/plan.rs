@@ -86,6 +86,25 @@ pub struct Change {
     /// The token a create must use (kept in state before the call).
     #[serde(skip)]
     pub token: Option<String>,
+    /// Where a bootstrap step stands in the whole bootstrap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepRef>,
+}
+
+/// A bootstrap step's place: step `number` of `of`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepRef {
+    pub number: usize,
+    pub of: usize,
+    pub description: String,
+}
+
+/// Infrastructure first, then the bootstrap's steps in their order.
+fn order(change: &Change) -> (bool, usize) {
+    (
+        crate::bootstrap::steps::is_bootstrap(&change.kind),
+        change.step.as_ref().map_or(usize::MAX, |s| s.number),
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -126,13 +145,34 @@ impl Plan {
         stack: &str,
         provider: &str,
         mode: Mode,
-        mut changes: Vec<Change>,
+        changes: Vec<Change>,
         adopt: Vec<Observed>,
         forget: Vec<String>,
     ) -> Self {
-        changes.sort_by(|a, b| a.address.cmp(&b.address).then(a.id.cmp(&b.id)));
+        let mut plan = Plan {
+            format_version: FORMAT_VERSION,
+            stack: stack.to_string(),
+            provider: provider.to_string(),
+            mode,
+            changes,
+            summary: Summary::default(),
+            adopt,
+            forget,
+        };
+        plan.recount();
+        plan
+    }
+
+    /// Puts the changes in order and counts them again (after they were edited).
+    pub fn recount(&mut self) {
+        self.changes.sort_by(|a, b| {
+            order(a)
+                .cmp(&order(b))
+                .then(a.address.cmp(&b.address))
+                .then(a.id.cmp(&b.id))
+        });
         let mut summary = Summary::default();
-        for change in &changes {
+        for change in &self.changes {
             match change.action {
                 Action::Create => summary.create += 1,
                 Action::Update => summary.update += 1,
@@ -141,16 +181,16 @@ impl Plan {
             }
             summary.drift += usize::from(change.drift);
         }
-        Plan {
-            format_version: FORMAT_VERSION,
-            stack: stack.to_string(),
-            provider: provider.to_string(),
-            mode,
-            changes,
-            summary,
-            adopt,
-            forget,
-        }
+        self.summary = summary;
+    }
+
+    /// One plan of two phases' plans (infrastructure, then the bootstrap).
+    pub fn combine(mut self, other: Plan) -> Plan {
+        self.changes.extend(other.changes);
+        self.adopt.extend(other.adopt);
+        self.forget.extend(other.forget);
+        self.recount();
+        self
     }
 
     /// Nothing to change in the world (adopting or forgetting records is bookkeeping).
@@ -281,6 +321,7 @@ pub fn plan(
                     after,
                     fields: Vec::new(),
                     token: record.and_then(|r| r.pending_token.clone()),
+                    step: None,
                 });
             }
             Some(live) => {
@@ -333,6 +374,7 @@ pub fn plan(
                     after,
                     fields,
                     token: None,
+                    step: None,
                 });
             }
         }
@@ -374,6 +416,7 @@ fn delete_change(live: &Observed, record: Option<&Record>, reason: &str, drift: 
         after: None,
         fields: Vec::new(),
         token: None,
+        step: None,
     }
 }
 
@@ -455,6 +498,13 @@ fn render_change(out: &mut String, change: &Change) {
         change.action.symbol(),
         change.address
     );
+    if let Some(step) = &change.step {
+        let _ = writeln!(
+            out,
+            "        step {} of {}: {}",
+            step.number, step.of, step.description
+        );
+    }
     let _ = writeln!(out, "        {}", change.reason);
     for field in &change.fields {
         if let (Some(Value::Array(live)), Some(Value::Array(want))) =

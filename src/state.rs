@@ -108,6 +108,19 @@ impl State {
     pub fn remove(&mut self, address: &str) {
         self.resources.retain(|r| r.address != address);
     }
+
+    /// The same state with only the records whose kind `keep` accepts (one phase's view).
+    pub fn only(&self, keep: impl Fn(&str) -> bool) -> State {
+        State {
+            resources: self
+                .resources
+                .iter()
+                .filter(|r| keep(&r.kind))
+                .cloned()
+                .collect(),
+            ..self.clone()
+        }
+    }
 }
 
 /// Where state lives. One run holds the store (and its lock) from start to end.

@@ -549,6 +549,7 @@ impl Decoder<'_> {
                 "memory",
                 "image",
                 "runcmd",
+                "userData",
             ],
         )?;
         let name = self
@@ -570,6 +571,12 @@ impl Decoder<'_> {
         let memory = self.opt(&f, path, "memory", Self::size);
         let image = self.opt(&f, path, "image", Self::base_image);
         let runcmd = self.opt(&f, path, "runcmd", |d, n, p| d.list(n, p, Self::string));
+        let user_data = self.opt(&f, path, "userData", |d, n, p| {
+            d.string(n, p).map(|s| Spanned {
+                value: PathBuf::from(s.value),
+                pos: s.pos,
+            })
+        });
         let group = NodeGroupFile {
             pos: node.pos,
             name: name?,
@@ -583,6 +590,7 @@ impl Decoder<'_> {
             memory,
             image,
             runcmd,
+            user_data,
         };
         Some(group)
     }

@@ -49,13 +49,6 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             what: what.to_string(),
         })
     };
-    if let Some(k) = &stack.kubernetes {
-        mark(
-            "kubernetes",
-            k.pos,
-            "microk8s bootstrap and deploying to a cluster",
-        );
-    }
     if let Some(d) = stack.databases.as_ref().filter(|d| !d.value.is_empty()) {
         mark("databases", d.pos, "database clusters");
     }
@@ -120,6 +113,7 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
                 .into_iter()
                 .map(|c| c.value)
                 .collect(),
+            user_data: val(g.user_data),
         })
         .collect();
     let kubernetes = val(stack.kubernetes).map(|k| Kubernetes {

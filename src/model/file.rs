@@ -78,6 +78,7 @@ pub struct NodeGroupFile {
     pub memory: Opt<ByteSize>,
     pub image: Opt<BaseImage>,
     pub runcmd: Opt<Vec<Spanned<String>>>,
+    pub user_data: Opt<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default)]

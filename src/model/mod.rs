@@ -179,6 +179,8 @@ pub struct NodeGroup {
     pub image: Option<BaseImage>,
     /// Extra commands cloud-init runs once at first boot.
     pub runcmd: Vec<String>,
+    /// The group's own user-data template (handlebars), in place of the built-in one.
+    pub user_data: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -8,6 +8,7 @@ pub mod ec2;
 pub mod kvm;
 
 use std::future::Future;
+use std::net::SocketAddr;
 
 use crate::plan::{Change, Observed, Resource};
 use crate::state::{Record, State};
@@ -23,21 +24,36 @@ pub struct NodeStatus {
     pub private_address: Option<String>,
 }
 
-pub trait Provider: Send + Sync + 'static {
-    type Error: std::error::Error + Send + Sync + 'static;
+/// How a node is reached over SSH, and where its Kubernetes API answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SshNode {
+    /// The node's key in its group, such as `control[0]`.
+    pub key: String,
+    pub hostname: String,
+    /// The provider's id of the node (instance id, VM name).
+    pub id: String,
+    pub ssh: SocketAddr,
+    pub user: String,
+    /// The host key `stack` generated for the node and pinned.
+    pub host_key: String,
+    /// The address the other nodes reach it at.
+    pub private_ip: String,
+    /// Where the user reaches its API server (host, port).
+    pub api: (String, u16),
+}
 
-    /// What the stack wants, as resources with addresses (no I/O).
-    fn desired(&self) -> Vec<Resource>;
+/// What `apply` drives: the changes of one kind of thing, made, changed or removed.
+pub trait Applier: Send + Sync + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
 
     /// The kinds a kind must wait for on create (and that wait for it on delete).
     fn dependencies(&self, kind: &str) -> &'static [&'static str];
 
-    /// Reads back everything tagged with the stack, and everything the state
-    /// records by id (so a changed tag does not hide a resource).
-    fn refresh(
-        &self,
-        state: &State,
-    ) -> impl Future<Output = Result<Vec<Observed>, Self::Error>> + Send;
+    /// Whether a failure of this change stops the run; when not, it is
+    /// reported, left unrecorded (so the next run tries again) and the rest goes on.
+    fn is_fatal(&self, _change: &Change) -> bool {
+        true
+    }
 
     /// Makes the resource, or finds it when a previous run already made it.
     /// `token` is the idempotency token recorded in state before the call;
@@ -58,6 +74,32 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Deletes a live resource and waits until it is gone.
     fn delete(&self, kind: &str, id: &str) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+pub trait Provider: Applier {
+    /// What the stack wants, as resources with addresses (no I/O).
+    fn desired(&self) -> Vec<Resource>;
+
+    /// Reads back everything tagged with the stack, and everything the state
+    /// records by id (so a changed tag does not hide a resource).
+    fn refresh(
+        &self,
+        state: &State,
+    ) -> impl Future<Output = Result<Vec<Observed>, Self::Error>> + Send;
+
+    /// Whether the nodes' private addresses are known before they exist (so
+    /// cloud-init can write every node into `/etc/hosts`).
+    fn private_addresses_in_advance(&self) -> bool;
+
+    /// The infrastructure address of a node key such as `control[0]`.
+    fn node_address(&self, key: &str) -> String;
+
+    /// How to reach each recorded node, from the state and (where addresses
+    /// are assigned by the cloud) a fresh read.
+    fn ssh_nodes(
+        &self,
+        state: &State,
+    ) -> impl Future<Output = Result<Vec<SshNode>, Self::Error>> + Send;
 
     /// Everything still tagged with the stack, as `kind id` lines (for `down`'s final check).
     fn leftovers(&self) -> impl Future<Output = Result<Vec<String>, Self::Error>> + Send;

@@ -11,7 +11,8 @@ use crate::files::sha256_hex;
 use crate::keys::key_material;
 use crate::model::{Ec2Settings, Stack};
 use crate::plan::Resource;
-use crate::templates::{self, Ec2UserData, TemplateError};
+use crate::cloudinit::{self, NodeSeed};
+use crate::templates::TemplateError;
 
 pub const KEY_PAIR: &str = "key_pair";
 pub const SECURITY_GROUP: &str = "security_group";
@@ -148,6 +149,9 @@ fn ingress_text(stack: &Stack) -> Vec<String> {
     rules
 }
 
+/// Host keys by host name: (private key in OpenSSH form, public key).
+pub type HostKeys = BTreeMap<String, (String, String)>;
+
 /// One instance to make.
 pub struct InstanceSpec {
     pub address: String,
@@ -155,20 +159,37 @@ pub struct InstanceSpec {
     pub user_data: String,
 }
 
-pub fn instances(stack: &Stack, public_key: &str) -> Result<Vec<InstanceSpec>, TemplateError> {
+/// A node's host name.
+pub fn hostname(stack: &Stack, group: &str, index: u32) -> String {
+    format!("{}-{group}-{index}", stack.name)
+}
+
+/// Each instance with its user-data; `host_keys` gives a node's host key
+/// (private OpenSSH form, public key) by host name. EC2 assigns private
+/// addresses at launch, so `/etc/hosts` is written by the bootstrap instead.
+pub fn instances(
+    stack: &Stack,
+    settings: &Ec2Settings,
+    public_key: &str,
+    host_keys: &HostKeys,
+) -> Result<Vec<InstanceSpec>, TemplateError> {
     let mut out = Vec::new();
     for group in &stack.nodes {
         for index in 0..group.count {
-            let hostname = format!("{}-{}-{index}", stack.name, group.name);
-            let user_data = templates::ec2_user_data(&Ec2UserData {
-                stack: &stack.name,
+            let hostname = hostname(stack, &group.name, index);
+            let (host_private, host_public) =
+                host_keys.get(&hostname).map_or(("", ""), |(private, public)| {
+                    (private.as_str(), public.as_str())
+                });
+            let user_data = cloudinit::user_data(&NodeSeed {
+                stack,
+                group,
                 hostname: &hostname,
-                public_key,
-                runcmd: group
-                    .runcmd
-                    .iter()
-                    .map(|c| serde_json::to_string(c).expect("strings serialise"))
-                    .collect(),
+                user: &settings.ssh_user,
+                authorized_key: public_key,
+                host_private,
+                host_public,
+                hosts: &[],
             })?;
             out.push(InstanceSpec {
                 address: instance_address(&group.name, index),
@@ -185,6 +206,7 @@ pub fn resources(
     stack: &Stack,
     settings: &Ec2Settings,
     public_key: &str,
+    host_keys: &HostKeys,
 ) -> Result<Vec<Resource>, TemplateError> {
     let name = resource_name(&stack.name);
     let mut resources = vec![
@@ -216,7 +238,7 @@ pub fn resources(
             }
         },
     ];
-    let specs = instances(stack, public_key)?;
+    let specs = instances(stack, settings, public_key, host_keys)?;
     let mut specs = specs.into_iter();
     for group in &stack.nodes {
         for _ in 0..group.count {
@@ -259,6 +281,20 @@ mod tests {
 
     const PUBLIC_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDlcRDUzHuYNBQ2XzLkqM1twyC5Bj1MZ4bc0PiTjxFau stack-demo";
 
+    /// Fixed stand-ins for generated host keys, so that snapshots are stable.
+    pub fn test_host_keys(stack: &Stack) -> HostKeys {
+        stack
+            .nodes
+            .iter()
+            .flat_map(|g| (0..g.count).map(move |i| hostname(stack, &g.name, i)))
+            .map(|h| {
+                let private = format!("-----BEGIN OPENSSH PRIVATE KEY-----\nhost key of {h}\n-----END OPENSSH PRIVATE KEY-----\n");
+                let public = format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyHostKeyHostKeyHostKeyHostKeyHost {h}");
+                (h, (private, public))
+            })
+            .collect()
+    }
+
     #[test]
     fn example_stack_resources_snapshot() {
         let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/aws.yaml");
@@ -266,7 +302,7 @@ mod tests {
         let Provider::Ec2(settings) = &stack.provider else {
             panic!("stacks/aws.yaml is an ec2 stack")
         };
-        let resources = resources(&stack, settings, PUBLIC_KEY).unwrap();
+        let resources = resources(&stack, settings, PUBLIC_KEY, &test_host_keys(&stack)).unwrap();
         insta::assert_json_snapshot!(resources);
     }
 

@@ -10,6 +10,7 @@ pub mod desired;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use self::desired::*;
-use super::{NodeStatus, Provider};
+use super::{Applier, NodeStatus, Provider, SshNode};
 use crate::files::sha256_hex;
 use crate::keys::key_material;
 use crate::model::{Ec2Settings, Stack};
@@ -59,6 +60,8 @@ pub enum Ec2Error {
     Invalid { address: String, message: String },
     #[error(transparent)]
     Template(#[from] TemplateError),
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
 }
 
 fn error_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&str> {
@@ -135,8 +138,15 @@ pub struct Ec2Provider {
     settings: Ec2Settings,
     desired: Vec<Resource>,
     user_data: HashMap<String, String>,
+    /// Each node's pinned host key by host name.
+    host_keys: desired::HostKeys,
     public_key: String,
     root_devices: Mutex<HashMap<String, String>>,
+}
+
+/// Where the nodes' host keys are kept: `.stack/NAME/hosts/`.
+pub fn host_keys_dir(stack: &Stack) -> PathBuf {
+    stack.state_dir().join(&stack.name).join("hosts")
 }
 
 impl Ec2Provider {
@@ -170,8 +180,17 @@ impl Ec2Provider {
             .await
             .map_err(|e| Ec2Error::Credentials(DisplayErrorContext(&e).to_string()))?;
         let client = Client::new(&config);
-        let desired = desired::resources(stack, settings, public_key)?;
-        let user_data = desired::instances(stack, public_key)?
+        let mut host_keys = desired::HostKeys::new();
+        for group in &stack.nodes {
+            for index in 0..group.count {
+                let hostname = desired::hostname(stack, &group.name, index);
+                let path = host_keys_dir(stack).join(format!("{hostname}_ed25519"));
+                let key = crate::keys::host_key(&path, &hostname)?;
+                host_keys.insert(hostname, key);
+            }
+        }
+        let desired = desired::resources(stack, settings, public_key, &host_keys)?;
+        let user_data = desired::instances(stack, settings, public_key, &host_keys)?
             .into_iter()
             .map(|spec| (spec.address, spec.user_data))
             .collect();
@@ -181,6 +200,7 @@ impl Ec2Provider {
             settings: settings.clone(),
             desired,
             user_data,
+            host_keys,
             public_key: public_key.to_string(),
             root_devices: Mutex::new(HashMap::new()),
         })
@@ -963,42 +983,14 @@ fn permission(rule: &IngressRule, group_id: &str) -> IpPermission {
     .build()
 }
 
-impl Provider for Ec2Provider {
+impl Applier for Ec2Provider {
     type Error = Ec2Error;
-
-    fn desired(&self) -> Vec<Resource> {
-        self.desired.clone()
-    }
 
     fn dependencies(&self, kind: &str) -> &'static [&'static str] {
         match kind {
             INSTANCE => &[KEY_PAIR, SECURITY_GROUP],
             _ => &[],
         }
-    }
-
-    async fn refresh(&self, state: &State) -> Result<Vec<Observed>, Ec2Error> {
-        let recorded = Self::recorded_ids(state, INSTANCE);
-        let (instances, groups, pairs) = tokio::join!(
-            self.live_instances(&recorded),
-            self.refresh_groups(state),
-            self.refresh_key_pairs(state)
-        );
-        let instances = instances?;
-        let sizes = self.root_volume_sizes(&instances).await?;
-        tracing::info!(stack = %self.stack.name, instances = instances.len(), "refreshed from EC2");
-        let our_group = resource_name(&self.stack.name);
-        let mut observed = pairs?;
-        observed.extend(groups?);
-        let mut seen = BTreeSet::new();
-        for instance in &instances {
-            if let Some(o) = self.observe_instance(instance, state, &sizes, &our_group) {
-                if seen.insert(o.id.clone()) {
-                    observed.push(o);
-                }
-            }
-        }
-        Ok(observed)
     }
 
     async fn create(
@@ -1104,6 +1096,36 @@ impl Provider for Ec2Provider {
         }
         Ok(())
     }
+}
+
+impl Provider for Ec2Provider {
+    fn desired(&self) -> Vec<Resource> {
+        self.desired.clone()
+    }
+
+    async fn refresh(&self, state: &State) -> Result<Vec<Observed>, Ec2Error> {
+        let recorded = Self::recorded_ids(state, INSTANCE);
+        let (instances, groups, pairs) = tokio::join!(
+            self.live_instances(&recorded),
+            self.refresh_groups(state),
+            self.refresh_key_pairs(state)
+        );
+        let instances = instances?;
+        let sizes = self.root_volume_sizes(&instances).await?;
+        tracing::info!(stack = %self.stack.name, instances = instances.len(), "refreshed from EC2");
+        let our_group = resource_name(&self.stack.name);
+        let mut observed = pairs?;
+        observed.extend(groups?);
+        let mut seen = BTreeSet::new();
+        for instance in &instances {
+            if let Some(o) = self.observe_instance(instance, state, &sizes, &our_group) {
+                if seen.insert(o.id.clone()) {
+                    observed.push(o);
+                }
+            }
+        }
+        Ok(observed)
+    }
 
     async fn leftovers(&self) -> Result<Vec<String>, Ec2Error> {
         let empty = State::new(&self.stack.name, "ec2");
@@ -1112,6 +1134,50 @@ impl Provider for Ec2Provider {
             .iter()
             .map(|o| format!("{} {} ({})", o.kind, o.id, o.address))
             .collect())
+    }
+
+    fn private_addresses_in_advance(&self) -> bool {
+        false
+    }
+
+    fn node_address(&self, key: &str) -> String {
+        format!("ec2.{INSTANCE}.{key}")
+    }
+
+    async fn ssh_nodes(&self, _state: &State) -> Result<Vec<SshNode>, Ec2Error> {
+        let prefix = format!("ec2.{INSTANCE}.");
+        let mut nodes = Vec::new();
+        for instance in self.live_instances(&[]).await? {
+            let tags = tag_map(instance.tags());
+            let (Some(address), Some(id), Some(public), Some(private)) = (
+                tags.get(ADDRESS_TAG),
+                instance.instance_id(),
+                instance.public_ip_address(),
+                instance.private_ip_address(),
+            ) else {
+                continue;
+            };
+            let Some(hostname) = tags.get("Name") else {
+                continue;
+            };
+            let Some((_, host_key)) = self.host_keys.get(hostname) else {
+                continue;
+            };
+            let Ok(ip) = public.parse::<std::net::IpAddr>() else {
+                continue;
+            };
+            nodes.push(SshNode {
+                key: address.trim_start_matches(&prefix).to_string(),
+                hostname: hostname.clone(),
+                id: id.to_string(),
+                ssh: std::net::SocketAddr::new(ip, SSH_PORT as u16),
+                user: self.settings.ssh_user.clone(),
+                host_key: host_key.clone(),
+                private_ip: private.to_string(),
+                api: (public.to_string(), KUBE_API_PORT as u16),
+            });
+        }
+        Ok(nodes)
     }
 
     async fn nodes(&self) -> Result<Vec<NodeStatus>, Ec2Error> {

@@ -12,7 +12,7 @@ pub mod image;
 pub mod qemu;
 pub mod qmp;
 pub mod seed;
-pub mod ssh;
+
 pub mod switch;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -23,16 +23,17 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use ssh_key::{rand_core::OsRng, Algorithm, LineEnding, PrivateKey};
+use crate::ssh;
 
 use self::qemu::{Accelerator, VmSpec};
 use self::seed::SeedSpec;
-use super::{NodeStatus, Provider};
+use super::{Applier, NodeStatus, Provider, SshNode};
 use crate::files::{failed, sha256_hex, FileError};
 use crate::model::{Accel, BaseImage, KvmSettings, NodeGroup, Stack};
 use crate::plan::{Change, Observed, Resource};
 use crate::state::{Record, State};
-use crate::templates::TemplateError;
+use crate::cloudinit::{self, NodeSeed};
+use crate::templates::{HostEntry, TemplateError};
 
 pub const NETWORK: &str = "network";
 pub const VM: &str = "vm";
@@ -66,6 +67,8 @@ pub enum KvmError {
     #[error(transparent)]
     Ssh(#[from] ssh::SshError),
     #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    #[error(transparent)]
     Image(#[from] image::ImageError),
     #[error(transparent)]
     Template(#[from] TemplateError),
@@ -80,6 +83,9 @@ struct VmMeta {
     address: String,
     hostname: String,
     ssh_port: u16,
+    /// Forwarded to the guest's Kubernetes API when the stack runs microk8s.
+    #[serde(default)]
+    api_port: Option<u16>,
     host_key: String,
     private_address: String,
 }
@@ -94,6 +100,8 @@ struct VmPlan {
     prefix: u8,
     user_mac: String,
     private_mac: String,
+    /// Everything the seed says except the host key, which is made once per VM.
+    seed_sha256: String,
 }
 
 pub struct KvmProvider {
@@ -170,7 +178,13 @@ fn running_size(pid: u32) -> (Option<u64>, Option<u64>) {
 }
 
 impl KvmProvider {
-    pub fn new(stack: &Stack, settings: &KvmSettings, key_path: &Path, public_key: &str) -> Self {
+    /// Plans the stack's VMs; fails when a user-data template does not render.
+    pub fn new(
+        stack: &Stack,
+        settings: &KvmSettings,
+        key_path: &Path,
+        public_key: &str,
+    ) -> Result<Self, KvmError> {
         let (network, prefix) = match stack.network.cidr {
             Some(ipnet::IpNet::V4(net)) => (net, net.prefix_len()),
             _ => ("10.42.0.0/24".parse().expect("CIDR parses"), 24),
@@ -190,10 +204,11 @@ impl KvmProvider {
                     prefix,
                     user_mac: mac(0, index + 1),
                     private_mac: mac(1, index + 1),
+                    seed_sha256: String::new(),
                 });
             }
         }
-        KvmProvider {
+        let mut provider = KvmProvider {
             stack: stack.clone(),
             settings: settings.clone(),
             // Absolute: QEMU changes to / when it daemonizes.
@@ -203,7 +218,12 @@ impl KvmProvider {
             public_key: public_key.to_string(),
             vms,
             accel: Mutex::new(None),
+        };
+        for i in 0..provider.vms.len() {
+            let seed = provider.seed_spec(&provider.vms[i], "", "")?;
+            provider.vms[i].seed_sha256 = sha256_hex(format!("{seed:?}").as_bytes());
         }
+        Ok(provider)
     }
 
     fn socket(&self) -> PathBuf {
@@ -232,20 +252,39 @@ impl KvmProvider {
         }
     }
 
-    fn seed_spec(&self, vm: &VmPlan, host_private: String, host_public: String) -> SeedSpec {
-        SeedSpec {
-            stack: self.stack.name.clone(),
-            instance_id: vm.hostname.clone(),
-            hostname: vm.hostname.clone(),
-            user: self.settings.ssh_user.clone(),
-            authorized_key: self.public_key.clone(),
+    /// The VM's seed with its user-data rendered around the given host key.
+    fn seed_spec(
+        &self,
+        vm: &VmPlan,
+        host_private: &str,
+        host_public: &str,
+    ) -> Result<SeedSpec, TemplateError> {
+        let hosts: Vec<HostEntry> = self
+            .vms
+            .iter()
+            .map(|v| HostEntry {
+                address: v.private_address.to_string(),
+                hostname: v.hostname.clone(),
+            })
+            .collect();
+        let user_data = cloudinit::user_data(&NodeSeed {
+            stack: &self.stack,
+            group: &vm.group,
+            hostname: &vm.hostname,
+            user: &self.settings.ssh_user,
+            authorized_key: &self.public_key,
             host_private,
             host_public,
+            hosts: &hosts,
+        })?;
+        Ok(SeedSpec {
+            instance_id: vm.hostname.clone(),
+            hostname: vm.hostname.clone(),
+            user_data,
             user_mac: vm.user_mac.clone(),
             private_mac: vm.private_mac.clone(),
             private_address: format!("{}/{}", vm.private_address, vm.prefix),
-            runcmd: vm.group.runcmd.clone(),
-        }
+        })
     }
 
     fn image_id(&self, group: &NodeGroup) -> String {
@@ -257,16 +296,13 @@ impl KvmProvider {
     }
 
     fn vm_attrs(&self, vm: &VmPlan) -> Value {
-        // Everything the seed says except the host key, which is made once per VM.
-        let seed = self.seed_spec(vm, String::new(), String::new());
-        let seed_inputs = format!("{seed:?}");
         json!({
             "cpus": vm.group.cpus.unwrap_or(2),
             "memoryMiB": vm.group.memory.map_or(4096, |m| m.0 >> 20),
             "diskGiB": vm.group.disk.as_gib_ceil(),
             "image": self.image_id(&vm.group),
             "privateAddress": format!("{}/{}", vm.private_address, vm.prefix),
-            "seedSha256": sha256_hex(seed_inputs.as_bytes()),
+            "seedSha256": vm.seed_sha256,
             "state": "running",
         })
     }
@@ -291,36 +327,6 @@ impl KvmProvider {
                 }
             }
         }
-    }
-
-    /// The VM's host key, generated on first use and kept in its folder.
-    fn host_key(&self, dir: &Path, hostname: &str) -> Result<(String, String), KvmError> {
-        let path = dir.join("host_ed25519");
-        let pem = match std::fs::read_to_string(&path) {
-            Ok(pem) => pem,
-            Err(_) => {
-                let mut key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(|e| {
-                    KvmError::Node {
-                        node: hostname.to_string(),
-                        message: format!("cannot generate a host key: {e}"),
-                    }
-                })?;
-                key.set_comment(hostname);
-                let pem = key.to_openssh(LineEnding::LF).map_err(|e| KvmError::Node {
-                    node: hostname.to_string(),
-                    message: format!("cannot encode the host key: {e}"),
-                })?;
-                crate::files::write_private(&path, pem.as_bytes())
-                    .map_err(failed("write", &path))?;
-                pem.to_string()
-            }
-        };
-        let key = PrivateKey::from_openssh(&pem).map_err(|e| KvmError::Node {
-            node: hostname.to_string(),
-            message: format!("host key {} is unreadable: {e}", path.display()),
-        })?;
-        let public = key.public_key().to_openssh().unwrap_or_default();
-        Ok((pem, public))
     }
 
     fn meta(&self, dir: &Path) -> Option<VmMeta> {
@@ -352,6 +358,7 @@ impl KvmProvider {
             seed: dir.join("seed.img"),
             kernel,
             ssh_port: meta.ssh_port,
+            api_port: meta.api_port,
             user_mac: vm.user_mac.clone(),
             private_mac: vm.private_mac.clone(),
             switch_socket: self.socket(),
@@ -503,7 +510,8 @@ impl KvmProvider {
         }
         Self::stop_now(&dir).await;
         std::fs::create_dir_all(&dir).map_err(failed("create", &dir))?;
-        let (host_private, host_public) = self.host_key(&dir, &vm.hostname)?;
+        let (host_private, host_public) =
+            crate::keys::host_key(&dir.join("host_ed25519"), &vm.hostname)?;
         let base = match vm.group.image.as_ref() {
             Some(BaseImage::Url { url, sha256, .. }) => image::fetch(url, sha256).await?,
             Some(BaseImage::Path { path, .. }) => self.local(path),
@@ -518,12 +526,16 @@ impl KvmProvider {
         let _ = std::fs::remove_file(&overlay);
         image::create_overlay(&base, &overlay, vm.group.disk.0)?;
         let seed_path = dir.join("seed.img");
-        let spec = self.seed_spec(&vm, host_private, host_public.clone());
-        seed::write_image(&seed_path, &seed::files(&spec)?).map_err(failed("write", &seed_path))?;
+        let spec = self.seed_spec(&vm, &host_private, &host_public)?;
+        seed::write_image(&seed_path, &seed::files(&spec)).map_err(failed("write", &seed_path))?;
         let meta = VmMeta {
             address: vm.address.clone(),
             hostname: vm.hostname.clone(),
             ssh_port: free_port().map_err(failed("find a free port for", &dir))?,
+            api_port: match crate::cloudinit::microk8s_install(&self.stack) {
+                Some(_) => Some(free_port().map_err(failed("find a free port for", &dir))?),
+                None => None,
+            },
             host_key: host_public,
             private_address: format!("{}/{}", vm.private_address, vm.prefix),
         };
@@ -655,9 +667,61 @@ impl KvmProvider {
     }
 }
 
-impl Provider for KvmProvider {
+impl Applier for KvmProvider {
     type Error = KvmError;
 
+    fn dependencies(&self, kind: &str) -> &'static [&'static str] {
+        match kind {
+            VM => &[NETWORK],
+            _ => &[],
+        }
+    }
+
+    async fn create(
+        &self,
+        resource: &Resource,
+        _token: &str,
+        _state: &State,
+    ) -> Result<Record, KvmError> {
+        match resource.kind.as_str() {
+            NETWORK => self.create_network(resource).await,
+            _ => self.create_vm(resource).await,
+        }
+    }
+
+    async fn update(&self, change: &Change, _state: &State) -> Result<Record, KvmError> {
+        let resource = Resource {
+            address: change.address.clone(),
+            kind: change.kind.clone(),
+            attrs: change.after.clone().unwrap_or_default(),
+            replace_on: &[],
+        };
+        if change.kind == NETWORK {
+            self.delete_network()?;
+            return self.create_network(&resource).await;
+        }
+        // A VM that stopped, paused or changed its CPUs or memory is restarted
+        // on the same disk and seed.
+        let vm = self.plan_of(&change.address)?.clone();
+        let dir = self.vm_dir(&vm.hostname);
+        let meta = self.meta(&dir).ok_or_else(|| KvmError::Node {
+            node: vm.hostname.clone(),
+            message: format!("{} is missing", dir.join("vm.json").display()),
+        })?;
+        Self::stop_now(&dir).await;
+        self.boot(&vm, &dir, &meta).await?;
+        Ok(self.record(&resource, &meta))
+    }
+
+    async fn delete(&self, kind: &str, id: &str) -> Result<(), KvmError> {
+        match kind {
+            NETWORK => self.delete_network(),
+            _ => self.delete_vm(id).await,
+        }
+    }
+}
+
+impl Provider for KvmProvider {
     fn desired(&self) -> Vec<Resource> {
         let mut resources = vec![Resource {
             address: NETWORK_ADDRESS.to_string(),
@@ -677,13 +741,6 @@ impl Provider for KvmProvider {
             });
         }
         resources
-    }
-
-    fn dependencies(&self, kind: &str) -> &'static [&'static str] {
-        match kind {
-            VM => &[NETWORK],
-            _ => &[],
-        }
     }
 
     async fn refresh(&self, _state: &State) -> Result<Vec<Observed>, KvmError> {
@@ -730,49 +787,6 @@ impl Provider for KvmProvider {
         Ok(observed)
     }
 
-    async fn create(
-        &self,
-        resource: &Resource,
-        _token: &str,
-        _state: &State,
-    ) -> Result<Record, KvmError> {
-        match resource.kind.as_str() {
-            NETWORK => self.create_network(resource).await,
-            _ => self.create_vm(resource).await,
-        }
-    }
-
-    async fn update(&self, change: &Change, _state: &State) -> Result<Record, KvmError> {
-        let resource = Resource {
-            address: change.address.clone(),
-            kind: change.kind.clone(),
-            attrs: change.after.clone().unwrap_or_default(),
-            replace_on: &[],
-        };
-        if change.kind == NETWORK {
-            self.delete_network()?;
-            return self.create_network(&resource).await;
-        }
-        // A VM that stopped, paused or changed its CPUs or memory is restarted
-        // on the same disk and seed.
-        let vm = self.plan_of(&change.address)?.clone();
-        let dir = self.vm_dir(&vm.hostname);
-        let meta = self.meta(&dir).ok_or_else(|| KvmError::Node {
-            node: vm.hostname.clone(),
-            message: format!("{} is missing", dir.join("vm.json").display()),
-        })?;
-        Self::stop_now(&dir).await;
-        self.boot(&vm, &dir, &meta).await?;
-        Ok(self.record(&resource, &meta))
-    }
-
-    async fn delete(&self, kind: &str, id: &str) -> Result<(), KvmError> {
-        match kind {
-            NETWORK => self.delete_network(),
-            _ => self.delete_vm(id).await,
-        }
-    }
-
     async fn leftovers(&self) -> Result<Vec<String>, KvmError> {
         let mut left: Vec<String> = self
             .observe_vms()
@@ -791,6 +805,34 @@ impl Provider for KvmProvider {
             left.push(format!("files in {}", self.run_dir.display()));
         }
         Ok(left)
+    }
+
+    fn private_addresses_in_advance(&self) -> bool {
+        true
+    }
+
+    fn node_address(&self, key: &str) -> String {
+        format!("kvm.{VM}.{key}")
+    }
+
+    async fn ssh_nodes(&self, _state: &State) -> Result<Vec<SshNode>, KvmError> {
+        Ok(self
+            .vms
+            .iter()
+            .filter_map(|vm| {
+                let meta = self.meta(&self.vm_dir(&vm.hostname))?;
+                Some(SshNode {
+                    key: vm.address.trim_start_matches(&format!("kvm.{VM}.")).to_string(),
+                    hostname: vm.hostname.clone(),
+                    id: vm.hostname.clone(),
+                    ssh: SocketAddr::from(([127, 0, 0, 1], meta.ssh_port)),
+                    user: self.settings.ssh_user.clone(),
+                    host_key: meta.host_key,
+                    private_ip: vm.private_address.to_string(),
+                    api: ("127.0.0.1".to_string(), meta.api_port.unwrap_or(16443)),
+                })
+            })
+            .collect())
     }
 
     async fn nodes(&self) -> Result<Vec<NodeStatus>, KvmError> {

@@ -23,6 +23,8 @@ pub struct VmSpec {
     pub kernel: Option<(PathBuf, PathBuf)>,
     /// The loopback port forwarded to the guest's SSH port.
     pub ssh_port: u16,
+    /// The loopback port forwarded to the guest's Kubernetes API (16443).
+    pub api_port: Option<u16>,
     pub user_mac: String,
     pub private_mac: String,
     /// The frame switch's socket of the stack's private network.
@@ -76,7 +78,13 @@ pub fn args(vm: &VmSpec) -> Vec<String> {
     }
     args.extend([
         "-netdev".into(),
-        format!("user,id=user,hostfwd=tcp:127.0.0.1:{}-:22", vm.ssh_port),
+        match vm.api_port {
+            Some(api) => format!(
+                "user,id=user,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{api}-:16443",
+                vm.ssh_port
+            ),
+            None => format!("user,id=user,hostfwd=tcp:127.0.0.1:{}-:22", vm.ssh_port),
+        },
         "-device".into(),
         format!("virtio-net-pci,netdev=user,mac={}", vm.user_mac),
         "-netdev".into(),
@@ -117,6 +125,7 @@ mod tests {
                 )
             }),
             ssh_port: 40022,
+            api_port: Some(40443),
             user_mac: "52:54:00:00:00:0a".into(),
             private_mac: "52:54:00:01:00:0a".into(),
             switch_socket: PathBuf::from("/srv/demo/.stack/demo/switch.sock"),

@@ -1,0 +1,165 @@
+//! The kubeconfig `microk8s config` prints, made the user's: names after the
+//! stack, the server address the user reaches, written with mode 0600, and
+//! merged into another kubeconfig under a context named after the stack
+//! (like k3sup's `--merge`).
+
+use serde_json::{json, Map, Value};
+use yaml_rust2::{Yaml, YamlEmitter, YamlLoader};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeconfigError {
+    #[error("{what} is not a kubeconfig: {reason}")]
+    Invalid { what: String, reason: String },
+}
+
+fn to_json(yaml: &Yaml) -> Value {
+    match yaml {
+        Yaml::Real(r) => r.parse::<f64>().map_or(Value::Null, |f| json!(f)),
+        Yaml::Integer(i) => json!(i),
+        Yaml::String(s) => json!(s),
+        Yaml::Boolean(b) => json!(b),
+        Yaml::Array(items) => Value::Array(items.iter().map(to_json).collect()),
+        Yaml::Hash(map) => Value::Object(
+            map.iter()
+                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), to_json(v))))
+                .collect(),
+        ),
+        _ => Value::Null,
+    }
+}
+
+fn to_yaml(value: &Value) -> Yaml {
+    match value {
+        Value::Null => Yaml::Null,
+        Value::Bool(b) => Yaml::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Yaml::Integer(i),
+            None => Yaml::Real(n.to_string()),
+        },
+        Value::String(s) => Yaml::String(s.clone()),
+        Value::Array(items) => Yaml::Array(items.iter().map(to_yaml).collect()),
+        Value::Object(map) => Yaml::Hash(
+            map.iter()
+                .map(|(k, v)| (Yaml::String(k.clone()), to_yaml(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// Reads a kubeconfig; `what` names it in errors.
+pub fn parse(text: &str, what: &str) -> Result<Value, KubeconfigError> {
+    let invalid = |reason: String| KubeconfigError::Invalid {
+        what: what.to_string(),
+        reason,
+    };
+    let docs = YamlLoader::load_from_str(text).map_err(|e| invalid(e.to_string()))?;
+    let config = docs.first().map(to_json).unwrap_or(Value::Null);
+    if config.is_null() {
+        return Ok(json!({"apiVersion": "v1", "kind": "Config"}));
+    }
+    if !config.is_object() {
+        return Err(invalid("not a mapping".to_string()));
+    }
+    Ok(config)
+}
+
+pub fn render(config: &Value) -> String {
+    let mut out = String::new();
+    YamlEmitter::new(&mut out)
+        .dump(&to_yaml(config))
+        .expect("a YAML tree is emitted");
+    let body = out.strip_prefix("---\n").unwrap_or(&out);
+    format!("{body}\n")
+}
+
+/// The cluster's kubeconfig as the user gets it: cluster, user and context
+/// named after the stack, the server at `server` (`https://HOST:PORT`).
+pub fn for_user(microk8s_config: &str, stack: &str, server: &str) -> Result<Value, KubeconfigError> {
+    let config = parse(microk8s_config, "the output of `microk8s config`")?;
+    let invalid = |reason: &str| KubeconfigError::Invalid {
+        what: "the output of `microk8s config`".to_string(),
+        reason: reason.to_string(),
+    };
+    let first = |key: &str, field: &str| -> Result<Value, KubeconfigError> {
+        config[key][0][field]
+            .as_object()
+            .map(|o| Value::Object(o.clone()))
+            .ok_or_else(|| invalid(&format!("no {key}[0].{field}")))
+    };
+    let mut cluster = first("clusters", "cluster")?;
+    cluster["server"] = json!(server);
+    let user = first("users", "user")?;
+    let admin = format!("{stack}-admin");
+    Ok(json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": stack, "cluster": cluster}],
+        "users": [{"name": admin, "user": user}],
+        "contexts": [{"name": stack, "context": {"cluster": stack, "user": admin}}],
+        "current-context": stack,
+        "preferences": {},
+    }))
+}
+
+/// Puts `ours` (one cluster, user and context) into `theirs`, replacing
+/// entries of the same names and making its context the current one.
+pub fn merge(theirs: &Value, ours: &Value) -> Value {
+    let mut merged = theirs.as_object().cloned().unwrap_or_else(Map::new);
+    for key in ["clusters", "users", "contexts"] {
+        let mut list: Vec<Value> = merged
+            .get(key)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for entry in ours[key].as_array().into_iter().flatten() {
+            list.retain(|e| e["name"] != entry["name"]);
+            list.push(entry.clone());
+        }
+        merged.insert(key.to_string(), Value::Array(list));
+    }
+    merged
+        .entry("apiVersion")
+        .or_insert_with(|| json!("v1"));
+    merged.entry("kind").or_insert_with(|| json!("Config"));
+    merged.insert("current-context".to_string(), ours["current-context"].clone());
+    Value::Object(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MICROK8S_CONFIG: &str = "apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority-data: Q0E=\n    server: https://10.42.0.10:16443\n  name: microk8s-cluster\ncontexts:\n- context:\n    cluster: microk8s-cluster\n    user: admin\n  name: microk8s\ncurrent-context: microk8s\nkind: Config\npreferences: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: Q0VSVA==\n    client-key-data: S0VZ\n";
+
+    #[test]
+    fn renamed_after_the_stack_with_the_users_server() {
+        let config = for_user(MICROK8S_CONFIG, "demo", "https://127.0.0.1:40443").unwrap();
+        insta::assert_snapshot!(render(&config));
+    }
+
+    #[test]
+    fn merge_replaces_the_stacks_entries_and_keeps_the_others() {
+        let theirs = parse(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: prod\n  cluster: {server: https://prod:6443}\n- name: demo\n  cluster: {server: https://old:16443}\ncontexts:\n- name: prod\n  context: {cluster: prod, user: prod}\nusers:\n- name: prod\n  user: {token: abc}\ncurrent-context: prod\n",
+            "test",
+        )
+        .unwrap();
+        let ours = for_user(MICROK8S_CONFIG, "demo", "https://127.0.0.1:40443").unwrap();
+        let merged = merge(&theirs, &ours);
+        let names = |key: &str| -> Vec<String> {
+            merged[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(names("clusters"), ["prod", "demo"]);
+        assert_eq!(names("users"), ["prod", "demo-admin"]);
+        assert_eq!(names("contexts"), ["prod", "demo"]);
+        assert_eq!(merged["clusters"][1]["cluster"]["server"], "https://127.0.0.1:40443");
+        assert_eq!(merged["current-context"], "demo");
+        // What is written reads back the same.
+        assert_eq!(parse(&render(&merged), "merged").unwrap(), merged);
+    }
+}
