@@ -112,13 +112,20 @@ mod tests {
     /// combination the snapshots pin.
     fn every_user_data() -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for file in ["stacks/aws.yaml", "stacks/local.yaml", "stacks/reference.yaml"] {
+        for file in [
+            "stacks/aws.yaml",
+            "stacks/local.yaml",
+            "stacks/reference.yaml",
+        ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
             let stack = crate::model::load(&path).unwrap();
             out.push((file.to_string(), render(&stack, 0, &hosts())));
         }
         for (name, kubernetes) in COMBINATIONS {
-            out.push((name.to_string(), render(&stack("{kvm: {}}", kubernetes), 0, &hosts())));
+            out.push((
+                name.to_string(),
+                render(&stack("{kvm: {}}", kubernetes), 0, &hosts()),
+            ));
         }
         out
     }
@@ -147,7 +154,8 @@ mod tests {
         let root = std::env::var_os("STACK_CLOUD_INIT")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| {
-                Path::new(&std::env::var_os("HOME").expect("HOME is set")).join(".cache/stack/cloud-init/root")
+                Path::new(&std::env::var_os("HOME").expect("HOME is set"))
+                    .join(".cache/stack/cloud-init/root")
             });
         let packages = root.join("usr/lib/python3/dist-packages");
         assert!(
@@ -178,14 +186,25 @@ mod tests {
     #[test]
     fn a_stacks_own_template_gets_the_same_arguments_in_strict_mode() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("good.hbs"), "#cloud-config\nhostname: {{hostname}}\n").unwrap();
-        std::fs::write(dir.path().join("bad.hbs"), "#cloud-config\nhostname: {{hostnme}}\n").unwrap();
+        std::fs::write(
+            dir.path().join("good.hbs"),
+            "#cloud-config\nhostname: {{hostname}}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("bad.hbs"),
+            "#cloud-config\nhostname: {{hostnme}}\n",
+        )
+        .unwrap();
         let load = |template: &str| {
             let file = dir.path().join("stack.yaml");
             let text = format!("version: 1\nname: demo\nprovider: {{kvm: {{}}}}\nnodes: [{{name: a, image: {{path: a.qcow2}}, userData: {template}}}]\n");
             crate::model::load_str(&file, &text).unwrap()
         };
-        assert_eq!(render(&load("good.hbs"), 0, &[]), "#cloud-config\nhostname: demo-a-0\n");
+        assert_eq!(
+            render(&load("good.hbs"), 0, &[]),
+            "#cloud-config\nhostname: demo-a-0\n"
+        );
         let stack = load("bad.hbs");
         let err = user_data(&NodeSeed {
             stack: &stack,
@@ -199,6 +218,9 @@ mod tests {
         })
         .unwrap_err();
         let message = crate::output::error_chain(&err);
-        assert!(message.contains("bad.hbs") && message.contains("hostnme"), "{message}");
+        assert!(
+            message.contains("bad.hbs") && message.contains("hostnme"),
+            "{message}"
+        );
     }
 }

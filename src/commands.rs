@@ -12,7 +12,9 @@ use serde_json::json;
 use crate::apply::{self, Outcome};
 use crate::bootstrap::steps::{self, is_bootstrap};
 use crate::bootstrap::{kubeconfig, Bootstrap};
-use crate::cli::{ApplyArgs, Cli, Command, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, SshArgs};
+use crate::cli::{
+    ApplyArgs, Cli, Command, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, SshArgs,
+};
 use crate::keys;
 use crate::model::{self, LoadError, Provider as ProviderSettings, Stack};
 use crate::output::Reporter;
@@ -177,14 +179,17 @@ fn existing_cluster(stack: &Stack) -> anyhow::Result<Option<(PathBuf, String)>> 
         kubeconfig: path.clone(),
         problem,
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| problem(format!("cannot be read: {e}")))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| problem(format!("cannot be read: {e}")))?;
     let config = kubeconfig::parse(&text, &path.display().to_string())?;
     let context = match stack.kubernetes.as_ref().and_then(|k| k.context.clone()) {
         Some(context) => context,
         None => config["current-context"]
             .as_str()
             .map(str::to_string)
-            .ok_or_else(|| problem("has no current-context: name one with kubernetes.context".to_string()))?,
+            .ok_or_else(|| {
+                problem("has no current-context: name one with kubernetes.context".to_string())
+            })?,
     };
     let known: Vec<&str> = config["contexts"]
         .as_array()
@@ -193,7 +198,11 @@ fn existing_cluster(stack: &Stack) -> anyhow::Result<Option<(PathBuf, String)>> 
         .filter_map(|c| c["name"].as_str())
         .collect();
     if !known.contains(&context.as_str()) {
-        return Err(problem(format!("has no context `{context}` (it has: {})", known.join(", "))).into());
+        return Err(problem(format!(
+            "has no context `{context}` (it has: {})",
+            known.join(", ")
+        ))
+        .into());
     }
     Ok(Some((path, context)))
 }
@@ -581,7 +590,8 @@ pub fn merge_kubeconfig(args: &KubeconfigArgs) -> anyhow::Result<ExitCode> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
         .context("neither KUBECONFIG nor HOME is set: no kubeconfig to merge into")?;
     let ours = kubeconfig::parse(
-        &std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?,
+        &std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
         &path.display().to_string(),
     )?;
     let theirs = match std::fs::read_to_string(&target) {

@@ -82,7 +82,10 @@ pub fn user_data(args: &UserData, custom: Option<&Path>) -> Result<String, Templ
     let name = match custom {
         None => {
             registry
-                .register_template_string(USER_DATA, include_str!("../cloud-init/user-data.yaml.hbs"))
+                .register_template_string(
+                    USER_DATA,
+                    include_str!("../cloud-init/user-data.yaml.hbs"),
+                )
                 .expect("built-in template compiles");
             USER_DATA.to_string()
         }

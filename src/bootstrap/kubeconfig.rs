@@ -74,7 +74,11 @@ pub fn render(config: &Value) -> String {
 
 /// The cluster's kubeconfig as the user gets it: cluster, user and context
 /// named after the stack, the server at `server` (`https://HOST:PORT`).
-pub fn for_user(microk8s_config: &str, stack: &str, server: &str) -> Result<Value, KubeconfigError> {
+pub fn for_user(
+    microk8s_config: &str,
+    stack: &str,
+    server: &str,
+) -> Result<Value, KubeconfigError> {
     let config = parse(microk8s_config, "the output of `microk8s config`")?;
     let invalid = |reason: &str| KubeconfigError::Invalid {
         what: "the output of `microk8s config`".to_string(),
@@ -117,11 +121,12 @@ pub fn merge(theirs: &Value, ours: &Value) -> Value {
         }
         merged.insert(key.to_string(), Value::Array(list));
     }
-    merged
-        .entry("apiVersion")
-        .or_insert_with(|| json!("v1"));
+    merged.entry("apiVersion").or_insert_with(|| json!("v1"));
     merged.entry("kind").or_insert_with(|| json!("Config"));
-    merged.insert("current-context".to_string(), ours["current-context"].clone());
+    merged.insert(
+        "current-context".to_string(),
+        ours["current-context"].clone(),
+    );
     Value::Object(merged)
 }
 
@@ -157,7 +162,10 @@ mod tests {
         assert_eq!(names("clusters"), ["prod", "demo"]);
         assert_eq!(names("users"), ["prod", "demo-admin"]);
         assert_eq!(names("contexts"), ["prod", "demo"]);
-        assert_eq!(merged["clusters"][1]["cluster"]["server"], "https://127.0.0.1:40443");
+        assert_eq!(
+            merged["clusters"][1]["cluster"]["server"],
+            "https://127.0.0.1:40443"
+        );
         assert_eq!(merged["current-context"], "demo");
         // What is written reads back the same.
         assert_eq!(parse(&render(&merged), "merged").unwrap(), merged);

@@ -255,7 +255,10 @@ impl<P: Provider> Bootstrap<P> {
             };
             match ssh::run(&self.target(node), &command, COMMAND_TIMEOUT).await {
                 Ok((_, output)) => {
-                    channels.insert(key, tracking(sections(&output).get("snap").map_or(&[][..], |v| v)));
+                    channels.insert(
+                        key,
+                        tracking(sections(&output).get("snap").map_or(&[][..], |v| v)),
+                    );
                     if key == first_key {
                         cluster = Some(parse_cluster(&output));
                     }
@@ -266,7 +269,9 @@ impl<P: Provider> Bootstrap<P> {
         }
         let mut observed = Vec::new();
         for record in records {
-            let Some(id) = record.id.clone() else { continue };
+            let Some(id) = record.id.clone() else {
+                continue;
+            };
             let Some(step) = self.steps.iter().find(|s| s.address == record.address) else {
                 // No longer a step of the stack: an addon or node removed.
                 let still_there = match (&cluster, record.kind.as_str()) {
@@ -284,8 +289,12 @@ impl<P: Provider> Bootstrap<P> {
                 }
                 continue;
             };
-            let Some(node) = nodes.get(&step.node) else { continue };
-            if fresh.contains(&step.node) || record.attrs["nodeId"].as_str() != Some(node.id.as_str()) {
+            let Some(node) = nodes.get(&step.node) else {
+                continue;
+            };
+            if fresh.contains(&step.node)
+                || record.attrs["nodeId"].as_str() != Some(node.id.as_str())
+            {
                 continue;
             }
             let mut attrs = record.attrs.clone();
@@ -293,13 +302,17 @@ impl<P: Provider> Bootstrap<P> {
                 Action::Ready => match (channels.get(step.node.as_str()), &cluster) {
                     (Some(channel), Some(view)) => {
                         attrs["channel"] = json!(channel);
-                        attrs["ready"] = json!(view.nodes.get(&node.hostname).copied().unwrap_or(false));
+                        attrs["ready"] =
+                            json!(view.nodes.get(&node.hostname).copied().unwrap_or(false));
                     }
                     (None, _) => attrs["ready"] = json!(false),
                     _ => {}
                 },
                 Action::Join { .. } => {
-                    if cluster.as_ref().is_some_and(|v| !v.nodes.contains_key(&node.hostname)) {
+                    if cluster
+                        .as_ref()
+                        .is_some_and(|v| !v.nodes.contains_key(&node.hostname))
+                    {
                         continue;
                     }
                 }
@@ -309,7 +322,9 @@ impl<P: Provider> Bootstrap<P> {
                     }
                 }
                 Action::Kubeconfig => {
-                    let current = std::fs::read(&self.kubeconfig_path).ok().map(|b| sha256_hex(&b));
+                    let current = std::fs::read(&self.kubeconfig_path)
+                        .ok()
+                        .map(|b| sha256_hex(&b));
                     if current.as_deref() != record.attrs["sha256"].as_str() {
                         continue;
                     }
@@ -357,13 +372,26 @@ impl<P: Provider> Bootstrap<P> {
     ) -> Result<String, BootstrapError> {
         match ssh::run(&self.target(node), command, timeout).await {
             Ok((0, output)) => Ok(output),
-            Ok((code, output)) => Err(self.failure(step, &node.hostname, command, format!("exit status {code}"), &output)),
+            Ok((code, output)) => Err(self.failure(
+                step,
+                &node.hostname,
+                command,
+                format!("exit status {code}"),
+                &output,
+            )),
             Err(err @ SshError::HostKeyMismatch { .. }) => Err(err.into()),
             Err(err) => Err(self.failure(step, &node.hostname, command, err.to_string(), "")),
         }
     }
 
-    fn failure(&self, step: &Step, node: &str, command: &str, outcome: String, output: &str) -> BootstrapError {
+    fn failure(
+        &self,
+        step: &Step,
+        node: &str,
+        command: &str,
+        outcome: String,
+        output: &str,
+    ) -> BootstrapError {
         BootstrapError::Step {
             number: step.number,
             of: step.of,
@@ -388,7 +416,10 @@ impl<P: Provider> Bootstrap<P> {
                         step,
                         &node.hostname,
                         "ssh",
-                        format!("no SSH within timeouts.ready ({})", humantime::format_duration(self.wait)),
+                        format!(
+                            "no SSH within timeouts.ready ({})",
+                            humantime::format_duration(self.wait)
+                        ),
                         &err.to_string(),
                     ))
                 }
@@ -403,15 +434,17 @@ impl<P: Provider> Bootstrap<P> {
         step: &Step,
         nodes: &BTreeMap<String, SshNode>,
     ) -> Result<Value, BootstrapError> {
-        let node = nodes.get(&step.node).ok_or_else(|| BootstrapError::NoNode {
-            node: step.node.clone(),
-        })?;
-        let first = self
-            .first_key()
-            .and_then(|k| nodes.get(k))
+        let node = nodes
+            .get(&step.node)
             .ok_or_else(|| BootstrapError::NoNode {
-                node: self.first_key().unwrap_or_default().to_string(),
+                node: step.node.clone(),
             })?;
+        let first =
+            self.first_key()
+                .and_then(|k| nodes.get(k))
+                .ok_or_else(|| BootstrapError::NoNode {
+                    node: self.first_key().unwrap_or_default().to_string(),
+                })?;
         let m = steps::MICROK8S;
         let wait = self.wait.as_secs();
         // The stack's own bound on a wait, a little past the remote one.
@@ -429,7 +462,11 @@ impl<P: Provider> Bootstrap<P> {
                 let begin = format!("# nodes of stack {}", self.stack_name);
                 let end = format!("# end of nodes of stack {}", self.stack_name);
                 let mut lines = vec![begin.clone()];
-                lines.extend(nodes.values().map(|n| format!("{} {}", n.private_ip, n.hostname)));
+                lines.extend(
+                    nodes
+                        .values()
+                        .map(|n| format!("{} {}", n.private_ip, n.hostname)),
+                );
                 lines.push(end.clone());
                 let command = format!(
                     "sudo sed -i '/^{begin}$/,/^{end}$/d' /etc/hosts && printf '%s\\n' {} | sudo tee -a /etc/hosts >/dev/null",
@@ -442,7 +479,13 @@ impl<P: Provider> Bootstrap<P> {
                 let output = self.run_on(step, node, &command, bounded).await?;
                 // `--timeout` does not exit non-zero: the output says whether it runs.
                 if !output.contains("microk8s is running") {
-                    return Err(self.failure(step, &node.hostname, &command, "microk8s is not running".to_string(), &output));
+                    return Err(self.failure(
+                        step,
+                        &node.hostname,
+                        &command,
+                        "microk8s is not running".to_string(),
+                        &output,
+                    ));
                 }
                 return Ok(json!({ "ready": true }));
             }
@@ -458,7 +501,8 @@ impl<P: Provider> Bootstrap<P> {
                 self.run_on(step, node, &join, bounded).await?;
             }
             Action::Enable { name } => {
-                self.run_on(step, first, &format!("{m} enable {name}"), bounded).await?;
+                self.run_on(step, first, &format!("{m} enable {name}"), bounded)
+                    .await?;
             }
             Action::Certificate => {
                 let address = &first.api.0;
@@ -470,7 +514,9 @@ impl<P: Provider> Bootstrap<P> {
                 return Ok(json!({ "address": address }));
             }
             Action::Kubeconfig => {
-                let config = self.run_on(step, first, &format!("{m} config"), COMMAND_TIMEOUT).await?;
+                let config = self
+                    .run_on(step, first, &format!("{m} config"), COMMAND_TIMEOUT)
+                    .await?;
                 let server = format!("https://{}:{}", first.api.0, first.api.1);
                 let config = kubeconfig::for_user(&config, &self.stack_name, &server)?;
                 let text = kubeconfig::render(&config);
@@ -521,7 +567,6 @@ impl<P: Provider> Bootstrap<P> {
             }
         }
     }
-
 }
 
 impl<P: Provider> Applier for Bootstrap<P> {
@@ -539,7 +584,12 @@ impl<P: Provider> Applier for Bootstrap<P> {
             .is_none_or(|s| s.fatal)
     }
 
-    async fn create(&self, resource: &Resource, _token: &str, state: &State) -> Result<Record, BootstrapError> {
+    async fn create(
+        &self,
+        resource: &Resource,
+        _token: &str,
+        state: &State,
+    ) -> Result<Record, BootstrapError> {
         self.run_step(&resource.address, state).await
     }
 
@@ -554,9 +604,11 @@ impl<P: Provider> Applier for Bootstrap<P> {
             let drifted = change.fields.iter().any(|f| f.path == "channel");
             if drifted {
                 let nodes = self.ssh_nodes(state).await?;
-                let node = nodes.get(&step.node).ok_or_else(|| BootstrapError::NoNode {
-                    node: step.node.clone(),
-                })?;
+                let node = nodes
+                    .get(&step.node)
+                    .ok_or_else(|| BootstrapError::NoNode {
+                        node: step.node.clone(),
+                    })?;
                 let command = format!("sudo snap refresh microk8s --channel={channel} && sudo snap refresh --hold microk8s");
                 self.run_on(step, node, &command, self.wait).await?;
             }

@@ -122,7 +122,12 @@ pub fn ingress_controller(channel: &str) -> &'static str {
 pub fn addon_names(kubernetes: &Kubernetes) -> Vec<&'static str> {
     let minor = minor(&kubernetes.channel);
     let mut names = Vec::new();
-    for addon in [Addon::Dns, Addon::Storage, Addon::Ingress, Addon::Monitoring] {
+    for addon in [
+        Addon::Dns,
+        Addon::Storage,
+        Addon::Ingress,
+        Addon::Monitoring,
+    ] {
         if !kubernetes.addons.contains(&addon) {
             continue;
         }
@@ -155,11 +160,7 @@ pub struct Reach {
 /// Every step of the stack's bootstrap; empty when the stack has no cluster
 /// to make (no `kubernetes`, or an existing cluster by kubeconfig).
 pub fn steps(stack: &Stack, reach: Reach, kubeconfig_path: &str) -> Vec<Step> {
-    let Some(kubernetes) = stack
-        .kubernetes
-        .as_ref()
-        .filter(|k| k.kubeconfig.is_none())
-    else {
+    let Some(kubernetes) = stack.kubernetes.as_ref().filter(|k| k.kubeconfig.is_none()) else {
         return Vec::new();
     };
     let nodes = nodes(stack);
@@ -358,9 +359,18 @@ pub(crate) mod tests {
     pub const COMBINATIONS: &[(&str, &str)] = &[
         ("nginx-hostpath", "{channel: 1.32/stable}"),
         ("traefik-hostpath", "{channel: 1.35/stable}"),
-        ("nginx-openebs-observability", "{channel: 1.34/stable, storage: openebs, addons: [dns, storage, ingress, monitoring]}"),
-        ("traefik-openebs-observability", "{channel: 1.35/stable, storage: openebs, addons: [dns, storage, ingress, monitoring]}"),
-        ("prometheus-alias", "{channel: 1.24/stable, addons: [dns, monitoring]}"),
+        (
+            "nginx-openebs-observability",
+            "{channel: 1.34/stable, storage: openebs, addons: [dns, storage, ingress, monitoring]}",
+        ),
+        (
+            "traefik-openebs-observability",
+            "{channel: 1.35/stable, storage: openebs, addons: [dns, storage, ingress, monitoring]}",
+        ),
+        (
+            "prometheus-alias",
+            "{channel: 1.24/stable, addons: [dns, monitoring]}",
+        ),
     ];
 
     const KVM: &str = "{kvm: {}}";
@@ -390,13 +400,19 @@ pub(crate) mod tests {
     #[test]
     fn addon_names_follow_the_channel() {
         let names = |k: &str| addon_names(stack(KVM, k).kubernetes.as_ref().unwrap());
-        assert_eq!(names("{channel: 1.32/stable}"), ["dns", "hostpath-storage", "ingress"]);
+        assert_eq!(
+            names("{channel: 1.32/stable}"),
+            ["dns", "hostpath-storage", "ingress"]
+        );
         assert_eq!(
             names("{storage: openebs, addons: [monitoring, storage]}"),
             ["community", "openebs", "observability"],
             "the fixed order, whatever order the stack lists them in"
         );
-        assert_eq!(names("{channel: 1.24/stable, addons: [monitoring]}"), ["prometheus"]);
+        assert_eq!(
+            names("{channel: 1.24/stable, addons: [monitoring]}"),
+            ["prometheus"]
+        );
         assert_eq!(ingress_controller("1.34/stable"), "nginx");
         assert_eq!(ingress_controller("1.35/edge"), "traefik");
     }

@@ -7,11 +7,11 @@ use std::str::FromStr;
 
 use serde_json::{json, Value};
 
+use crate::cloudinit::{self, NodeSeed};
 use crate::files::sha256_hex;
 use crate::keys::key_material;
 use crate::model::{Ec2Settings, Stack};
 use crate::plan::Resource;
-use crate::cloudinit::{self, NodeSeed};
 use crate::templates::TemplateError;
 
 pub const KEY_PAIR: &str = "key_pair";
@@ -177,8 +177,9 @@ pub fn instances(
     for group in &stack.nodes {
         for index in 0..group.count {
             let hostname = hostname(stack, &group.name, index);
-            let (host_private, host_public) =
-                host_keys.get(&hostname).map_or(("", ""), |(private, public)| {
+            let (host_private, host_public) = host_keys
+                .get(&hostname)
+                .map_or(("", ""), |(private, public)| {
                     (private.as_str(), public.as_str())
                 });
             let user_data = cloudinit::user_data(&NodeSeed {

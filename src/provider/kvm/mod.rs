@@ -21,18 +21,18 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::ssh;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use crate::ssh;
 
 use self::qemu::{Accelerator, VmSpec};
 use self::seed::SeedSpec;
 use super::{Applier, NodeStatus, Provider, SshNode};
+use crate::cloudinit::{self, NodeSeed};
 use crate::files::{failed, sha256_hex, FileError};
 use crate::model::{Accel, BaseImage, KvmSettings, NodeGroup, Stack};
 use crate::plan::{Change, Observed, Resource};
 use crate::state::{Record, State};
-use crate::cloudinit::{self, NodeSeed};
 use crate::templates::{HostEntry, TemplateError};
 
 pub const NETWORK: &str = "network";
@@ -822,7 +822,10 @@ impl Provider for KvmProvider {
             .filter_map(|vm| {
                 let meta = self.meta(&self.vm_dir(&vm.hostname))?;
                 Some(SshNode {
-                    key: vm.address.trim_start_matches(&format!("kvm.{VM}.")).to_string(),
+                    key: vm
+                        .address
+                        .trim_start_matches(&format!("kvm.{VM}."))
+                        .to_string(),
                     hostname: vm.hostname.clone(),
                     id: vm.hostname.clone(),
                     ssh: SocketAddr::from(([127, 0, 0, 1], meta.ssh_port)),

@@ -6,7 +6,6 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 
-
 /// What a VM's seed says about it.
 #[derive(Debug, Clone)]
 pub struct SeedSpec {
