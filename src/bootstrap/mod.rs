@@ -9,7 +9,6 @@ pub mod kubeconfig;
 pub mod steps;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,18 +70,13 @@ fn last_lines(output: &str, n: usize) -> String {
         .join("\n")
 }
 
-/// A fresh join token: 32 hex characters, as `microk8s add-node --token` wants.
+/// A fresh join token: 32 hex characters from the OS's random source, as
+/// `microk8s add-node --token` wants.
 fn join_token() -> String {
-    let state = std::collections::hash_map::RandomState::new();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    format!(
-        "{:016x}{:016x}",
-        state.hash_one(nanos),
-        state.hash_one(nanos.rotate_left(64))
-    )
+    use ssh_key::rand_core::{OsRng, RngCore};
+    let mut bytes = [0u8; 16];
+    OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a probe of the first node read from the cluster.
@@ -643,5 +637,34 @@ impl<P: Provider> Applier for Bootstrap<P> {
                 hint: "run the command on the node by hand (`stack ssh`) to see why".to_string(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_tokens_are_32_hex_characters_and_fresh() {
+        let (a, b) = (join_token(), join_token());
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn the_probe_reads_channel_nodes_and_addons() {
+        let output = "--- snap\nName      Version  Rev   Tracking       Publisher   Notes\nmicrok8s  v1.32.3  7964  1.32/stable    canonical** classic\n--- nodes\ndemo-control-0 True\ndemo-worker-0 False\n--- addons\nmicrok8s is running\nhigh-availability: no\n  core/dns: enabled\n  core/ingress: disabled\n  community/openebs: enabled\n";
+        assert_eq!(
+            tracking(&sections(output)["snap"]),
+            Some("1.32/stable".to_string())
+        );
+        let view = parse_cluster(output);
+        assert_eq!(view.nodes.get("demo-control-0"), Some(&true));
+        assert_eq!(view.nodes.get("demo-worker-0"), Some(&false));
+        assert_eq!(
+            view.enabled.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["dns", "openebs"]
+        );
     }
 }
