@@ -246,13 +246,8 @@ async fn open(file: &Path, require_built: bool) -> anyhow::Result<Session> {
 }
 
 /// The bootstrap of a stack's cluster on its provider's nodes.
-fn bootstrap_of<P: Provider>(provider: &Arc<P>, session: &Session) -> Bootstrap<P> {
-    Bootstrap::new(
-        provider.clone(),
-        &session.stack,
-        &session.key_path,
-        &kubeconfig_path(&session.stack),
-    )
+fn bootstrap_of<P: Provider>(provider: &Arc<P>, stack: &Stack, key_path: &Path) -> Bootstrap<P> {
+    Bootstrap::new(provider.clone(), stack, key_path, &kubeconfig_path(stack))
 }
 
 async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Plan> {
@@ -272,7 +267,7 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Plan> {
     }
     let infra = plan::plan(name, provider, &backend.desired(), &infra_state, &observed);
     let bootstrap = with_provider!(backend, p => {
-        let bootstrap = bootstrap_of(p, session);
+        let bootstrap = bootstrap_of(p, &session.stack, &session.key_path);
         // Nodes this plan makes or replaces run all their steps again.
         let fresh: BTreeSet<String> = steps::nodes(&session.stack)
             .into_iter()
@@ -375,12 +370,7 @@ async fn apply_plan(
     let mut outcomes = with_provider!(backend, p => apply::apply(p.clone(), &infra, store, state, parallelism, &reporter).await?);
     if !bootstrap.is_empty() {
         let steps = with_provider!(backend, p => {
-            let applier = Arc::new(Bootstrap::new(
-                p.clone(),
-                &session.stack,
-                &session.key_path,
-                &kubeconfig_path(&session.stack),
-            ));
+            let applier = Arc::new(bootstrap_of(p, &session.stack, &session.key_path));
             apply::apply(applier, &bootstrap, store, state, 1, &reporter).await?
         });
         outcomes.extend(steps);

@@ -160,7 +160,7 @@ impl<P: Provider> Bootstrap<P> {
     ) -> Self {
         let reach = steps::Reach {
             hosts_in_user_data: provider.private_addresses_in_advance(),
-            api_on_loopback: provider.private_addresses_in_advance(),
+            api_on_loopback: provider.api_on_loopback(),
         };
         let steps = steps::steps(stack, reach, &kubeconfig_path.display().to_string());
         Bootstrap {
@@ -171,10 +171,6 @@ impl<P: Provider> Bootstrap<P> {
             steps,
             kubeconfig_path: kubeconfig_path.to_path_buf(),
         }
-    }
-
-    pub fn steps(&self) -> &[Step] {
-        &self.steps
     }
 
     pub fn desired(&self) -> Vec<Resource> {
@@ -338,6 +334,7 @@ impl<P: Provider> Bootstrap<P> {
     /// Marks the plan's bootstrap changes with their step numbers and says why
     /// the steps of new or replaced nodes run again.
     pub fn annotate(&self, plan: &mut Plan, fresh: &BTreeSet<String>) {
+        let first_fresh = self.first_key().is_some_and(|k| fresh.contains(k));
         for change in &mut plan.changes {
             let Some(step) = self.steps.iter().find(|s| s.address == change.address) else {
                 continue;
@@ -347,7 +344,6 @@ impl<P: Provider> Bootstrap<P> {
                 of: step.of,
                 description: step.description.clone(),
             });
-            let first_fresh = self.first_key().is_some_and(|k| fresh.contains(k));
             if change.before.is_some() && (first_fresh || fresh.contains(&step.node)) {
                 change.drift = false;
                 change.reason = "the node is new or replaced in this plan".to_string();

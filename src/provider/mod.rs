@@ -91,6 +91,10 @@ pub trait Provider: Applier {
     /// cloud-init can write every node into `/etc/hosts`).
     fn private_addresses_in_advance(&self) -> bool;
 
+    /// Whether users reach the nodes' Kubernetes API on a loopback address
+    /// (forwarded), which microk8s's own certificate already covers.
+    fn api_on_loopback(&self) -> bool;
+
     /// The infrastructure address of a node key such as `control[0]`.
     fn node_address(&self, key: &str) -> String;
 

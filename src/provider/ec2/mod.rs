@@ -1140,6 +1140,10 @@ impl Provider for Ec2Provider {
         false
     }
 
+    fn api_on_loopback(&self) -> bool {
+        false
+    }
+
     fn node_address(&self, key: &str) -> String {
         format!("ec2.{INSTANCE}.{key}")
     }

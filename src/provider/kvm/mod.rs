@@ -811,6 +811,10 @@ impl Provider for KvmProvider {
         true
     }
 
+    fn api_on_loopback(&self) -> bool {
+        true
+    }
+
     fn node_address(&self, key: &str) -> String {
         format!("kvm.{VM}.{key}")
     }
