@@ -16,6 +16,7 @@ use crate::cli::{
     ApplyArgs, Cli, Command, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, SshArgs,
 };
 use crate::keys;
+use crate::kube::{is_kube, Kube, Target};
 use crate::model::{self, LoadError, Provider as ProviderSettings, Stack};
 use crate::output::Reporter;
 use crate::plan::{self, Plan};
@@ -250,20 +251,104 @@ fn bootstrap_of<P: Provider>(provider: &Arc<P>, stack: &Stack, key_path: &Path) 
     Bootstrap::new(provider.clone(), stack, key_path, &kubeconfig_path(stack))
 }
 
-async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Plan> {
+/// A plan, and the Kubernetes phase that applies its part (built once, so
+/// `up` applies the very objects, and certificates, the plan showed).
+struct Planned {
+    plan: Plan,
+    kube: Option<Arc<Kube>>,
+}
+
+/// Where the stack's cluster is: the existing one, or the one it makes.
+fn cluster_target(stack: &Stack) -> anyhow::Result<Target> {
+    Ok(match existing_cluster(stack)? {
+        Some((kubeconfig, context)) => Target {
+            kubeconfig,
+            context,
+        },
+        None => Target {
+            kubeconfig: kubeconfig_path(stack),
+            context: stack.name.clone(),
+        },
+    })
+}
+
+async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> {
+    let mut plan = infra_and_bootstrap_plan(session, destroy).await?;
+    let stack = &session.stack;
+    if stack.kubernetes.is_none() {
+        return Ok(Planned { plan, kube: None });
+    }
+    let kube = Kube::new(stack, &session.state, cluster_target(stack)?)
+        .with_context(|| format!("cannot build the Kubernetes objects of stack {}", stack.name))?;
+    let recorded = session.state.only(is_kube);
+    // A cluster stack made is read only when it stands as it is: nodes
+    // being made or replaced mean its objects go to a new cluster.
+    let rebuilding = plan.changes.iter().any(|c| {
+        !is_kube(&c.kind) && !is_bootstrap(&c.kind) && matches!(c.action, plan::Action::Create | plan::Action::Replace)
+    });
+    let made = session.backend.is_some();
+    let reachable = !made || (kubeconfig_path(stack).exists() && !rebuilding);
+    let provider = stack.provider_name();
+    let mut kube_plan = if destroy && made {
+        // Removing the nodes removes the cluster and everything in it.
+        let mut forget = plan::destroy(&stack.name, provider, &recorded, &[]);
+        forget.changes.clear();
+        forget.forget = recorded.resources.iter().map(|r| r.address.clone()).collect();
+        forget
+    } else {
+        let refreshed = if reachable {
+            Some(kube.refresh(&recorded).await.with_context(|| {
+                format!("cannot read the Kubernetes objects of stack {}", stack.name)
+            })?)
+        } else {
+            None
+        };
+        if let Some(refreshed) = &refreshed {
+            tracing::info!(requests = refreshed.requests, "read the cluster");
+        }
+        let observed = refreshed.as_ref().map(|r| &r.observed[..]).unwrap_or(&[]);
+        let mut kube_plan = if destroy {
+            plan::destroy(&stack.name, provider, &recorded, observed)
+        } else {
+            let monitoring = refreshed.as_ref().is_none_or(|r| r.monitoring);
+            plan::plan(&stack.name, provider, &kube.desired(monitoring), &recorded, observed)
+        };
+        kube.annotate(&mut kube_plan, refreshed.as_ref());
+        if !reachable {
+            kube_plan.notes.push(format!(
+                "the cluster of stack {} is not up yet: its objects are applied once the bootstrap is done",
+                stack.name
+            ));
+        }
+        kube_plan
+    };
+    kube_plan.recount();
+    plan = plan.combine(kube_plan);
+    Ok(Planned {
+        plan,
+        kube: Some(Arc::new(kube)),
+    })
+}
+
+async fn infra_and_bootstrap_plan(session: &Session, destroy: bool) -> anyhow::Result<Plan> {
     let name = &session.stack.name;
     let provider = session.stack.provider_name();
     let Some(backend) = &session.backend else {
-        return Ok(plan::plan(name, provider, &[], &session.state, &[]));
+        let recorded = session.state.only(|k| !is_kube(k));
+        return Ok(if destroy {
+            plan::destroy(name, provider, &recorded, &[])
+        } else {
+            plan::plan(name, provider, &[], &recorded, &[])
+        });
     };
-    let infra_state = session.state.only(|kind| !is_bootstrap(kind));
+    let infra_state = session.state.only(|kind| !is_bootstrap(kind) && !is_kube(kind));
     let observed = backend
         .refresh(&infra_state)
         .await
         .with_context(|| format!("cannot refresh stack {}", session.stack.name))?;
     if destroy {
         // Removing the nodes removes the cluster: its steps are only forgotten.
-        return Ok(plan::destroy(name, provider, &session.state, &observed));
+        return Ok(plan::destroy(name, provider, &session.state.only(|k| !is_kube(k)), &observed));
     }
     let infra = plan::plan(name, provider, &backend.desired(), &infra_state, &observed);
     let bootstrap = with_provider!(backend, p => {
@@ -300,7 +385,7 @@ fn show_plan(plan: &Plan, output: OutputFormat) {
 
 pub async fn plan(args: &PlanArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
     let session = open(&args.file.file, !args.destroy).await?;
-    let plan = make_plan(&session, args.destroy).await?;
+    let Planned { plan, .. } = make_plan(&session, args.destroy).await?;
     match output {
         OutputFormat::Json => print_json(&plan::to_json(&plan)),
         OutputFormat::Text => show_plan(&plan, output),
@@ -350,63 +435,88 @@ fn report(plan: &Plan, outcomes: &[Outcome], session: &Session, output: OutputFo
 
 /// Applies the plan phase by phase: the infrastructure (in parallel where
 /// independent), then the bootstrap's steps one at a time in order.
+/// Applies the plan phase by phase: the infrastructure (in parallel where
+/// independent), the bootstrap's steps one at a time in order, then the
+/// Kubernetes objects stage by stage. Destroying goes the other way round.
 async fn apply_plan(
     session: &mut Session,
-    plan: &Plan,
+    planned: &Planned,
     args: &ApplyArgs,
 ) -> anyhow::Result<Vec<Outcome>> {
     let reporter = Reporter::new();
+    let plan = &planned.plan;
     apply::bookkeeping(plan, &mut session.store, &mut session.state)?;
-    let Some(backend) = &session.backend else {
-        return Ok(Vec::new());
+    let phase = |keep: fn(&str) -> bool| -> Vec<plan::Change> {
+        plan.changes.iter().filter(|c| keep(&c.kind)).cloned().collect()
     };
-    let (bootstrap, infra): (Vec<_>, Vec<_>) = plan
-        .changes
-        .iter()
-        .cloned()
-        .partition(|c| is_bootstrap(&c.kind));
+    let infra = phase(|k| !is_bootstrap(k) && !is_kube(k));
+    let bootstrap = phase(is_bootstrap);
+    let objects = phase(is_kube);
     let parallelism = usize::from(args.parallelism);
+    let destroy = plan.mode == plan::Mode::Destroy;
     let (store, state) = (&mut session.store, &mut session.state);
-    let mut outcomes = with_provider!(backend, p => apply::apply(p.clone(), &infra, store, state, parallelism, &reporter).await?);
-    if !bootstrap.is_empty() {
-        let steps = with_provider!(backend, p => {
-            let applier = Arc::new(bootstrap_of(p, &session.stack, &session.key_path));
-            apply::apply(applier, &bootstrap, store, state, 1, &reporter).await?
-        });
-        outcomes.extend(steps);
+    let mut outcomes = Vec::new();
+    if destroy {
+        if let Some(kube) = planned.kube.as_ref().filter(|_| !objects.is_empty()) {
+            outcomes.extend(kube.apply(&objects, true, store, state, parallelism, &reporter).await?);
+        }
+    }
+    if let Some(backend) = &session.backend {
+        outcomes.extend(with_provider!(backend, p => apply::apply(p.clone(), &infra, store, state, parallelism, &reporter).await?));
+        if !bootstrap.is_empty() {
+            let steps = with_provider!(backend, p => {
+                let applier = Arc::new(bootstrap_of(p, &session.stack, &session.key_path));
+                apply::apply(applier, &bootstrap, store, state, 1, &reporter).await?
+            });
+            outcomes.extend(steps);
+        }
+    }
+    if !destroy {
+        if let Some(kube) = planned.kube.as_ref().filter(|_| !objects.is_empty()) {
+            outcomes.extend(kube.apply(&objects, false, store, state, parallelism, &reporter).await?);
+        }
     }
     Ok(outcomes)
 }
 
 pub async fn up(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
     let mut session = open(&args.file.file, true).await?;
-    let plan = make_plan(&session, false).await?;
-    show_plan(&plan, output);
-    if plan.is_empty() {
-        apply::bookkeeping(&plan, &mut session.store, &mut session.state)?;
-        report(&plan, &[], &session, output);
+    let planned = make_plan(&session, false).await?;
+    show_plan(&planned.plan, output);
+    if planned.plan.is_empty() {
+        apply::bookkeeping(&planned.plan, &mut session.store, &mut session.state)?;
+        report(&planned.plan, &[], &session, output);
         return Ok(ExitCode::SUCCESS);
     }
     confirm(args.yes, "Apply this plan?")?;
-    let outcomes = apply_plan(&mut session, &plan, args).await?;
-    report(&plan, &outcomes, &session, output);
+    let outcomes = apply_plan(&mut session, &planned, args).await?;
+    report(&planned.plan, &outcomes, &session, output);
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
     let mut session = open(&args.file.file, false).await?;
-    let plan = make_plan(&session, true).await?;
-    show_plan(&plan, output);
+    let planned = make_plan(&session, true).await?;
+    let plan = &planned.plan;
+    show_plan(plan, output);
     if !plan.is_empty() {
         confirm(args.yes, "Destroy everything of this stack?")?;
     }
-    let outcomes = apply_plan(&mut session, &plan, args).await?;
-    let left = match &session.backend {
-        Some(backend) => backend
+    let outcomes = apply_plan(&mut session, &planned, args).await?;
+    let left = match (&session.backend, &planned.kube) {
+        (Some(backend), _) => backend
             .leftovers()
             .await
             .context("cannot check what is left")?,
-        None => Vec::new(),
+        (None, Some(kube)) => kube
+            .refresh(&State::new(&session.stack.name, session.stack.provider_name()))
+            .await
+            .context("cannot check what is left in the cluster")?
+            .observed
+            .into_iter()
+            .map(|o| o.address)
+            .collect(),
+        (None, None) => Vec::new(),
     };
     if !left.is_empty() {
         return Err(CommandError::Leftovers {
@@ -417,7 +527,7 @@ pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<Exit
     }
     keys::remove(&session.stack.state_dir(), &session.stack.name)?;
     remove_local_files(&session.stack)?;
-    report(&plan, &outcomes, &session, output);
+    report(plan, &outcomes, &session, output);
     if output == OutputFormat::Text {
         match session.backend {
             Some(Backend::Ec2(_)) => {
@@ -428,7 +538,7 @@ pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<Exit
                 session.stack.name
             ),
             None => println!(
-                "Stack {} made nothing of its own: the existing cluster is left as it is.",
+                "Nothing with the labels of stack {} is left in the existing cluster; the cluster itself is left as it is.",
                 session.stack.name
             ),
         }
@@ -439,12 +549,13 @@ pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<Exit
 /// What `down` removes next to the state besides the key: the cluster's
 /// kubeconfig and the nodes' host keys.
 fn remove_local_files(stack: &Stack) -> anyhow::Result<()> {
-    let kubeconfig = kubeconfig_path(stack);
-    match std::fs::remove_file(&kubeconfig) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            return Err(err).with_context(|| format!("cannot remove {}", kubeconfig.display()))
+    for file in [kubeconfig_path(stack), crate::kube::ca_export_path(stack)] {
+        match std::fs::remove_file(&file) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                return Err(err).with_context(|| format!("cannot remove {}", file.display()))
+            }
+            _ => {}
         }
-        _ => {}
     }
     let hosts = crate::provider::ec2::host_keys_dir(stack);
     match std::fs::remove_dir_all(&hosts) {

@@ -89,6 +89,17 @@ pub struct Change {
     /// Where a bootstrap step stands in the whole bootstrap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<StepRef>,
+    /// Which stage of the Kubernetes phase an object belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<StageRef>,
+}
+
+/// A Kubernetes object's stage: stage `number` of `of`, named.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageRef {
+    pub number: usize,
+    pub of: usize,
+    pub name: String,
 }
 
 /// A bootstrap step's place: step `number` of `of`.
@@ -99,12 +110,20 @@ pub struct StepRef {
     pub description: String,
 }
 
-/// Infrastructure first, then the bootstrap's steps in their order.
-fn order(change: &Change) -> (bool, usize) {
-    (
-        crate::bootstrap::steps::is_bootstrap(&change.kind),
-        change.step.as_ref().map_or(usize::MAX, |s| s.number),
-    )
+/// Infrastructure first, then the bootstrap's steps in their order, then
+/// the Kubernetes objects stage by stage, removals last in reverse stage order.
+fn order(change: &Change) -> (u8, usize) {
+    if crate::bootstrap::steps::is_bootstrap(&change.kind) {
+        (1, change.step.as_ref().map_or(usize::MAX, |s| s.number))
+    } else if crate::kube::is_kube(&change.kind) {
+        let stage = change.stage.as_ref().map_or(0, |s| s.number);
+        match change.action {
+            Action::Delete => (2, 100 - stage),
+            _ => (2, stage),
+        }
+    } else {
+        (0, usize::MAX)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -128,6 +147,9 @@ pub struct Plan {
     pub adopt: Vec<Observed>,
     /// Recorded resources that no longer exist and are not wanted: dropped on apply.
     pub forget: Vec<String>,
+    /// What the plan leaves out on purpose, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -158,6 +180,7 @@ impl Plan {
             summary: Summary::default(),
             adopt,
             forget,
+            notes: Vec::new(),
         };
         plan.recount();
         plan
@@ -189,6 +212,7 @@ impl Plan {
         self.changes.extend(other.changes);
         self.adopt.extend(other.adopt);
         self.forget.extend(other.forget);
+        self.notes.extend(other.notes);
         self.recount();
         self
     }
@@ -219,6 +243,17 @@ fn live_view(record: Option<&Record>, observed: &Observed) -> Value {
 
 fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, Value>) {
     match value {
+        // Lists of objects (containers, ports) are compared element by
+        // element: `containers[web].image`, by name where elements have one.
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_object) => {
+            for (i, item) in items.iter().enumerate() {
+                let key = item
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| i.to_string(), str::to_string);
+                flatten(&format!("{prefix}[{key}]"), item, out);
+            }
+        }
         Value::Object(map) if !map.is_empty() => {
             for (key, child) in map {
                 let path = if prefix.is_empty() {
@@ -322,6 +357,7 @@ pub fn plan(
                     fields: Vec::new(),
                     token: record.and_then(|r| r.pending_token.clone()),
                     step: None,
+                    stage: None,
                 });
             }
             Some(live) => {
@@ -375,6 +411,7 @@ pub fn plan(
                     fields,
                     token: None,
                     step: None,
+                    stage: None,
                 });
             }
         }
@@ -417,6 +454,7 @@ fn delete_change(live: &Observed, record: Option<&Record>, reason: &str, drift: 
         fields: Vec::new(),
         token: None,
         step: None,
+        stage: None,
     }
 }
 
@@ -470,7 +508,25 @@ pub fn redact(value: &Value) -> Value {
 
 /// The plan for machines, secrets redacted.
 pub fn to_json(plan: &Plan) -> Value {
-    redact(&serde_json::to_value(plan).expect("plan serialises"))
+    let mut value = serde_json::to_value(plan).expect("plan serialises");
+    for change in value["changes"].as_array_mut().into_iter().flatten() {
+        if !change["kind"].as_str().is_some_and(crate::kube::is_secret) {
+            continue;
+        }
+        for view in ["before", "observed", "after"] {
+            if let Some(data) = change[view].get_mut("data") {
+                *data = Value::String("(sensitive)".into());
+            }
+        }
+        for field in change["fields"].as_array_mut().into_iter().flatten() {
+            if field["path"].as_str().is_some_and(|p| p.starts_with("data.")) {
+                for view in ["before", "observed", "after"] {
+                    field[view] = Value::String("(sensitive)".into());
+                }
+            }
+        }
+    }
+    redact(&value)
 }
 
 fn show(path: &str, value: Option<&Value>) -> String {
@@ -487,6 +543,14 @@ fn show(path: &str, value: Option<&Value>) -> String {
 }
 
 fn render_change(out: &mut String, change: &Change) {
+    // A Secret's data is never printed, whatever its keys are called.
+    let show = |path: &str, value: Option<&Value>| {
+        if crate::kube::is_secret(&change.kind) && path.starts_with("data.") && value.is_some() {
+            "(sensitive)".to_string()
+        } else {
+            show(path, value)
+        }
+    };
     let id = change
         .id
         .as_deref()
@@ -503,6 +567,13 @@ fn render_change(out: &mut String, change: &Change) {
             out,
             "        step {} of {}: {}",
             step.number, step.of, step.description
+        );
+    }
+    if let Some(stage) = &change.stage {
+        let _ = writeln!(
+            out,
+            "        stage {} of {}: {}",
+            stage.number, stage.of, stage.name
         );
     }
     let _ = writeln!(out, "        {}", change.reason);
@@ -585,6 +656,9 @@ pub fn render(plan: &Plan) -> String {
             "Recorded but gone, to be dropped from state: {}",
             plan.forget.join(", ")
         );
+    }
+    for note in &plan.notes {
+        let _ = writeln!(out, "Note: {note}");
     }
     let s = plan.summary;
     if plan.is_empty() {

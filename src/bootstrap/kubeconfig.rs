@@ -4,46 +4,14 @@
 //! (like k3sup's `--merge`).
 
 use serde_json::{json, Map, Value};
-use yaml_rust2::{Yaml, YamlEmitter, YamlLoader};
+use yaml_rust2::{YamlEmitter, YamlLoader};
+
+use crate::yamljson::{to_json, to_yaml};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeconfigError {
     #[error("{what} is not a kubeconfig: {reason}")]
     Invalid { what: String, reason: String },
-}
-
-fn to_json(yaml: &Yaml) -> Value {
-    match yaml {
-        Yaml::Real(r) => r.parse::<f64>().map_or(Value::Null, |f| json!(f)),
-        Yaml::Integer(i) => json!(i),
-        Yaml::String(s) => json!(s),
-        Yaml::Boolean(b) => json!(b),
-        Yaml::Array(items) => Value::Array(items.iter().map(to_json).collect()),
-        Yaml::Hash(map) => Value::Object(
-            map.iter()
-                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), to_json(v))))
-                .collect(),
-        ),
-        _ => Value::Null,
-    }
-}
-
-fn to_yaml(value: &Value) -> Yaml {
-    match value {
-        Value::Null => Yaml::Null,
-        Value::Bool(b) => Yaml::Boolean(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => Yaml::Integer(i),
-            None => Yaml::Real(n.to_string()),
-        },
-        Value::String(s) => Yaml::String(s.clone()),
-        Value::Array(items) => Yaml::Array(items.iter().map(to_yaml).collect()),
-        Value::Object(map) => Yaml::Hash(
-            map.iter()
-                .map(|(k, v)| (Yaml::String(k.clone()), to_yaml(v)))
-                .collect(),
-        ),
-    }
 }
 
 /// Reads a kubeconfig; `what` names it in errors.

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use super::file::*;
 use super::values::{self, ByteSize, ImageRef};
 use super::yaml::{Node, Pos, Value};
-use super::{Accel, Addon, BaseImage, DatabaseKind, Role, StorageKind, TcpExposure, UpgradePolicy};
+use super::{Accel, Addon, BaseImage, DatabaseKind, Protocol, Role, StorageKind};
+use super::{TcpExposure, UpgradePolicy};
 use crate::diag::Diagnostics;
 
 /// The only stack file version this build reads.
@@ -687,7 +688,15 @@ impl Decoder<'_> {
         let f = self.mapping(
             node,
             path,
-            &["channel", "addons", "storage", "kubeconfig", "context"],
+            &[
+                "channel",
+                "addons",
+                "storage",
+                "kubeconfig",
+                "context",
+                "namespace",
+                "manifests",
+            ],
         )?;
         let value = KubernetesFile {
             channel: self.opt(&f, path, "channel", |d, n, p| {
@@ -737,6 +746,15 @@ impl Decoder<'_> {
                 })
             }),
             context: self.opt(&f, path, "context", Self::string),
+            namespace: self.opt(&f, path, "namespace", |d, n, p| d.dns_label(n, p, 63)),
+            manifests: self.opt(&f, path, "manifests", |d, n, p| {
+                d.list(n, p, |d, n, p| {
+                    d.string(n, p).map(|s| Spanned {
+                        value: PathBuf::from(s.value),
+                        pos: s.pos,
+                    })
+                })
+            }),
         };
         Some(Spanned {
             value,
@@ -822,7 +840,11 @@ impl Decoder<'_> {
     }
 
     fn ingress(&mut self, node: &Node, path: &str) -> Option<Spanned<IngressFile>> {
-        let f = self.mapping(node, path, &["domain", "tls", "className", "tcp"])?;
+        let f = self.mapping(
+            node,
+            path,
+            &["domain", "tls", "className", "tcp", "endpoints"],
+        )?;
         let domain = self
             .required(&f, path, "domain", "the DNS domain endpoints live under")
             .and_then(|n| {
@@ -866,11 +888,32 @@ impl Decoder<'_> {
                 ],
             )
         });
+        let endpoints = self.opt(&f, path, "endpoints", |d, n, p| {
+            d.list(n, p, |d, n, p| {
+                let f = d.mapping(n, p, &["name", "service", "port", "protocol"])?;
+                let name = d.required(&f, p, "name", "the endpoint's host label");
+                let name = name.and_then(|n| d.dns_label(n, &join(p, "name"), 63));
+                let service = d.required(&f, p, "service", "a Service in the stack's manifests");
+                let service = service.and_then(|n| d.dns_label(n, &join(p, "service"), 63));
+                let port = d.required(&f, p, "port", "the Service's port number");
+                let port = port.and_then(|n| d.integer(n, &join(p, "port"), 1, 65535));
+                let protocol = d.opt(&f, p, "protocol", |d, n, p| {
+                    d.choice(n, p, &[("http", Protocol::Http), ("tcp", Protocol::Tcp)])
+                });
+                Some(EndpointFile {
+                    name: name?,
+                    service: service?,
+                    port: port?,
+                    protocol,
+                })
+            })
+        });
         let value = IngressFile {
             domain: domain?,
             tls,
             class_name,
             tcp,
+            endpoints,
         };
         Some(Spanned {
             value,
@@ -913,11 +956,12 @@ impl Decoder<'_> {
     }
 
     fn timeouts(&mut self, node: &Node, path: &str) -> Option<TimeoutsFile> {
-        let f = self.mapping(node, path, &["running", "delete", "ready"])?;
+        let f = self.mapping(node, path, &["running", "delete", "ready", "healthy"])?;
         Some(TimeoutsFile {
             running: self.opt(&f, path, "running", Self::duration),
             delete: self.opt(&f, path, "delete", Self::duration),
             ready: self.opt(&f, path, "ready", Self::duration),
+            healthy: self.opt(&f, path, "healthy", Self::duration),
         })
     }
 

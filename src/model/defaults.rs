@@ -20,6 +20,7 @@ pub const DATABASE_STORAGE_GIB: u64 = 10;
 pub const RUNNING_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DELETE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
+pub const HEALTHY_TIMEOUT: Duration = Duration::from_secs(600);
 pub const UPGRADE_HEALTH_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The first node group runs the control plane unless the stack says otherwise.
@@ -52,11 +53,10 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
     if let Some(d) = stack.databases.as_ref().filter(|d| !d.value.is_empty()) {
         mark("databases", d.pos, "database clusters");
     }
-    if let Some(i) = &stack.ingress {
-        mark("ingress", i.pos, "TLS ingress");
-    }
-    if let Some(m) = &stack.monitoring {
-        mark("monitoring", m.pos, "monitoring");
+    if let Some(tcp) = stack.ingress.as_ref().and_then(|i| i.value.tcp.as_ref()) {
+        if tcp.value == TcpExposure::EntryPoint {
+            mark("ingress.tcp", tcp.pos, "TCP entry points of the ingress controller");
+        }
     }
     if let Some(u) = &stack.upgrades {
         mark("upgrades", u.pos, "scheduled upgrades");
@@ -116,6 +116,8 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             user_data: val(g.user_data),
         })
         .collect();
+    let folder = file.parent().unwrap_or(Path::new(""));
+    let name = stack.name.value;
     let kubernetes = val(stack.kubernetes).map(|k| Kubernetes {
         channel: val(k.channel).unwrap_or_else(|| MICROK8S_CHANNEL.to_string()),
         addons: val(k.addons)
@@ -124,6 +126,12 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
         storage: val(k.storage).unwrap_or(StorageKind::Hostpath),
         kubeconfig: val(k.kubeconfig),
         context: val(k.context),
+        namespace: val(k.namespace).unwrap_or_else(|| name.clone()),
+        manifests: val(k.manifests)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| folder.join(m.value))
+            .collect(),
     });
     let databases = val(stack.databases)
         .unwrap_or_default()
@@ -163,6 +171,16 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
         },
         class_name: val(i.class_name),
         tcp: val(i.tcp).unwrap_or(TcpExposure::NodePort),
+        endpoints: val(i.endpoints)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| Endpoint {
+                name: e.name.value,
+                service: e.service.value,
+                port: e.port.value as u16,
+                protocol: val(e.protocol).unwrap_or(Protocol::Http),
+            })
+            .collect(),
     });
     let monitoring = val(stack.monitoring).map(|m| Monitoring {
         service_monitors: val(m.service_monitors).unwrap_or(true),
@@ -175,7 +193,7 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
     });
     let timeouts = stack.timeouts.unwrap_or_default();
     Stack {
-        name: stack.name.value,
+        name,
         file: file.to_path_buf(),
         provider,
         network,
@@ -189,6 +207,7 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             running: val(timeouts.running).unwrap_or(RUNNING_TIMEOUT),
             delete: val(timeouts.delete).unwrap_or(DELETE_TIMEOUT),
             ready: val(timeouts.ready).unwrap_or(READY_TIMEOUT),
+            healthy: val(timeouts.healthy).unwrap_or(HEALTHY_TIMEOUT),
         },
         tags: val(stack.tags)
             .unwrap_or_default()

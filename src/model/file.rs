@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::yaml::Pos;
 use super::{Accel, Addon, BaseImage, ByteSize, DatabaseKind, ImageRef, Role, StorageKind};
-use super::{TcpExposure, UpgradePolicy};
+use super::{Protocol, TcpExposure, UpgradePolicy};
 
 /// A value and where it was written.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +88,8 @@ pub struct KubernetesFile {
     pub storage: Opt<StorageKind>,
     pub kubeconfig: Opt<PathBuf>,
     pub context: Opt<String>,
+    pub namespace: Opt<String>,
+    pub manifests: Opt<Vec<Spanned<PathBuf>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +125,15 @@ pub struct IngressFile {
     pub tls: Opt<TlsFile>,
     pub class_name: Opt<String>,
     pub tcp: Opt<TcpExposure>,
+    pub endpoints: Opt<Vec<EndpointFile>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EndpointFile {
+    pub name: Spanned<String>,
+    pub service: Spanned<String>,
+    pub port: Spanned<u32>,
+    pub protocol: Opt<Protocol>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -143,4 +154,5 @@ pub struct TimeoutsFile {
     pub running: Opt<Duration>,
     pub delete: Opt<Duration>,
     pub ready: Opt<Duration>,
+    pub healthy: Opt<Duration>,
 }

@@ -228,6 +228,10 @@ pub struct Kubernetes {
     pub storage: StorageKind,
     pub kubeconfig: Option<PathBuf>,
     pub context: Option<String>,
+    /// Where the stack's own objects go (default: the stack's name).
+    pub namespace: String,
+    /// The user's manifest files and folders, resolved against the stack file's folder.
+    pub manifests: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -311,6 +315,26 @@ pub struct Ingress {
     pub tls: TlsSource,
     pub class_name: Option<String>,
     pub tcp: TcpExposure,
+    /// Services of the user's manifests to expose (databases bring their own).
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+/// A service port reachable from outside the cluster: HTTP through the
+/// ingress at `name.domain`, TCP as the stack's `tcp` setting says.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub name: String,
+    pub service: String,
+    pub port: u16,
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -337,6 +361,8 @@ pub struct Timeouts {
     pub delete: Duration,
     /// How long a VM may take from start to SSH and cloud-init done.
     pub ready: Duration,
+    /// How long a stage's Kubernetes objects may take to become ready, or to be gone.
+    pub healthy: Duration,
 }
 
 impl Stack {

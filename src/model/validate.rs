@@ -259,6 +259,29 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
     }
     if let Some(ingress) = &stack.ingress {
         needs_kubernetes(diags, ingress.pos, "ingress");
+        let i = &ingress.value;
+        if existing_cluster.is_some() && i.class_name.is_none() {
+            diags.push(
+                ingress.pos,
+                "ingress.className",
+                "the IngressClass of the existing cluster's ingress controller (`className`)",
+                "none: stack only knows the class of the clusters it makes",
+            );
+        }
+        if let Some(endpoints) = &i.endpoints {
+            let databases = stack.databases.as_ref().map(|d| &d.value[..]).unwrap_or(&[]);
+            unique(
+                diags,
+                "ingress.endpoints",
+                endpoints
+                    .value
+                    .iter()
+                    .map(|e| (e.name.value.as_str(), e.name.pos))
+                    .chain(databases.iter().map(|d| (d.name.value.as_str(), d.name.pos))),
+                "name",
+                "endpoint name (databases take their own names)",
+            );
+        }
     }
     if let Some(monitoring) = &stack.monitoring {
         needs_kubernetes(diags, monitoring.pos, "monitoring");
