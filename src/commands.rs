@@ -278,13 +278,22 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> 
     if stack.kubernetes.is_none() {
         return Ok(Planned { plan, kube: None });
     }
-    let kube = Kube::new(stack, &session.state, cluster_target(stack)?)
-        .with_context(|| format!("cannot build the Kubernetes objects of stack {}", stack.name))?;
+    let kube = Kube::new(stack, &session.state, cluster_target(stack)?).with_context(|| {
+        format!(
+            "cannot build the Kubernetes objects of stack {}",
+            stack.name
+        )
+    })?;
     let recorded = session.state.only(is_kube);
+    if kube.objects().is_empty() && recorded.resources.is_empty() {
+        return Ok(Planned { plan, kube: None });
+    }
     // A cluster stack made is read only when it stands as it is: nodes
     // being made or replaced mean its objects go to a new cluster.
     let rebuilding = plan.changes.iter().any(|c| {
-        !is_kube(&c.kind) && !is_bootstrap(&c.kind) && matches!(c.action, plan::Action::Create | plan::Action::Replace)
+        !is_kube(&c.kind)
+            && !is_bootstrap(&c.kind)
+            && matches!(c.action, plan::Action::Create | plan::Action::Replace)
     });
     let made = session.backend.is_some();
     let reachable = !made || (kubeconfig_path(stack).exists() && !rebuilding);
@@ -293,7 +302,11 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> 
         // Removing the nodes removes the cluster and everything in it.
         let mut forget = plan::destroy(&stack.name, provider, &recorded, &[]);
         forget.changes.clear();
-        forget.forget = recorded.resources.iter().map(|r| r.address.clone()).collect();
+        forget.forget = recorded
+            .resources
+            .iter()
+            .map(|r| r.address.clone())
+            .collect();
         forget
     } else {
         let refreshed = if reachable {
@@ -311,7 +324,13 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> 
             plan::destroy(&stack.name, provider, &recorded, observed)
         } else {
             let monitoring = refreshed.as_ref().is_none_or(|r| r.monitoring);
-            plan::plan(&stack.name, provider, &kube.desired(monitoring), &recorded, observed)
+            plan::plan(
+                &stack.name,
+                provider,
+                &kube.desired(monitoring),
+                &recorded,
+                observed,
+            )
         };
         kube.annotate(&mut kube_plan, refreshed.as_ref());
         if !reachable {
@@ -341,14 +360,21 @@ async fn infra_and_bootstrap_plan(session: &Session, destroy: bool) -> anyhow::R
             plan::plan(name, provider, &[], &recorded, &[])
         });
     };
-    let infra_state = session.state.only(|kind| !is_bootstrap(kind) && !is_kube(kind));
+    let infra_state = session
+        .state
+        .only(|kind| !is_bootstrap(kind) && !is_kube(kind));
     let observed = backend
         .refresh(&infra_state)
         .await
         .with_context(|| format!("cannot refresh stack {}", session.stack.name))?;
     if destroy {
         // Removing the nodes removes the cluster: its steps are only forgotten.
-        return Ok(plan::destroy(name, provider, &session.state.only(|k| !is_kube(k)), &observed));
+        return Ok(plan::destroy(
+            name,
+            provider,
+            &session.state.only(|k| !is_kube(k)),
+            &observed,
+        ));
     }
     let infra = plan::plan(name, provider, &backend.desired(), &infra_state, &observed);
     let bootstrap = with_provider!(backend, p => {
@@ -447,7 +473,11 @@ async fn apply_plan(
     let plan = &planned.plan;
     apply::bookkeeping(plan, &mut session.store, &mut session.state)?;
     let phase = |keep: fn(&str) -> bool| -> Vec<plan::Change> {
-        plan.changes.iter().filter(|c| keep(&c.kind)).cloned().collect()
+        plan.changes
+            .iter()
+            .filter(|c| keep(&c.kind))
+            .cloned()
+            .collect()
     };
     let infra = phase(|k| !is_bootstrap(k) && !is_kube(k));
     let bootstrap = phase(is_bootstrap);
@@ -458,7 +488,10 @@ async fn apply_plan(
     let mut outcomes = Vec::new();
     if destroy {
         if let Some(kube) = planned.kube.as_ref().filter(|_| !objects.is_empty()) {
-            outcomes.extend(kube.apply(&objects, true, store, state, parallelism, &reporter).await?);
+            outcomes.extend(
+                kube.apply(&objects, true, store, state, parallelism, &reporter)
+                    .await?,
+            );
         }
     }
     if let Some(backend) = &session.backend {
@@ -473,7 +506,10 @@ async fn apply_plan(
     }
     if !destroy {
         if let Some(kube) = planned.kube.as_ref().filter(|_| !objects.is_empty()) {
-            outcomes.extend(kube.apply(&objects, false, store, state, parallelism, &reporter).await?);
+            outcomes.extend(
+                kube.apply(&objects, false, store, state, parallelism, &reporter)
+                    .await?,
+            );
         }
     }
     Ok(outcomes)
@@ -509,7 +545,10 @@ pub async fn down(args: &ApplyArgs, output: OutputFormat) -> anyhow::Result<Exit
             .await
             .context("cannot check what is left")?,
         (None, Some(kube)) => kube
-            .refresh(&State::new(&session.stack.name, session.stack.provider_name()))
+            .refresh(&State::new(
+                &session.stack.name,
+                session.stack.provider_name(),
+            ))
             .await
             .context("cannot check what is left in the cluster")?
             .observed
@@ -603,6 +642,27 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
         ProviderSettings::Kvm(settings) => settings.ssh_user.clone(),
     };
     let key_exists = key_path.exists();
+    let empty = State::new(&stack.name, stack.provider_name());
+    let kube = match &stack.kubernetes {
+        Some(_) => Some(Kube::new(
+            &stack,
+            recorded.as_ref().unwrap_or(&empty),
+            cluster_target(&stack)?,
+        )?),
+        None => None,
+    };
+    let endpoints = match &kube {
+        Some(kube) => kube.endpoints().await,
+        None => Vec::new(),
+    };
+    let ca = crate::kube::ca_export_path(&stack);
+    let ca = ca.exists().then_some(ca);
+    let grafana = stack.monitoring.as_ref().map(|_| {
+        format!(
+            "http://localhost:3000 after `kubectl --kubeconfig {} port-forward -n observability svc/kube-prom-stack-grafana 3000:80`",
+            kubeconfig.as_ref().map_or_else(|| kubeconfig_path(&stack), |p| p.clone()).display()
+        )
+    });
     match output {
         OutputFormat::Json => print_json(&json!({
             "stack": stack.name,
@@ -615,6 +675,9 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
             "kubeconfig": kubeconfig,
             "context": context,
             "nodes": nodes,
+            "endpoints": endpoints,
+            "caCertificate": ca,
+            "grafana": grafana,
         })),
         OutputFormat::Text => {
             println!("stack {} ({})", stack.name, stack.provider_name());
@@ -642,6 +705,21 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
                 ),
                 _ if stack.kubernetes.is_some() => println!("kubeconfig: none yet (run `stack up`)"),
                 _ => {}
+            }
+            if let Some(ca) = &ca {
+                println!(
+                    "CA certificate: {} (trust it to reach the endpoints)",
+                    ca.display()
+                );
+            }
+            if !endpoints.is_empty() {
+                println!("endpoints:");
+                for endpoint in &endpoints {
+                    println!("  {}: {}", endpoint.name, endpoint.url);
+                }
+            }
+            if let Some(grafana) = &grafana {
+                println!("grafana: {grafana}");
             }
             if nodes.is_empty() {
                 println!("no nodes");

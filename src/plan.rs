@@ -273,16 +273,24 @@ fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, Value>) {
 /// Field-by-field differences between the live view and the desired attributes.
 /// Only fields the stack manages count: a live field the stack does not set is
 /// ignored, except under `tags`, where a tag stack set before is still managed.
-fn field_changes(before: Option<&Value>, live: &Value, desired: &Value) -> Vec<FieldChange> {
+fn field_changes(
+    kind: &str,
+    before: Option<&Value>,
+    live: &Value,
+    desired: &Value,
+) -> Vec<FieldChange> {
     let (mut b, mut l, mut d) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     if let Some(before) = before {
         flatten("", before, &mut b);
     }
     flatten("", live, &mut l);
     flatten("", desired, &mut d);
+    // A Kubernetes object's fields the stack set before and no longer sets
+    // are removed by the next apply, so they count too.
+    let kube = crate::kube::is_kube(kind);
     let managed: BTreeSet<&String> = d
         .keys()
-        .chain(b.keys().filter(|k| k.starts_with("tags.")))
+        .chain(b.keys().filter(|k| kube || k.starts_with("tags.")))
         .collect();
     managed
         .into_iter()
@@ -363,7 +371,12 @@ pub fn plan(
             Some(live) => {
                 let recorded = record.filter(|r| r.id.as_deref() == Some(live.id.as_str()));
                 let view = live_view(recorded, live);
-                let fields = field_changes(recorded.map(|r| &r.attrs), &view, &resource.attrs);
+                let fields = field_changes(
+                    &resource.kind,
+                    recorded.map(|r| &r.attrs),
+                    &view,
+                    &resource.attrs,
+                );
                 if recorded.is_none() {
                     adopt.push(live.clone());
                 }
@@ -519,7 +532,10 @@ pub fn to_json(plan: &Plan) -> Value {
             }
         }
         for field in change["fields"].as_array_mut().into_iter().flatten() {
-            if field["path"].as_str().is_some_and(|p| p.starts_with("data.")) {
+            if field["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("data."))
+            {
                 for view in ["before", "observed", "after"] {
                     field[view] = Value::String("(sensitive)".into());
                 }

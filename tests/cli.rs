@@ -1344,3 +1344,381 @@ fn the_vagrantfile_validates() {
     expect_code(&output, 0);
     assert!(text(&output.stdout).contains("Vagrantfile validated successfully"));
 }
+
+/// The Kubernetes API TEST DOUBLE (`tests/kube-api-double`): no real API
+/// server can run here. Started on a free loopback port, stopped on drop;
+/// every request it serves is logged.
+struct KubeDouble {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl KubeDouble {
+    fn start(dir: &Path) -> KubeDouble {
+        let port = free_port();
+        let log = dir.join("api-requests.log");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kube-api-double/kube_api_double.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args(["--port", &port.to_string(), "--log"])
+            .arg(&log)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3 runs the Kubernetes API double");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the API double did not start on port {port}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::write(
+            dir.join("kubeconfig"),
+            format!("apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: http://127.0.0.1:{port}\nusers:\n- name: tester\n  user:\n    token: test\ncontexts:\n- name: double\n  context: {{cluster: double, user: tester}}\ncurrent-context: double\n"),
+        )
+        .unwrap();
+        KubeDouble { child, port, log }
+    }
+
+    /// One HTTP request as another client (kubectl, a controller) would send it.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (code, serde_json::from_str(body).unwrap())
+    }
+
+    fn get(&self, path: &str) -> serde_json::Value {
+        let (code, body) = self.request("GET", path, "application/json", "");
+        assert_eq!(code, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// Every object of the stack's labels, as `plural/namespace/name`.
+    fn labelled(&self, stack: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for path in [
+            "/api/v1/namespaces",
+            "/api/v1/configmaps",
+            "/api/v1/secrets",
+            "/api/v1/services",
+            "/apis/apps/v1/statefulsets",
+            "/apis/apps/v1/deployments",
+            "/apis/networking.k8s.io/v1/ingresses",
+        ] {
+            let list = self.get(&format!(
+                "{path}?labelSelector=app.kubernetes.io/part-of%3D{stack}"
+            ));
+            for item in list["items"].as_array().unwrap() {
+                found.push(format!(
+                    "{path}/{}/{}",
+                    item["metadata"]["namespace"].as_str().unwrap_or("-"),
+                    item["metadata"]["name"].as_str().unwrap()
+                ));
+            }
+        }
+        found
+    }
+
+    fn requests(&self) -> usize {
+        std::fs::read_to_string(&self.log).map_or(0, |log| log.lines().count())
+    }
+}
+
+impl Drop for KubeDouble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const APP_MANIFESTS: &str = "apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: web
+spec:
+  replicas: 3
+  serviceName: web
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+        - name: web
+          image: nginx:1.27
+          ports:
+            - {name: http, containerPort: 80}
+          resources:
+            requests: {memory: 1024Mi, cpu: 500m}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector: {app: web}
+  ports:
+    - {name: http, port: 80, targetPort: http}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: grpc
+spec:
+  selector: {app: web}
+  ports:
+    - {name: grpc, port: 9000}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: web-config
+data:
+  greeting: hello
+";
+
+/// An existing cluster (the API double) with the user's manifests, a TLS
+/// ingress from the stack's CA and a TCP endpoint on a NodePort.
+fn kube_env(name: &str, manifests: &str, healthy: &str) -> (Env, KubeDouble) {
+    let env = Env::new(name, 1, String::new());
+    let double = KubeDouble::start(env.path());
+    std::fs::create_dir_all(env.path().join("app")).unwrap();
+    std::fs::write(env.path().join("app/web.yaml"), manifests).unwrap();
+    std::fs::write(
+        env.path().join("stack.yaml"),
+        format!("version: 1\nname: {name}\nprovider:\n  kvm: {{}}\nkubernetes:\n  kubeconfig: kubeconfig\n  manifests: [app]\ningress:\n  domain: {name}.test\n  className: public\n  endpoints:\n    - {{name: web, service: web, port: 80}}\n    - {{name: grpc, service: grpc, port: 9000, protocol: tcp}}\ntimeouts:\n  healthy: {healthy}\n"),
+    )
+    .unwrap();
+    (env, double)
+}
+
+#[test]
+fn kubernetes_objects_apply_in_stages_drift_is_exact_and_down_leaves_nothing() {
+    let (env, double) = kube_env("apps", APP_MANIFESTS, "30s");
+    let output = env.run(&["up", "--yes"]);
+    expect_code(&output, 0);
+    let log = text(&output.stdout) + &text(&output.stderr);
+    let position = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle} missing from:\n{log}"))
+    };
+    // Stages in order: the namespace and the TLS secret before the workloads, the ingress last.
+    assert!(
+        position("k8s.Namespace/apps: created") < position("k8s.apps/StatefulSet/web: creating")
+    );
+    assert!(
+        position("stage 2 of 4 (databases): waiting") < position("k8s.apps/Ingress/web: creating")
+    );
+
+    // The API server filled in defaults the stack never set...
+    let sts = double.get("/apis/apps/v1/namespaces/apps/statefulsets/web");
+    assert_eq!(sts["spec"]["podManagementPolicy"], "OrderedReady");
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"],
+        "IfNotPresent"
+    );
+    let service = double.get("/api/v1/namespaces/apps/services/web");
+    assert!(service["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .starts_with("10.152.183."));
+    assert_eq!(sts["metadata"]["managedFields"][0]["manager"], "stack");
+    // ...and none of it is drift.
+    let plan = env.run(&["plan", "--detailed-exitcode"]);
+    expect_code(&plan, 0);
+    assert!(
+        text(&plan.stdout).contains("No changes"),
+        "{}",
+        text(&plan.stdout)
+    );
+
+    // The certificate in the Secret is signed by the CA exported for the user.
+    let secret = double.get("/api/v1/namespaces/apps/secrets/apps-tls");
+    use base64::Engine as _;
+    let cert = base64::engine::general_purpose::STANDARD
+        .decode(secret["data"]["tls.crt"].as_str().unwrap())
+        .unwrap();
+    std::fs::write(env.path().join("web.crt"), cert).unwrap();
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile", ".stack/apps-ca.crt", "web.crt"])
+        .current_dir(env.path())
+        .output()
+        .unwrap();
+    expect_code(&verify, 0);
+    let ingress = double.get("/apis/networking.k8s.io/v1/namespaces/apps/ingresses/web");
+    assert_eq!(ingress["spec"]["rules"][0]["host"], "web.apps.test");
+    assert_eq!(ingress["spec"]["ingressClassName"], "public");
+    let node_port = double.get("/api/v1/namespaces/apps/services/grpc-tcp");
+    assert_eq!(node_port["spec"]["type"], "NodePort");
+    assert_eq!(node_port["spec"]["selector"]["app"], "web");
+    let status = env.run(&["status"]);
+    expect_code(&status, 0);
+    let shown = text(&status.stdout);
+    assert!(shown.contains("https://web.apps.test"), "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "grpc: tcp NodePort {}",
+            node_port["spec"]["ports"][0]["nodePort"]
+        )),
+        "{shown}"
+    );
+    assert!(shown.contains(".stack/apps-ca.crt"), "{shown}");
+    let inventory = double.get("/api/v1/namespaces/apps/configmaps/stack-apps-inventory");
+    assert!(inventory["data"]["kinds"]
+        .as_str()
+        .unwrap()
+        .contains("apps/v1 StatefulSet"));
+
+    // Another field manager scales the StatefulSet, a Service is deleted, a
+    // stray ConfigMap with the stack's labels appears.
+    let (code, _) = double.request(
+        "PATCH",
+        "/apis/apps/v1/namespaces/apps/statefulsets/web?fieldManager=kubectl-scale",
+        "application/merge-patch+json",
+        r#"{"spec":{"replicas":1}}"#,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(
+        double
+            .request(
+                "DELETE",
+                "/api/v1/namespaces/apps/services/grpc",
+                "application/json",
+                ""
+            )
+            .0,
+        200
+    );
+    let stray = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"stray","labels":{"app.kubernetes.io/managed-by":"stack","app.kubernetes.io/part-of":"apps"}},"data":{"x":"y"}}"#;
+    assert_eq!(
+        double
+            .request(
+                "POST",
+                "/api/v1/namespaces/apps/configmaps?fieldManager=kubectl-create",
+                "application/json",
+                stray
+            )
+            .0,
+        201
+    );
+
+    let before = double.requests();
+    let plan = env.run(&["plan", "--detailed-exitcode"]);
+    expect_code(&plan, 2);
+    let shown = text(&plan.stdout);
+    let changes: Vec<&str> = shown
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("      "))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "  +   k8s.apps/Service/grpc",
+            "  ~   k8s.apps/StatefulSet/web (apps/web)",
+            "  -   k8s.apps/ConfigMap/stray (apps/stray)",
+        ],
+        "{shown}"
+    );
+    assert!(
+        shown.contains("spec.replicas: 1 → 3   (last applied: 3)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("spec.replicas is now managed by kubectl-scale"),
+        "{shown}"
+    );
+    assert!(shown.contains("gone from the live world"), "{shown}");
+    assert!(
+        shown.contains("has the stack's labels but the stack does not declare it: pruned"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(
+            "Plan: 1 to create, 1 to update, 0 to replace, 1 to delete (3 repairing drift)."
+        ),
+        "{shown}"
+    );
+    // One LIST per kind (6 kinds), the CRD check and the inventory: never one GET per object.
+    let lists = std::fs::read_to_string(&double.log)
+        .unwrap()
+        .lines()
+        .skip(before)
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    assert_eq!(lists.len(), 8, "{lists:#?}");
+    assert_eq!(
+        lists
+            .iter()
+            .filter(|l| l.contains("labelSelector="))
+            .count(),
+        6,
+        "{lists:#?}"
+    );
+
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    let sts = double.get("/apis/apps/v1/namespaces/apps/statefulsets/web");
+    assert_eq!(sts["spec"]["replicas"], 3);
+    let plan = env.run(&["plan", "--detailed-exitcode"]);
+    expect_code(&plan, 0);
+
+    let down = env.run(&["down", "--yes"]);
+    expect_code(&down, 0);
+    assert!(
+        text(&down.stdout).contains("Nothing with the labels of stack apps is left"),
+        "{}",
+        text(&down.stdout)
+    );
+    assert_eq!(double.labelled("apps"), Vec::<String>::new());
+    assert!(!env.path().join(".stack/apps-ca.crt").exists());
+}
+
+#[test]
+fn a_stage_that_never_gets_ready_names_the_object_its_conditions_and_events() {
+    let stuck = APP_MANIFESTS.replace(
+        "metadata:\n  name: web\nspec:\n  replicas: 3",
+        "metadata:\n  name: web\n  annotations:\n    kube-api-double/never-ready: \"true\"\nspec:\n  replicas: 3",
+    );
+    let (env, double) = kube_env("gate", &stuck, "3s");
+    let output = env.run(&["up", "--yes"]);
+    expect_code(&output, 1);
+    let message = text(&output.stderr);
+    for needle in [
+        "stage 2 of 4 (databases) is not ready after 3s",
+        "StatefulSet gate/web: 0 of 3 ready",
+        "conditions: Available=False MinimumReplicasUnavailable pods are crash looping",
+        "Warning BackOff: Back-off restarting failed container",
+    ] {
+        assert!(
+            message.contains(needle),
+            "{needle} missing from:\n{message}"
+        );
+    }
+    // The later stage was not started; fixed, the next run finishes it.
+    assert!(double
+        .labelled("gate")
+        .iter()
+        .all(|o| !o.contains("ingresses")));
+    std::fs::write(env.path().join("app/web.yaml"), APP_MANIFESTS).unwrap();
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+    expect_code(&env.run(&["down", "--yes"]), 0);
+}

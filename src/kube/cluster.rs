@@ -50,7 +50,9 @@ pub struct Cluster {
 /// An API error as the API server put it (`409 Conflict: …`), anything else with its causes.
 fn describe(err: &kube::Error) -> String {
     match err {
-        kube::Error::Api(status) => format!("{} {}: {}", status.code, status.reason, status.message),
+        kube::Error::Api(status) => {
+            format!("{} {}: {}", status.code, status.reason, status.message)
+        }
         other => crate::output::error_chain(other),
     }
 }
@@ -112,7 +114,11 @@ impl Cluster {
 
     /// Every object of `kind` in every namespace matching `selector`, with
     /// one request; `None` when the cluster does not serve the kind.
-    pub async fn list(&self, kind: &Kind, selector: &str) -> Result<Option<Vec<Value>>, ClusterError> {
+    pub async fn list(
+        &self,
+        kind: &Kind,
+        selector: &str,
+    ) -> Result<Option<Vec<Value>>, ClusterError> {
         let api = self.api(&kind.resource(), None);
         match api.list(&ListParams::default().labels(selector)).await {
             Ok(list) => Ok(Some(
@@ -126,7 +132,12 @@ impl Cluster {
         }
     }
 
-    pub async fn get(&self, kind: &Kind, namespace: Option<&str>, name: &str) -> Result<Option<Value>, ClusterError> {
+    pub async fn get(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Value>, ClusterError> {
         let api = self.api(&kind.resource(), namespace);
         let what = || format!("{} {}", kind.kind, super::manifest::id(namespace, name));
         match api.get_opt(name).await {
@@ -146,13 +157,22 @@ impl Cluster {
         };
         match self.api(&crds, None).get_opt(name).await {
             Ok(found) => Ok(found.is_some()),
-            Err(err) => Err(self.failed("reading", format!("CustomResourceDefinition {name}"))(err)),
+            Err(err) => Err(self
+                .failed("reading", format!("CustomResourceDefinition {name}"))(
+                err
+            )),
         }
     }
 
     /// Server-side apply under stack's field manager, taking over fields
     /// another manager changed (the plan showed who).
-    pub async fn apply(&self, kind: &Kind, namespace: Option<&str>, name: &str, body: &Value) -> Result<Value, ClusterError> {
+    pub async fn apply(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        name: &str,
+        body: &Value,
+    ) -> Result<Value, ClusterError> {
         let api = self.api(&kind.resource(), namespace);
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let what = format!("{} {}", kind.kind, super::manifest::id(namespace, name));
@@ -163,7 +183,12 @@ impl Cluster {
     }
 
     /// Deletes an object; one already gone is fine.
-    pub async fn delete(&self, kind: &Kind, namespace: Option<&str>, name: &str) -> Result<(), ClusterError> {
+    pub async fn delete(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<(), ClusterError> {
         let api = self.api(&kind.resource(), namespace);
         let what = format!("{} {}", kind.kind, super::manifest::id(namespace, name));
         match api.delete(name, &DeleteParams::background()).await {
@@ -192,7 +217,10 @@ impl Cluster {
             .items
             .into_iter()
             .map(|event| {
-                let at = event.data["lastTimestamp"].as_str().unwrap_or_default().to_string();
+                let at = event.data["lastTimestamp"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 let line = format!(
                     "{} {}: {}",
                     event.data["type"].as_str().unwrap_or("Normal"),
@@ -203,6 +231,12 @@ impl Cluster {
             })
             .collect();
         lines.sort();
-        Ok(lines.into_iter().rev().take(5).rev().map(|(_, l)| l).collect())
+        Ok(lines
+            .into_iter()
+            .rev()
+            .take(5)
+            .rev()
+            .map(|(_, l)| l)
+            .collect())
     }
 }

@@ -48,6 +48,45 @@ pub fn project(live: &Value, desired: &Value) -> Value {
     }
 }
 
+/// `live` cut down to the paths `desired` has or `recorded` (what was last
+/// applied) had: a field the stack stopped setting is still compared.
+pub fn project_both(live: &Value, desired: &Value, recorded: Option<&Value>) -> Value {
+    let wanted = project(live, desired);
+    match recorded {
+        Some(recorded) => overlay(project(live, recorded), wanted),
+        None => wanted,
+    }
+}
+
+/// `over` laid over `under`: maps merged key by key, list elements by
+/// name (or place), anything else from `over`.
+fn overlay(under: Value, over: Value) -> Value {
+    match (under, over) {
+        (Value::Object(mut under), Value::Object(over)) => {
+            for (key, value) in over {
+                let merged = match under.remove(&key) {
+                    Some(old) => overlay(old, value),
+                    None => value,
+                };
+                under.insert(key, merged);
+            }
+            Value::Object(under)
+        }
+        (Value::Array(under), Value::Array(over)) if over.iter().all(Value::is_object) => {
+            Value::Array(
+                over.into_iter()
+                    .enumerate()
+                    .map(|(i, item)| match counterpart(&under, &item, i) {
+                        Some(old) => overlay(old.clone(), item),
+                        None => item,
+                    })
+                    .collect(),
+            )
+        }
+        (_, over) => over,
+    }
+}
+
 /// `2` and `2.0`, or `"80"` where 80 was meant: the API server's spelling of the same value.
 fn same_number(have: &Value, want: &Value) -> bool {
     match (have.as_f64(), want.as_f64()) {
@@ -91,7 +130,10 @@ fn same_quantity(have: &str, want: &str) -> bool {
 fn segments(path: &str) -> Vec<(String, Option<String>)> {
     path.split('.')
         .map(|part| match part.split_once('[') {
-            Some((key, rest)) => (key.to_string(), Some(rest.trim_end_matches(']').to_string())),
+            Some((key, rest)) => (
+                key.to_string(),
+                Some(rest.trim_end_matches(']').to_string()),
+            ),
             None => (part.to_string(), None),
         })
         .collect()

@@ -85,19 +85,82 @@ use Stage::*;
 /// Every kind stack applies, in the order objects of one stage are shown.
 pub const KINDS: &[Kind] = &[
     kind("v1", "Namespace", "namespaces", false, Foundation, Exists),
-    kind("v1", "ServiceAccount", "serviceaccounts", true, Foundation, Exists),
+    kind(
+        "v1",
+        "ServiceAccount",
+        "serviceaccounts",
+        true,
+        Foundation,
+        Exists,
+    ),
     kind("v1", "Secret", "secrets", true, Foundation, Exists),
     kind("v1", "ConfigMap", "configmaps", true, Foundation, Exists),
-    kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims", true, Foundation, Exists),
-    kind("rbac.authorization.k8s.io/v1", "Role", "roles", true, Foundation, Exists),
-    kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings", true, Foundation, Exists),
+    kind(
+        "v1",
+        "PersistentVolumeClaim",
+        "persistentvolumeclaims",
+        true,
+        Foundation,
+        Exists,
+    ),
+    kind(
+        "rbac.authorization.k8s.io/v1",
+        "Role",
+        "roles",
+        true,
+        Foundation,
+        Exists,
+    ),
+    kind(
+        "rbac.authorization.k8s.io/v1",
+        "RoleBinding",
+        "rolebindings",
+        true,
+        Foundation,
+        Exists,
+    ),
     kind("v1", "Service", "services", true, Databases, Exists),
-    kind("apps/v1", "StatefulSet", "statefulsets", true, Databases, Rollout),
-    kind("apps/v1", "Deployment", "deployments", true, Databases, Rollout),
-    kind("apps/v1", "DaemonSet", "daemonsets", true, Databases, Rollout),
+    kind(
+        "apps/v1",
+        "StatefulSet",
+        "statefulsets",
+        true,
+        Databases,
+        Rollout,
+    ),
+    kind(
+        "apps/v1",
+        "Deployment",
+        "deployments",
+        true,
+        Databases,
+        Rollout,
+    ),
+    kind(
+        "apps/v1",
+        "DaemonSet",
+        "daemonsets",
+        true,
+        Databases,
+        Rollout,
+    ),
     kind("batch/v1", "Job", "jobs", true, Databases, Job),
-    kind("networking.k8s.io/v1", "Ingress", "ingresses", true, Ingress, Address),
-    kind("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors", true, Monitoring, Exists),
+    kind(
+        "networking.k8s.io/v1",
+        "Ingress",
+        "ingresses",
+        true,
+        Ingress,
+        Address,
+    ),
+    kind(
+        "monitoring.coreos.com/v1",
+        "ServiceMonitor",
+        "servicemonitors",
+        true,
+        Monitoring,
+        Exists,
+    ),
 ];
 
 /// The CRD whose presence says the Prometheus Operator is installed.
@@ -168,7 +231,10 @@ mod tests {
             assert_eq!(Kind::of_change(&kind.change_kind()), Some(kind));
         }
         let sts = find("apps/v1", "StatefulSet").unwrap();
-        assert_eq!((sts.group(), sts.resource().version.as_str()), ("apps", "v1"));
+        assert_eq!(
+            (sts.group(), sts.resource().version.as_str()),
+            ("apps", "v1")
+        );
         assert_eq!(find("v1", "Secret").unwrap().group(), "");
     }
 }

@@ -93,12 +93,12 @@ pub fn selector(stack: &str) -> String {
 pub fn ingress_class(stack: &Stack) -> String {
     let explicit = stack.ingress.as_ref().and_then(|i| i.class_name.clone());
     let channel = stack.kubernetes.as_ref().map(|k| k.channel.as_str());
-    explicit.unwrap_or_else(|| {
-        match channel.map(crate::bootstrap::steps::ingress_controller) {
+    explicit.unwrap_or_else(
+        || match channel.map(crate::bootstrap::steps::ingress_controller) {
             Some("traefik") => "traefik".to_string(),
             _ => "public".to_string(),
-        }
-    })
+        },
+    )
 }
 
 /// The Secret holding the stack CA's wildcard certificate.
@@ -247,13 +247,31 @@ struct DashboardConfigMapArgs<'a> {
 }
 
 const TEMPLATES: &[(&str, &str)] = &[
-    ("namespace", include_str!("../../manifests/namespace.yaml.hbs")),
-    ("tls-secret", include_str!("../../manifests/tls-secret.yaml.hbs")),
+    (
+        "namespace",
+        include_str!("../../manifests/namespace.yaml.hbs"),
+    ),
+    (
+        "tls-secret",
+        include_str!("../../manifests/tls-secret.yaml.hbs"),
+    ),
     ("ingress", include_str!("../../manifests/ingress.yaml.hbs")),
-    ("node-port", include_str!("../../manifests/node-port.yaml.hbs")),
-    ("service-monitor", include_str!("../../manifests/service-monitor.yaml.hbs")),
-    ("dashboard", include_str!("../../manifests/dashboard.yaml.hbs")),
-    ("dashboard-json", include_str!("../../manifests/dashboard.json.hbs")),
+    (
+        "node-port",
+        include_str!("../../manifests/node-port.yaml.hbs"),
+    ),
+    (
+        "service-monitor",
+        include_str!("../../manifests/service-monitor.yaml.hbs"),
+    ),
+    (
+        "dashboard",
+        include_str!("../../manifests/dashboard.yaml.hbs"),
+    ),
+    (
+        "dashboard-json",
+        include_str!("../../manifests/dashboard.json.hbs"),
+    ),
 ];
 
 struct Renderer {
@@ -282,7 +300,12 @@ impl Renderer {
             })
     }
 
-    fn object(&self, name: &str, args: &impl Serialize, stage: Stage) -> Result<Object, ManifestError> {
+    fn object(
+        &self,
+        name: &str,
+        args: &impl Serialize,
+        stage: Stage,
+    ) -> Result<Object, ManifestError> {
         let origin = format!("built-in manifests/{name}.yaml.hbs");
         let text = self.text(name, args)?;
         let mut docs = parse_documents(&text, &origin)?;
@@ -315,15 +338,22 @@ fn object_of(
     stage: Option<Stage>,
 ) -> Result<Object, ManifestError> {
     if !body.is_object() {
-        return Err(invalid(origin, "not a Kubernetes object (a mapping with apiVersion, kind, metadata)"));
+        return Err(invalid(
+            origin,
+            "not a Kubernetes object (a mapping with apiVersion, kind, metadata)",
+        ));
     }
     let field = |body: &Value, name: &str| body[name].as_str().map(str::to_string);
-    let api_version = field(&body, "apiVersion").ok_or_else(|| invalid(origin, "no `apiVersion`"))?;
+    let api_version =
+        field(&body, "apiVersion").ok_or_else(|| invalid(origin, "no `apiVersion`"))?;
     let kind_name = field(&body, "kind").ok_or_else(|| invalid(origin, "no `kind`"))?;
     let kind = kinds::find(&api_version, &kind_name).ok_or_else(|| {
         invalid(
             origin,
-            format!("stack does not apply {api_version} {kind_name}; it applies: {}", kinds::known()),
+            format!(
+                "stack does not apply {api_version} {kind_name}; it applies: {}",
+                kinds::known()
+            ),
         )
     })?;
     let name = body["metadata"]["name"]
@@ -332,26 +362,37 @@ fn object_of(
         .ok_or_else(|| invalid(origin, format!("{kind_name} without `metadata.name`")))?;
     let namespace = if kind.namespaced {
         let ns = body["metadata"]["namespace"].as_str().map(str::to_string);
-        let ns = ns.or_else(|| namespace.map(str::to_string)).ok_or_else(|| {
-            invalid(origin, format!("{kind_name} {name} has no namespace"))
-        })?;
+        let ns = ns
+            .or_else(|| namespace.map(str::to_string))
+            .ok_or_else(|| invalid(origin, format!("{kind_name} {name} has no namespace")))?;
         body["metadata"]["namespace"] = json!(ns);
         Some(ns)
     } else {
         if body["metadata"].get("namespace").is_some() {
-            return Err(invalid(origin, format!("{kind_name} {name} is cluster-wide: it takes no namespace")));
+            return Err(invalid(
+                origin,
+                format!("{kind_name} {name} is cluster-wide: it takes no namespace"),
+            ));
         }
         None
     };
     // The API server keeps only `data`: write it that way so what was
     // applied compares with what is read back.
     if kind.kind == "Secret" {
-        if let Some(Value::Object(plain)) = body.as_object_mut().and_then(|b| b.remove("stringData")) {
+        if let Some(Value::Object(plain)) =
+            body.as_object_mut().and_then(|b| b.remove("stringData"))
+        {
             let data = body["data"].as_object().cloned().unwrap_or_default();
             let mut data: Map<String, Value> = data;
             for (key, value) in plain {
-                let text = value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
-                data.insert(key, json!(base64::engine::general_purpose::STANDARD.encode(text)));
+                let text = value
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| value.to_string());
+                data.insert(
+                    key,
+                    json!(base64::engine::general_purpose::STANDARD.encode(text)),
+                );
             }
             body["data"] = Value::Object(data);
         }
@@ -399,7 +440,11 @@ fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 
 fn user_objects(stack: &Stack, namespace: &str) -> Result<Vec<Object>, ManifestError> {
     let mut objects = Vec::new();
-    let manifests = stack.kubernetes.as_ref().map(|k| &k.manifests[..]).unwrap_or(&[]);
+    let manifests = stack
+        .kubernetes
+        .as_ref()
+        .map(|k| &k.manifests[..])
+        .unwrap_or(&[]);
     for entry in manifests {
         for file in manifest_files(entry)? {
             let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Read {
@@ -437,7 +482,9 @@ fn service_target(
         return Some((json!(db.selector), json!(endpoint.port)));
     }
     let service = objects.iter().find(|o| {
-        o.kind.kind == "Service" && o.name == endpoint.service && o.namespace.as_deref() == Some(namespace)
+        o.kind.kind == "Service"
+            && o.name == endpoint.service
+            && o.namespace.as_deref() == Some(namespace)
     })?;
     let port = service.body["spec"]["ports"]
         .as_array()?
@@ -445,7 +492,9 @@ fn service_target(
         .find(|p| p["port"].as_u64() == Some(u64::from(endpoint.port)))?;
     Some((
         service.body["spec"]["selector"].clone(),
-        port.get("targetPort").cloned().unwrap_or(json!(endpoint.port)),
+        port.get("targetPort")
+            .cloned()
+            .unwrap_or(json!(endpoint.port)),
     ))
 }
 
@@ -457,7 +506,11 @@ pub fn render(stack: &Stack, tls: Option<&Material>) -> Result<Vec<Object>, Mani
     };
     let renderer = Renderer::new();
     let ns = kubernetes.namespace.as_str();
-    let mut objects = vec![renderer.object("namespace", &NamespaceArgs { namespace: ns }, Stage::Foundation)?];
+    let mut objects = vec![renderer.object(
+        "namespace",
+        &NamespaceArgs { namespace: ns },
+        Stage::Foundation,
+    )?];
     objects.extend(user_objects(stack, ns)?);
 
     let databases: Vec<(String, DatabaseService)> = stack
@@ -569,10 +622,18 @@ pub fn render(stack: &Stack, tls: Option<&Material>) -> Result<Vec<Object>, Mani
             ));
         }
         schema::check(object.kind, &object.body).map_err(|problem| {
-            invalid(&object.origin, format!("{} {}: {problem}", object.kind.kind, object.id()))
+            invalid(
+                &object.origin,
+                format!("{} {}: {problem}", object.kind.kind, object.id()),
+            )
         })?;
     }
     objects.sort_by_key(|o| o.stage);
+    // The namespace alone is nothing to deploy: a stack without objects of
+    // its own leaves the cluster as the bootstrap made it.
+    if objects.len() == 1 {
+        objects.clear();
+    }
     Ok(objects)
 }
 
@@ -584,7 +645,10 @@ fn dashboard(
     db: &Database,
     service: &DatabaseService,
 ) -> Result<Object, ManifestError> {
-    let ns = stack.kubernetes.as_ref().map_or("", |k| k.namespace.as_str());
+    let ns = stack
+        .kubernetes
+        .as_ref()
+        .map_or("", |k| k.namespace.as_str());
     let n = &db.name;
     let kind = format!("{:?}", db.kind).to_lowercase();
     let mut panels: Vec<(&str, String, &str)> = vec![
@@ -593,7 +657,12 @@ fn dashboard(
         ("CPU (cores)", format!("sum by (pod) (rate(container_cpu_usage_seconds_total{{namespace=\"{ns}\",pod=~\"{n}-[0-9]+\",container!=\"\"}}[5m]))"), "none"),
         ("Memory", format!("sum by (pod) (container_memory_working_set_bytes{{namespace=\"{ns}\",pod=~\"{n}-[0-9]+\",container!=\"\"}})"), "bytes"),
     ];
-    panels.extend(service.panels.iter().map(|(t, e, u)| (*t, e.replace("$ns", ns), *u)));
+    panels.extend(
+        service
+            .panels
+            .iter()
+            .map(|(t, e, u)| (*t, e.replace("$ns", ns), *u)),
+    );
     let encode = |s: &str| serde_json::to_string(s).expect("a string serialises");
     let args = DashboardArgs {
         title: encode(&format!("{} {kind} {n}", stack.name)),
@@ -612,8 +681,12 @@ fn dashboard(
             .collect(),
     };
     let text = renderer.text("dashboard-json", &args)?;
-    let parsed: Value = serde_json::from_str(&text)
-        .map_err(|e| invalid("built-in manifests/dashboard.json.hbs", format!("not JSON: {e}")))?;
+    let parsed: Value = serde_json::from_str(&text).map_err(|e| {
+        invalid(
+            "built-in manifests/dashboard.json.hbs",
+            format!("not JSON: {e}"),
+        )
+    })?;
     let dashboard = serde_json::to_string_pretty(&parsed).expect("JSON serialises");
     renderer.object(
         "dashboard",
@@ -625,4 +698,150 @@ fn dashboard(
         },
         Stage::Monitoring,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model;
+
+    /// Stand-in PEM text, so snapshots do not change with every run.
+    fn material(domain: &str) -> Material {
+        Material {
+            domain: domain.to_string(),
+            ca_cert: "CA CERTIFICATE".to_string(),
+            ca_private_key: "CA KEY".to_string(),
+            cert: "WILDCARD CERTIFICATE".to_string(),
+            private_key: "WILDCARD KEY".to_string(),
+        }
+    }
+
+    fn example(name: &str) -> Stack {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("stacks")
+            .join(name);
+        model::load(&path).unwrap()
+    }
+
+    #[test]
+    fn every_example_stack_renders_objects_of_their_kubernetes_types() {
+        for file in ["local.yaml", "aws.yaml", "reference.yaml"] {
+            let stack = example(file);
+            let domain = stack.ingress.as_ref().map(|i| i.domain.clone()).unwrap();
+            let objects = render(&stack, Some(&material(&domain))).unwrap();
+            assert!(objects.len() > 1, "{file} renders objects");
+            for object in &objects {
+                assert_eq!(
+                    schema::check(object.kind, &object.body),
+                    Ok(()),
+                    "{}",
+                    object.origin
+                );
+                assert_eq!(object.body["metadata"]["labels"][MANAGED_BY], "stack");
+                assert_eq!(
+                    object.body["metadata"]["labels"][PART_OF],
+                    stack.name.as_str()
+                );
+            }
+            let stages: Vec<Stage> = objects.iter().map(|o| o.stage).collect();
+            assert!(
+                stages.windows(2).all(|w| w[0] <= w[1]),
+                "{file}: stage order"
+            );
+            let shown: Vec<(String, &Value)> =
+                objects.iter().map(|o| (o.address(), &o.body)).collect();
+            insta::assert_json_snapshot!(format!("objects-{file}"), shown);
+        }
+    }
+
+    #[test]
+    fn the_reference_stack_exposes_and_monitors_every_database() {
+        let stack = example("reference.yaml");
+        let objects = render(&stack, Some(&material("db.example.test"))).unwrap();
+        let addresses: Vec<String> = objects.iter().map(Object::address).collect();
+        for wanted in [
+            "k8s.demo/Ingress/docs",
+            "k8s.demo/Ingress/graph",
+            "k8s.demo/Ingress/ledger",
+            "k8s.demo/Service/ledger-grpc-tcp",
+            "k8s.demo/ServiceMonitor/ledger",
+            "k8s.observability/ConfigMap/reference-docs-dashboard",
+        ] {
+            assert!(
+                addresses.iter().any(|a| a == wanted),
+                "{wanted} in {addresses:#?}"
+            );
+        }
+        let dashboard = objects
+            .iter()
+            .find(|o| o.name == "reference-ledger-dashboard")
+            .unwrap();
+        let json: Value = serde_json::from_str(
+            dashboard.body["data"]["reference-ledger.json"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        let exprs: Vec<&str> = json["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["targets"][0]["expr"].as_str().unwrap())
+            .collect();
+        assert!(
+            exprs
+                .iter()
+                .any(|e| e.contains("immudb_last_committed_trx_id")),
+            "{exprs:?}"
+        );
+        assert_eq!(
+            dashboard.body["metadata"]["labels"]["grafana_dashboard"],
+            "1"
+        );
+    }
+
+    #[test]
+    fn ingress_class_follows_the_channel_unless_set() {
+        let mut stack = example("local.yaml");
+        assert_eq!(ingress_class(&stack), "public");
+        stack.kubernetes.as_mut().unwrap().channel = "1.35/stable".to_string();
+        assert_eq!(ingress_class(&stack), "traefik");
+        stack.ingress.as_mut().unwrap().class_name = Some("nginx".to_string());
+        assert_eq!(ingress_class(&stack), "nginx");
+    }
+
+    #[test]
+    fn a_broken_user_manifest_is_refused_naming_the_file_document_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stack = example("local.yaml");
+        let file = dir.path().join("app.yaml");
+        let kubernetes = stack.kubernetes.as_mut().unwrap();
+        kubernetes.manifests = vec![file.clone()];
+        let cases = [
+            ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec:\n  prots: []\n",
+             "(document 2): Service local/b: unknown field `spec.prots`"),
+            ("apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w}\n",
+             "(document 1): stack does not apply example.com/v1 Widget; it applies: v1 Namespace"),
+            ("apiVersion: v1\nkind: Namespace\nmetadata: {name: x, namespace: y}\n",
+             "Namespace x is cluster-wide: it takes no namespace"),
+            ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n",
+             "k8s.local/ConfigMap/a is declared twice"),
+        ];
+        for (text, expected) in cases {
+            std::fs::write(&file, text).unwrap();
+            let err = render(&stack, None).unwrap_err().to_string();
+            assert!(err.contains(&file.display().to_string()), "{err}");
+            assert!(err.contains(expected), "{expected} not in {err}");
+        }
+    }
+
+    #[test]
+    fn string_data_is_applied_as_data_the_way_the_server_keeps_it() {
+        let body = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+                          "stringData": {"password": "hunter2"}});
+        let object = object_of(body, "test", Some("ns"), None).unwrap();
+        assert_eq!(object.body["data"]["password"], "aHVudGVyMg==");
+        assert!(object.body.get("stringData").is_none());
+        assert_eq!(object.namespace.as_deref(), Some("ns"));
+    }
 }

@@ -78,7 +78,10 @@ pub enum KubeError {
         details: Vec<String>,
     },
     #[error("still there {} after deleting them: {}", humantime::format_duration(*timeout), left.join(", "))]
-    NotGone { timeout: Duration, left: Vec<String> },
+    NotGone {
+        timeout: Duration,
+        left: Vec<String>,
+    },
     #[error(transparent)]
     Apply(#[from] ApplyError),
 }
@@ -199,7 +202,11 @@ impl Kube {
         let mut kinds: BTreeSet<&'static str> = BTreeSet::new();
         let mut wanted: Vec<&'static Kind> = self.objects.iter().map(|o| o.kind).collect();
         let inventory = cluster
-            .get(config_map(), Some(&self.namespace), &inventory_name(&self.stack))
+            .get(
+                config_map(),
+                Some(&self.namespace),
+                &inventory_name(&self.stack),
+            )
             .await?;
         if let Some(inventory) = &inventory {
             let listed = inventory["data"]["kinds"].as_str().unwrap_or_default();
@@ -208,7 +215,12 @@ impl Kube {
                 kinds::find(api_version, kind)
             }));
         }
-        wanted.extend(state.resources.iter().filter_map(|r| Kind::of_change(&r.kind)));
+        wanted.extend(
+            state
+                .resources
+                .iter()
+                .filter_map(|r| Kind::of_change(&r.kind)),
+        );
         let desired: BTreeMap<String, &Object> =
             self.objects.iter().map(|o| (o.address(), o)).collect();
         let mut refreshed = Refreshed {
@@ -217,21 +229,27 @@ impl Kube {
         };
         let selector = manifest::selector(&self.stack);
         for kind in wanted {
-            if !kinds.insert(kind.plural) || (kind.stage == Stage::Monitoring && kind.kind == "ServiceMonitor" && !monitoring) {
+            if !kinds.insert(kind.plural)
+                || (kind.stage == Stage::Monitoring && kind.kind == "ServiceMonitor" && !monitoring)
+            {
                 continue;
             }
             let Some(items) = cluster.list(kind, &selector).await? else {
                 continue;
             };
             for item in items {
-                let name = item["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let name = item["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 let namespace = item["metadata"]["namespace"].as_str().map(str::to_string);
                 if kind.kind == "ConfigMap" && name == inventory_name(&self.stack) {
                     continue;
                 }
                 let address = manifest::address(kind.kind, namespace.as_deref(), &name);
+                let recorded = state.get(&address).map(|r| &r.attrs);
                 let attrs = match desired.get(&address) {
-                    Some(object) => drift::project(&item, &object.body),
+                    Some(object) => drift::project_both(&item, &object.body, recorded),
                     None => json!({
                         "apiVersion": kind.api_version,
                         "kind": kind.kind,
@@ -288,7 +306,9 @@ impl Kube {
             match change.action {
                 Action::Delete if change.before.is_none() => {
                     change.drift = true;
-                    change.reason = "has the stack's labels but the stack does not declare it: pruned".to_string();
+                    change.reason =
+                        "has the stack's labels but the stack does not declare it: pruned"
+                            .to_string();
                 }
                 Action::Delete => {
                     change.reason = "no longer in the stack: pruned".to_string();
@@ -349,14 +369,20 @@ impl Kube {
                 .map(|c| (*c).clone())
                 .collect();
             if !batch.is_empty() {
-                outcomes.extend(apply::apply(self.clone(), &batch, store, state, parallelism, reporter).await?);
+                outcomes.extend(
+                    apply::apply(self.clone(), &batch, store, state, parallelism, reporter).await?,
+                );
             }
             self.wait_ready(stage, changes, reporter).await?;
         }
         if destroy && !removals.is_empty() {
             self.cluster()
                 .await?
-                .delete(config_map(), Some(&self.namespace), &inventory_name(&self.stack))
+                .delete(
+                    config_map(),
+                    Some(&self.namespace),
+                    &inventory_name(&self.stack),
+                )
                 .await?;
         }
         for stage in Stage::ALL.into_iter().rev() {
@@ -368,7 +394,9 @@ impl Kube {
             if batch.is_empty() {
                 continue;
             }
-            outcomes.extend(apply::apply(self.clone(), &batch, store, state, parallelism, reporter).await?);
+            outcomes.extend(
+                apply::apply(self.clone(), &batch, store, state, parallelism, reporter).await?,
+            );
             self.wait_gone(&batch, reporter).await?;
         }
         if !destroy && changes.iter().any(|c| c.kind != CA_KIND) {
@@ -410,7 +438,12 @@ impl Kube {
     }
 
     /// Waits until every object of `stage` this run applies or keeps is ready.
-    async fn wait_ready(&self, stage: Stage, changes: &[Change], reporter: &Reporter) -> Result<(), KubeError> {
+    async fn wait_ready(
+        &self,
+        stage: Stage,
+        changes: &[Change],
+        reporter: &Reporter,
+    ) -> Result<(), KubeError> {
         let applied: BTreeSet<&str> = changes.iter().map(|c| c.address.as_str()).collect();
         let mut objects: Vec<&Object> = self
             .objects
@@ -438,9 +471,16 @@ impl Kube {
             let mut live = BTreeMap::new();
             let kinds: BTreeSet<&str> = objects.iter().map(|o| o.kind.plural).collect();
             for plural in kinds {
-                let kind = objects.iter().find(|o| o.kind.plural == plural).expect("listed").kind;
+                let kind = objects
+                    .iter()
+                    .find(|o| o.kind.plural == plural)
+                    .expect("listed")
+                    .kind;
                 for item in cluster.list(kind, &selector).await?.unwrap_or_default() {
-                    let name = item["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                    let name = item["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
                     let ns = item["metadata"]["namespace"].as_str().map(str::to_string);
                     live.insert(manifest::address(kind.kind, ns.as_deref(), &name), item);
                 }
@@ -489,7 +529,13 @@ impl Kube {
     }
 
     /// An object that is not ready: why, its conditions and its latest events.
-    async fn describe(&self, cluster: &Cluster, object: &Object, why: &str, live: Option<&Value>) -> String {
+    async fn describe(
+        &self,
+        cluster: &Cluster,
+        object: &Object,
+        why: &str,
+        live: Option<&Value>,
+    ) -> String {
         let mut text = format!("  {} {}: {why}", object.kind.kind, object.id());
         let conditions: Vec<String> = live
             .and_then(|l| l["status"]["conditions"].as_array())
@@ -539,7 +585,10 @@ impl Kube {
         if kinds.is_empty() {
             return Ok(());
         }
-        reporter.line(&format!("waiting for {} deleted object(s) to be gone", wanted_gone.len()));
+        reporter.line(&format!(
+            "waiting for {} deleted object(s) to be gone",
+            wanted_gone.len()
+        ));
         let deadline = Instant::now() + self.healthy;
         loop {
             let mut left = Vec::new();
@@ -568,13 +617,20 @@ impl Kube {
 
     fn export_ca(&self, material: &Value) -> Result<(), KubeError> {
         let cert = material["caCert"].as_str().unwrap_or_default();
-        crate::files::write_private(&self.ca_export, cert.as_bytes()).map_err(|source| KubeError::Export {
-            path: self.ca_export.clone(),
-            source,
+        crate::files::write_private(&self.ca_export, cert.as_bytes()).map_err(|source| {
+            KubeError::Export {
+                path: self.ca_export.clone(),
+                source,
+            }
         })
     }
 
-    async fn put(&self, address: &str, change_kind: &str, body: &Value) -> Result<Record, KubeError> {
+    async fn put(
+        &self,
+        address: &str,
+        change_kind: &str,
+        body: &Value,
+    ) -> Result<Record, KubeError> {
         if change_kind == CA_KIND {
             self.export_ca(body)?;
             return Ok(Record {
@@ -590,7 +646,10 @@ impl Kube {
         })?;
         let name = body["metadata"]["name"].as_str().unwrap_or_default();
         let namespace = body["metadata"]["namespace"].as_str();
-        self.cluster().await?.apply(kind, namespace, name, body).await?;
+        self.cluster()
+            .await?
+            .apply(kind, namespace, name, body)
+            .await?;
         Ok(Record {
             address: address.to_string(),
             kind: change_kind.to_string(),
@@ -598,6 +657,57 @@ impl Kube {
             attrs: body.clone(),
             pending_token: None,
         })
+    }
+}
+
+/// An endpoint as `stack status` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointStatus {
+    pub name: String,
+    pub url: String,
+}
+
+impl Kube {
+    /// The stack's endpoints: HTTPS hosts from its Ingresses, TCP ports
+    /// from its NodePort Services (read from the cluster when it answers).
+    pub async fn endpoints(&self) -> Vec<EndpointStatus> {
+        let mut endpoints = Vec::new();
+        for object in &self.objects {
+            match (object.kind.kind, object.stage) {
+                ("Ingress", _) => {
+                    for rule in object.body["spec"]["rules"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let Some(host) = rule["host"].as_str() {
+                            endpoints.push(EndpointStatus {
+                                name: object.name.clone(),
+                                url: format!("https://{host}"),
+                            });
+                        }
+                    }
+                }
+                ("Service", Stage::Ingress) => {
+                    let port = match self.cluster().await {
+                        Ok(cluster) => cluster
+                            .get(object.kind, object.namespace.as_deref(), &object.name)
+                            .await
+                            .ok()
+                            .flatten()
+                            .and_then(|live| live["spec"]["ports"][0]["nodePort"].as_u64())
+                            .map_or_else(|| "not assigned yet".to_string(), |p| p.to_string()),
+                        Err(_) => "unknown (cluster unreachable)".to_string(),
+                    };
+                    endpoints.push(EndpointStatus {
+                        name: object.name.trim_end_matches("-tcp").to_string(),
+                        url: format!("tcp NodePort {port} on every node"),
+                    });
+                }
+                _ => {}
+            }
+        }
+        endpoints
     }
 }
 
@@ -619,7 +729,10 @@ fn readiness(kind: &Kind, live: &Value) -> Result<Option<String>, String> {
         (Readiness::Exists, _) => None,
         (Readiness::Rollout, "DaemonSet") => {
             let want = count(&status["desiredNumberScheduled"]);
-            let (updated, available) = (count(&status["updatedNumberScheduled"]), count(&status["numberAvailable"]));
+            let (updated, available) = (
+                count(&status["updatedNumberScheduled"]),
+                count(&status["numberAvailable"]),
+            );
             verdict(
                 observed >= generation && updated == want && available == want,
                 format!("{available} of {want} pods available, {updated} updated"),
@@ -638,18 +751,30 @@ fn readiness(kind: &Kind, live: &Value) -> Result<Option<String>, String> {
                 observed >= generation && ready == want && updated == want && revisions_agree,
                 format!(
                     "{ready} of {want} ready, {updated} updated{}",
-                    if observed < generation { ", generation not yet observed" } else { "" }
+                    if observed < generation {
+                        ", generation not yet observed"
+                    } else {
+                        ""
+                    }
                 ),
             )
         }
         (Readiness::Job, _) => {
             if condition("Failed") {
-                return Err(format!("the Job failed ({} failed pods)", count(&status["failed"])));
+                return Err(format!(
+                    "the Job failed ({} failed pods)",
+                    count(&status["failed"])
+                ));
             }
-            verdict(condition("Complete"), format!("{} succeeded so far", count(&status["succeeded"])))
+            verdict(
+                condition("Complete"),
+                format!("{} succeeded so far", count(&status["succeeded"])),
+            )
         }
         (Readiness::Address, _) => verdict(
-            status["loadBalancer"]["ingress"].as_array().is_some_and(|a| !a.is_empty()),
+            status["loadBalancer"]["ingress"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty()),
             "no address from the ingress controller yet".to_string(),
         ),
     })
@@ -663,8 +788,14 @@ impl Applier for Kube {
         &[]
     }
 
-    async fn create(&self, resource: &Resource, _token: &str, _state: &State) -> Result<Record, KubeError> {
-        self.put(&resource.address, &resource.kind, &resource.attrs).await
+    async fn create(
+        &self,
+        resource: &Resource,
+        _token: &str,
+        _state: &State,
+    ) -> Result<Record, KubeError> {
+        self.put(&resource.address, &resource.kind, &resource.attrs)
+            .await
     }
 
     async fn update(&self, change: &Change, _state: &State) -> Result<Record, KubeError> {

@@ -160,7 +160,10 @@ mod tests {
         typo["spec"]["template"]["spec"]["containers"][0]["imag"] = json!("x");
         assert_eq!(
             check(sts, &typo),
-            Err("unknown fields `spec.replica`, `spec.template.spec.containers[0].imag`".to_string())
+            Err(
+                "unknown fields `spec.template.spec.containers[0].imag`, `spec.replica`"
+                    .to_string()
+            )
         );
         let mut wrong = good;
         wrong["spec"]["replicas"] = json!("three");

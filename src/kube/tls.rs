@@ -41,7 +41,11 @@ fn ca_params(stack: &str) -> CertificateParams {
     params
 }
 
-fn leaf(stack: &str, domain: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(String, String), rcgen::Error> {
+fn leaf(
+    stack: &str,
+    domain: &str,
+    issuer: &Issuer<'_, KeyPair>,
+) -> Result<(String, String), rcgen::Error> {
     let mut params = CertificateParams::new(vec![domain.to_string(), format!("*.{domain}")])?;
     params
         .distinguished_name
@@ -56,7 +60,11 @@ fn leaf(stack: &str, domain: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(Stri
 
 /// The material for `domain`: what was recorded when it still fits, a new
 /// leaf from the recorded CA when the domain changed, else a new CA.
-pub fn material(stack: &str, domain: &str, recorded: Option<Material>) -> Result<Material, TlsError> {
+pub fn material(
+    stack: &str,
+    domain: &str,
+    recorded: Option<Material>,
+) -> Result<Material, TlsError> {
     let failed = |source| TlsError::Generate {
         stack: stack.to_string(),
         source,

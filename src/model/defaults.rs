@@ -55,7 +55,11 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
     }
     if let Some(tcp) = stack.ingress.as_ref().and_then(|i| i.value.tcp.as_ref()) {
         if tcp.value == TcpExposure::EntryPoint {
-            mark("ingress.tcp", tcp.pos, "TCP entry points of the ingress controller");
+            mark(
+                "ingress.tcp",
+                tcp.pos,
+                "TCP entry points of the ingress controller",
+            );
         }
     }
     if let Some(u) = &stack.upgrades {

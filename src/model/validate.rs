@@ -269,7 +269,11 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
             );
         }
         if let Some(endpoints) = &i.endpoints {
-            let databases = stack.databases.as_ref().map(|d| &d.value[..]).unwrap_or(&[]);
+            let databases = stack
+                .databases
+                .as_ref()
+                .map(|d| &d.value[..])
+                .unwrap_or(&[]);
             unique(
                 diags,
                 "ingress.endpoints",
@@ -277,7 +281,11 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
                     .value
                     .iter()
                     .map(|e| (e.name.value.as_str(), e.name.pos))
-                    .chain(databases.iter().map(|d| (d.name.value.as_str(), d.name.pos))),
+                    .chain(
+                        databases
+                            .iter()
+                            .map(|d| (d.name.value.as_str(), d.name.pos)),
+                    ),
                 "name",
                 "endpoint name (databases take their own names)",
             );
