@@ -278,16 +278,6 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> 
     if stack.kubernetes.is_none() {
         return Ok(Planned { plan, kube: None });
     }
-    let kube = Kube::new(stack, &session.state, cluster_target(stack)?).with_context(|| {
-        format!(
-            "cannot build the Kubernetes objects of stack {}",
-            stack.name
-        )
-    })?;
-    let recorded = session.state.only(is_kube);
-    if kube.objects().is_empty() && recorded.resources.is_empty() {
-        return Ok(Planned { plan, kube: None });
-    }
     // A cluster stack made is read only when it stands as it is: nodes
     // being made or replaced mean its objects go to a new cluster.
     let rebuilding = plan.changes.iter().any(|c| {
@@ -297,6 +287,37 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> 
     });
     let made = session.backend.is_some();
     let reachable = !made || (kubeconfig_path(stack).exists() && !rebuilding);
+    let target = cluster_target(stack)?;
+    let cannot_build = || {
+        format!(
+            "cannot build the Kubernetes objects of stack {}",
+            stack.name
+        )
+    };
+    let recorded_ca = Kube::recorded_ca(&session.state).with_context(cannot_build)?;
+    let uses_stack_ca = stack
+        .ingress
+        .as_ref()
+        .is_some_and(|i| matches!(i.tls, crate::model::TlsSource::StackCa));
+    let (known_ca, cluster) = match recorded_ca {
+        // Without the state that made it, the CA comes from the cluster.
+        None if uses_stack_ca && reachable && !destroy => {
+            let (found, cluster) =
+                Kube::ca_in_cluster(stack, &target).await.with_context(|| {
+                    format!(
+                        "cannot read the CA of stack {} from its cluster",
+                        stack.name
+                    )
+                })?;
+            (found, Some(cluster))
+        }
+        recorded => (recorded, None),
+    };
+    let kube = Kube::new(stack, known_ca, target, cluster).with_context(cannot_build)?;
+    let recorded = session.state.only(is_kube);
+    if kube.objects().is_empty() && recorded.resources.is_empty() {
+        return Ok(Planned { plan, kube: None });
+    }
     let provider = stack.provider_name();
     let mut kube_plan = if destroy && made {
         // Removing the nodes removes the cluster and everything in it.
@@ -646,8 +667,9 @@ pub async fn status(args: &FileArgs, output: OutputFormat) -> anyhow::Result<Exi
     let kube = match &stack.kubernetes {
         Some(_) => Some(Kube::new(
             &stack,
-            recorded.as_ref().unwrap_or(&empty),
+            Kube::recorded_ca(recorded.as_ref().unwrap_or(&empty))?,
             cluster_target(&stack)?,
+            None,
         )?),
         None => None,
     };

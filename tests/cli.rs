@@ -1722,3 +1722,63 @@ fn a_stage_that_never_gets_ready_names_the_object_its_conditions_and_events() {
     expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
     expect_code(&env.run(&["down", "--yes"]), 0);
 }
+
+#[test]
+fn a_lost_state_file_is_rebuilt_from_the_cluster_and_the_inventory_still_prunes() {
+    let (env, double) = kube_env("lost", APP_MANIFESTS, "30s");
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    let ca = std::fs::read_to_string(env.path().join(".stack/lost-ca.crt")).unwrap();
+    std::fs::remove_file(env.path().join(".stack/lost.state.json")).unwrap();
+    let _ = std::fs::remove_file(env.path().join(".stack/lost.state.json.backup"));
+    // This machine's stack no longer declares StatefulSets, Services or
+    // Ingresses: only the inventory in the cluster says to look for them.
+    std::fs::write(
+        env.path().join("app/web.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web-config\ndata:\n  greeting: hello\n",
+    )
+    .unwrap();
+    std::fs::write(
+        env.path().join("stack.yaml"),
+        "version: 1\nname: lost\nprovider:\n  kvm: {}\nkubernetes:\n  kubeconfig: kubeconfig\n  manifests: [app]\ningress:\n  domain: lost.test\n  className: public\n",
+    )
+    .unwrap();
+    let plan = env.run(&["plan", "--detailed-exitcode"]);
+    expect_code(&plan, 2);
+    let shown = text(&plan.stdout);
+    let changes: Vec<&str> = shown
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("      "))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "  -   k8s.lost/Ingress/web (lost/web)",
+            "  -   k8s.lost/Service/grpc (lost/grpc)",
+            "  -   k8s.lost/Service/grpc-tcp (lost/grpc-tcp)",
+            "  -   k8s.lost/Service/web (lost/web)",
+            "  -   k8s.lost/StatefulSet/web (lost/web)",
+            "  +   k8s.stack/CertificateAuthority/ca",
+        ],
+        "{shown}"
+    );
+    assert!(
+        shown.contains("the one in the cluster (lost/Secret/lost-ca) is recorded"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("Found by tag, to be recorded in state: k8s.Namespace/lost"),
+        "{shown}"
+    );
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+    assert_eq!(
+        std::fs::read_to_string(env.path().join(".stack/lost-ca.crt")).unwrap(),
+        ca
+    );
+    assert!(double
+        .labelled("lost")
+        .iter()
+        .all(|o| !o.contains("statefulsets") && !o.contains("/services/")));
+    expect_code(&env.run(&["down", "--yes"]), 0);
+    assert_eq!(double.labelled("lost"), Vec::<String>::new());
+}

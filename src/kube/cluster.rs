@@ -124,7 +124,13 @@ impl Cluster {
             Ok(list) => Ok(Some(
                 list.items
                     .into_iter()
-                    .map(|item| serde_json::to_value(item).expect("an object serialises"))
+                    .map(|item| {
+                        let mut item = serde_json::to_value(item).expect("an object serialises");
+                        // A LIST's items carry no apiVersion and kind.
+                        item["apiVersion"] = Value::from(kind.api_version);
+                        item["kind"] = Value::from(kind.kind);
+                        item
+                    })
                     .collect(),
             )),
             Err(err) if not_found(&err) => Ok(None),

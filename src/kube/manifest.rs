@@ -106,6 +106,35 @@ pub fn tls_secret_name(stack: &Stack) -> String {
     format!("{}-tls", stack.name)
 }
 
+/// The Secret holding the stack's CA itself.
+pub fn ca_secret_name(stack: &str) -> String {
+    format!("{stack}-ca")
+}
+
+fn b64(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// The stack's CA and wildcard certificate as the cluster keeps them (the
+/// Secrets `ca_secret_name` and `tls_secret_name`), for a machine without
+/// the state that made them.
+pub fn material_from_secrets(ca: &Value, tls: &Value) -> Option<Material> {
+    let field = |secret: &Value, key: &str| -> Option<String> {
+        let encoded = secret["data"][key].as_str()?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()?;
+        String::from_utf8(bytes).ok()
+    };
+    Some(Material {
+        domain: field(ca, "domain")?,
+        ca_cert: field(ca, "tls.crt")?,
+        ca_private_key: field(ca, "tls.key")?,
+        cert: field(tls, "tls.crt")?,
+        private_key: field(tls, "tls.key")?,
+    })
+}
+
 /// How a database's Service is reached: the names the database stage gives
 /// its Service, its pods' labels and its ports.
 struct DatabaseService {
@@ -188,6 +217,16 @@ struct TlsSecretArgs<'a> {
 }
 
 #[derive(Serialize)]
+struct CaSecretArgs<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    ca_cert: String,
+    ca_private_key: String,
+    /// The domain the wildcard certificate was made for, base64.
+    domain: String,
+}
+
+#[derive(Serialize)]
 struct IngressArgs<'a> {
     name: &'a str,
     namespace: &'a str,
@@ -254,6 +293,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     (
         "tls-secret",
         include_str!("../../manifests/tls-secret.yaml.hbs"),
+    ),
+    (
+        "ca-secret",
+        include_str!("../../manifests/ca-secret.yaml.hbs"),
     ),
     ("ingress", include_str!("../../manifests/ingress.yaml.hbs")),
     (
@@ -523,7 +566,17 @@ pub fn render(stack: &Stack, tls: Option<&Material>) -> Result<Vec<Object>, Mani
         let (tls_secret, issuer) = match &ingress.tls {
             TlsSource::StackCa => {
                 if let Some(material) = tls {
-                    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+                    objects.push(renderer.object(
+                        "ca-secret",
+                        &CaSecretArgs {
+                            name: &ca_secret_name(&stack.name),
+                            namespace: ns,
+                            ca_cert: b64(&material.ca_cert),
+                            ca_private_key: b64(&material.ca_private_key),
+                            domain: b64(&material.domain),
+                        },
+                        Stage::Foundation,
+                    )?);
                     objects.push(renderer.object(
                         "tls-secret",
                         &TlsSecretArgs {

@@ -131,17 +131,19 @@ fn config_map() -> &'static Kind {
 }
 
 impl Kube {
-    /// Renders the stack's objects; the CA comes from the state when it
-    /// was made before, else it is made now (and recorded when applied).
-    pub fn new(stack: &Stack, state: &State, target: Target) -> Result<Kube, KubeError> {
+    /// Renders the stack's objects. The stack CA is `known` (from the
+    /// state, or the cluster's Secrets) when it was made before, else it is
+    /// made now (and recorded when applied). `cluster` is a client already
+    /// connected to `target`, if there is one.
+    pub fn new(
+        stack: &Stack,
+        known: Option<Material>,
+        target: Target,
+        cluster: Option<Cluster>,
+    ) -> Result<Kube, KubeError> {
         let ca = match &stack.ingress {
             Some(ingress) if matches!(ingress.tls, TlsSource::StackCa) => {
-                let recorded = state
-                    .get(CA_ADDRESS)
-                    .map(|r| serde_json::from_value::<Material>(r.attrs.clone()))
-                    .transpose()
-                    .map_err(KubeError::CaRecord)?;
-                Some(tls::material(&stack.name, &ingress.domain, recorded)?)
+                Some(tls::material(&stack.name, &ingress.domain, known)?)
             }
             _ => None,
         };
@@ -157,8 +159,46 @@ impl Kube {
             ca,
             ca_export: ca_export_path(stack),
             target,
-            cluster: tokio::sync::OnceCell::new(),
+            cluster: tokio::sync::OnceCell::new_with(cluster),
         })
+    }
+
+    /// The stack CA the state recorded.
+    pub fn recorded_ca(state: &State) -> Result<Option<Material>, KubeError> {
+        state
+            .get(CA_ADDRESS)
+            .map(|r| serde_json::from_value::<Material>(r.attrs.clone()))
+            .transpose()
+            .map_err(KubeError::CaRecord)
+    }
+
+    /// The stack CA as the cluster keeps it, for a machine without the
+    /// state that made it; with the client it connected.
+    pub async fn ca_in_cluster(
+        stack: &Stack,
+        target: &Target,
+    ) -> Result<(Option<Material>, Cluster), KubeError> {
+        let cluster = Cluster::connect(&target.kubeconfig, &target.context).await?;
+        let namespace = stack
+            .kubernetes
+            .as_ref()
+            .map_or(stack.name.as_str(), |k| k.namespace.as_str());
+        let secrets = kinds::find("v1", "Secret").expect("Secret is a known kind");
+        let ca = cluster
+            .get(
+                secrets,
+                Some(namespace),
+                &manifest::ca_secret_name(&stack.name),
+            )
+            .await?;
+        let tls = cluster
+            .get(secrets, Some(namespace), &manifest::tls_secret_name(stack))
+            .await?;
+        let material = match (ca, tls) {
+            (Some(ca), Some(tls)) => manifest::material_from_secrets(&ca, &tls),
+            _ => None,
+        };
+        Ok((material, cluster))
     }
 
     pub fn objects(&self) -> &[Object] {
@@ -303,7 +343,21 @@ impl Kube {
             if plan.mode != crate::plan::Mode::Normal {
                 continue;
             }
+            let ca_secret = manifest::address(
+                "Secret",
+                Some(&self.namespace),
+                &manifest::ca_secret_name(&self.stack),
+            );
             match change.action {
+                Action::Create
+                    if change.address == CA_ADDRESS
+                        && refreshed.is_some_and(|r| r.live.contains_key(&ca_secret)) =>
+                {
+                    change.reason = format!(
+                        "the state has no record of the stack's CA: the one in the cluster ({}) is recorded and exported again",
+                        ca_secret.trim_start_matches("k8s.")
+                    );
+                }
                 Action::Delete if change.before.is_none() => {
                     change.drift = true;
                     change.reason =
