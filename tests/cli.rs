@@ -1782,3 +1782,47 @@ fn a_lost_state_file_is_rebuilt_from_the_cluster_and_the_inventory_still_prunes(
     expect_code(&env.run(&["down", "--yes"]), 0);
     assert_eq!(double.labelled("lost"), Vec::<String>::new());
 }
+
+#[test]
+fn a_change_to_an_immutable_field_replaces_the_object() {
+    let (env, double) = kube_env("fixed", APP_MANIFESTS, "30s");
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    let before = double.get("/apis/apps/v1/namespaces/fixed/statefulsets/web");
+    // The API server refuses the change in place, even with force...
+    let patch = r#"{"apiVersion":"apps/v1","kind":"StatefulSet","metadata":{"name":"web"},"spec":{"serviceName":"web-headless"}}"#;
+    let (code, status) = double.request(
+        "PATCH",
+        "/apis/apps/v1/namespaces/fixed/statefulsets/web?fieldManager=stack&force=true",
+        "application/apply-patch+yaml",
+        patch,
+    );
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (422, Some("Invalid")),
+        "{status}"
+    );
+    // ...so the plan says replace, and up does it.
+    std::fs::write(
+        env.path().join("app/web.yaml"),
+        APP_MANIFESTS.replace("serviceName: web", "serviceName: web-headless"),
+    )
+    .unwrap();
+    let plan = env.run(&["plan", "--detailed-exitcode"]);
+    expect_code(&plan, 2);
+    let shown = text(&plan.stdout);
+    assert!(
+        shown.contains("-/+ k8s.fixed/StatefulSet/web (fixed/web)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("does not change spec.serviceName in place: deleted and made again"),
+        "{shown}"
+    );
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    let after = double.get("/apis/apps/v1/namespaces/fixed/statefulsets/web");
+    assert_eq!(after["spec"]["serviceName"], "web-headless");
+    assert_ne!(after["metadata"]["uid"], before["metadata"]["uid"]);
+    expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+    expect_code(&env.run(&["down", "--yes"]), 0);
+    assert_eq!(double.labelled("fixed"), Vec::<String>::new());
+}

@@ -59,6 +59,8 @@ pub struct Kind {
     pub namespaced: bool,
     pub stage: Stage,
     pub readiness: Readiness,
+    /// Fields the API server refuses to change: a change to one replaces the object.
+    pub immutable: &'static [&'static str],
 }
 
 const fn kind(
@@ -68,6 +70,7 @@ const fn kind(
     namespaced: bool,
     stage: Stage,
     readiness: Readiness,
+    immutable: &'static [&'static str],
 ) -> Kind {
     Kind {
         api_version,
@@ -76,91 +79,48 @@ const fn kind(
         namespaced,
         stage,
         readiness,
+        immutable,
     }
 }
 
 use Readiness::*;
 use Stage::*;
 
+/// Fields fixed once set, by kind (what the API server answers 422 to).
+const SELECTOR: &[&str] = &["spec.selector"];
+const STATEFUL_SET: &[&str] = &[
+    "spec.selector",
+    "spec.serviceName",
+    "spec.volumeClaimTemplates",
+    "spec.podManagementPolicy",
+];
+const JOB: &[&str] = &["spec.selector", "spec.template", "spec.completionMode"];
+const SERVICE: &[&str] = &["spec.clusterIP", "spec.clusterIPs"];
+const CLAIM: &[&str] = &[
+    "spec.accessModes",
+    "spec.storageClassName",
+    "spec.volumeName",
+    "spec.selector",
+];
+const NONE: &[&str] = &[];
+
 /// Every kind stack applies, in the order objects of one stage are shown.
+#[rustfmt::skip]
 pub const KINDS: &[Kind] = &[
-    kind("v1", "Namespace", "namespaces", false, Foundation, Exists),
-    kind(
-        "v1",
-        "ServiceAccount",
-        "serviceaccounts",
-        true,
-        Foundation,
-        Exists,
-    ),
-    kind("v1", "Secret", "secrets", true, Foundation, Exists),
-    kind("v1", "ConfigMap", "configmaps", true, Foundation, Exists),
-    kind(
-        "v1",
-        "PersistentVolumeClaim",
-        "persistentvolumeclaims",
-        true,
-        Foundation,
-        Exists,
-    ),
-    kind(
-        "rbac.authorization.k8s.io/v1",
-        "Role",
-        "roles",
-        true,
-        Foundation,
-        Exists,
-    ),
-    kind(
-        "rbac.authorization.k8s.io/v1",
-        "RoleBinding",
-        "rolebindings",
-        true,
-        Foundation,
-        Exists,
-    ),
-    kind("v1", "Service", "services", true, Databases, Exists),
-    kind(
-        "apps/v1",
-        "StatefulSet",
-        "statefulsets",
-        true,
-        Databases,
-        Rollout,
-    ),
-    kind(
-        "apps/v1",
-        "Deployment",
-        "deployments",
-        true,
-        Databases,
-        Rollout,
-    ),
-    kind(
-        "apps/v1",
-        "DaemonSet",
-        "daemonsets",
-        true,
-        Databases,
-        Rollout,
-    ),
-    kind("batch/v1", "Job", "jobs", true, Databases, Job),
-    kind(
-        "networking.k8s.io/v1",
-        "Ingress",
-        "ingresses",
-        true,
-        Ingress,
-        Address,
-    ),
-    kind(
-        "monitoring.coreos.com/v1",
-        "ServiceMonitor",
-        "servicemonitors",
-        true,
-        Monitoring,
-        Exists,
-    ),
+    kind("v1", "Namespace", "namespaces", false, Foundation, Exists, NONE),
+    kind("v1", "ServiceAccount", "serviceaccounts", true, Foundation, Exists, NONE),
+    kind("v1", "Secret", "secrets", true, Foundation, Exists, NONE),
+    kind("v1", "ConfigMap", "configmaps", true, Foundation, Exists, NONE),
+    kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims", true, Foundation, Exists, CLAIM),
+    kind("rbac.authorization.k8s.io/v1", "Role", "roles", true, Foundation, Exists, NONE),
+    kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings", true, Foundation, Exists, &["roleRef"]),
+    kind("v1", "Service", "services", true, Databases, Exists, SERVICE),
+    kind("apps/v1", "StatefulSet", "statefulsets", true, Databases, Rollout, STATEFUL_SET),
+    kind("apps/v1", "Deployment", "deployments", true, Databases, Rollout, SELECTOR),
+    kind("apps/v1", "DaemonSet", "daemonsets", true, Databases, Rollout, SELECTOR),
+    kind("batch/v1", "Job", "jobs", true, Databases, Job, JOB),
+    kind("networking.k8s.io/v1", "Ingress", "ingresses", true, Ingress, Address, NONE),
+    kind("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors", true, Monitoring, Exists, NONE),
 ];
 
 /// The CRD whose presence says the Prometheus Operator is installed.
@@ -183,6 +143,16 @@ pub fn known() -> String {
 }
 
 impl Kind {
+    /// Whether a change to the field at `path` (as plans print paths) needs a new object.
+    pub fn is_immutable(&self, path: &str) -> bool {
+        self.immutable.iter().any(|fixed| {
+            path == *fixed
+                || path
+                    .strip_prefix(fixed)
+                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        })
+    }
+
     /// The API group, empty for the core group.
     pub fn group(&self) -> &'static str {
         self.api_version
@@ -236,5 +206,10 @@ mod tests {
             ("apps", "v1")
         );
         assert_eq!(find("v1", "Secret").unwrap().group(), "");
+        assert!(sts.is_immutable("spec.serviceName"));
+        assert!(sts.is_immutable("spec.selector.matchLabels.app"));
+        assert!(sts.is_immutable("spec.volumeClaimTemplates[data].spec"));
+        assert!(!sts.is_immutable("spec.serviceNameX"));
+        assert!(!sts.is_immutable("spec.replicas"));
     }
 }

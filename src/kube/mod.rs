@@ -368,6 +368,23 @@ impl Kube {
                     change.reason = "no longer in the stack: pruned".to_string();
                 }
                 Action::Update => {
+                    let fixed: Vec<&str> = match Kind::of_change(&change.kind) {
+                        Some(kind) => change
+                            .fields
+                            .iter()
+                            .filter(|f| kind.is_immutable(&f.path))
+                            .map(|f| f.path.as_str())
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                    if !fixed.is_empty() {
+                        change.action = Action::Replace;
+                        change.reason = format!(
+                            "{} (the API server does not change {} in place: deleted and made again)",
+                            change.reason,
+                            fixed.join(", ")
+                        );
+                    }
                     let Some(live) = refreshed.and_then(|r| r.live.get(&change.address)) else {
                         continue;
                     };
@@ -451,7 +468,6 @@ impl Kube {
             outcomes.extend(
                 apply::apply(self.clone(), &batch, store, state, parallelism, reporter).await?,
             );
-            self.wait_gone(&batch, reporter).await?;
         }
         if !destroy && changes.iter().any(|c| c.kind != CA_KIND) {
             self.write_inventory().await?;
@@ -623,50 +639,6 @@ impl Kube {
             }
         }
         text
-    }
-
-    /// Waits until the objects the changes deleted are gone.
-    async fn wait_gone(&self, deleted: &[Change], reporter: &Reporter) -> Result<(), KubeError> {
-        let cluster = self.cluster().await?;
-        let selector = manifest::selector(&self.stack);
-        let wanted_gone: BTreeSet<&str> = deleted
-            .iter()
-            .filter(|c| c.kind != CA_KIND)
-            .map(|c| c.address.as_str())
-            .collect();
-        let kinds: BTreeSet<&str> = deleted.iter().map(|c| c.kind.as_str()).collect();
-        let kinds: Vec<&Kind> = kinds.into_iter().filter_map(Kind::of_change).collect();
-        if kinds.is_empty() {
-            return Ok(());
-        }
-        reporter.line(&format!(
-            "waiting for {} deleted object(s) to be gone",
-            wanted_gone.len()
-        ));
-        let deadline = Instant::now() + self.healthy;
-        loop {
-            let mut left = Vec::new();
-            for kind in &kinds {
-                for item in cluster.list(kind, &selector).await?.unwrap_or_default() {
-                    let name = item["metadata"]["name"].as_str().unwrap_or_default();
-                    let ns = item["metadata"]["namespace"].as_str();
-                    let address = manifest::address(kind.kind, ns, name);
-                    if wanted_gone.contains(address.as_str()) {
-                        left.push(address);
-                    }
-                }
-            }
-            if left.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(KubeError::NotGone {
-                    timeout: self.healthy,
-                    left,
-                });
-            }
-            tokio::time::sleep(POLL).await;
-        }
     }
 
     fn export_ca(&self, material: &Value) -> Result<(), KubeError> {
@@ -874,6 +846,20 @@ impl Applier for Kube {
             Some((ns, name)) => (Some(ns), name),
             None => (None, id),
         };
-        Ok(self.cluster().await?.delete(kind, namespace, name).await?)
+        let cluster = self.cluster().await?;
+        cluster.delete(kind, namespace, name).await?;
+        // Gone means gone: a Namespace is Terminating while its objects go,
+        // and an object being replaced must not be applied while it still exists.
+        let deadline = Instant::now() + self.healthy;
+        while cluster.get(kind, namespace, name).await?.is_some() {
+            if Instant::now() >= deadline {
+                return Err(KubeError::NotGone {
+                    timeout: self.healthy,
+                    left: vec![manifest::address(kind.kind, namespace, name)],
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        Ok(())
     }
 }

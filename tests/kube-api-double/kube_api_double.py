@@ -14,9 +14,11 @@ uses, and behaves like an API server where stack's correctness depends on it:
   with a different value and `force` is not set, ownership moving on force;
 - merge patch (`application/merge-patch+json`) and POST as `Update` operations
   of another manager (how kubectl scale/edit/create look), taking over fields;
-- DELETE (a Namespace takes its objects with it), `resourceVersion`,
+- DELETE (a Namespace is Terminating for a second, then goes with its
+  objects; nothing new may be made in it meanwhile), `resourceVersion`,
   `generation`, `uid`, `creationTimestamp`;
-- 404, 409, 400 and 422 answers as `Status` objects;
+- 404, 409, 400, 403 and 422 answers as `Status` objects (422 for a change
+  to an immutable field such as a StatefulSet's serviceName);
 - the defaults a real API server fills in on the kinds stack uses
   (imagePullPolicy, terminationMessagePath, dnsPolicy, restartPolicy,
   revisionHistoryLimit, podManagementPolicy, sessionAffinity,
@@ -66,6 +68,14 @@ RESOURCES = {
 CRD_BACKED = {("monitoring.coreos.com", "v1", "servicemonitors"): "servicemonitors.monitoring.coreos.com"}
 WORKLOADS = ("StatefulSet", "Deployment", "DaemonSet", "Job")
 NEVER_READY = "kube-api-double/never-ready"
+NAMESPACE_TERMINATION_SECONDS = 1.0
+# Fields the API server refuses to change (422), by kind.
+IMMUTABLE = {
+    "StatefulSet": ("selector", "serviceName", "volumeClaimTemplates", "podManagementPolicy"),
+    "Deployment": ("selector",),
+    "DaemonSet": ("selector",),
+    "Job": ("selector", "template", "completionMode"),
+}
 
 
 class ApiError(Exception):
@@ -442,11 +452,22 @@ class Handler(BaseHTTPRequestHandler):
             return 200, self.existing(key, res, name)
         if method == "DELETE":
             obj = self.existing(key, res, name)
-            del store.objects[key]
-            if kind == "Namespace":
-                for k in [k for k in store.objects if k[3] == name]:
-                    del store.objects[k]
-            return 200, obj
+            if kind != "Namespace":
+                del store.objects[key]
+                return 200, obj
+            # Like the namespace controller: Terminating first, gone (with
+            # everything in it) a moment later.
+            if "deletionTimestamp" not in obj["metadata"]:
+                store.objects[key]["metadata"]["deletionTimestamp"] = now()
+                store.objects[key]["status"] = {"phase": "Terminating"}
+
+                def finish():
+                    with store.lock:
+                        store.objects.pop(key, None)
+                        for k in [k for k in store.objects if k[3] == name]:
+                            del store.objects[k]
+                threading.Timer(NAMESPACE_TERMINATION_SECONDS, finish).start()
+            return 200, copy.deepcopy(store.objects[key])
         if method == "POST":
             config = json.loads(body)
             name = config.get("metadata", {}).get("name")
@@ -531,6 +552,14 @@ class Handler(BaseHTTPRequestHandler):
                         "apiVersion": merged["apiVersion"], "time": now(),
                         "fieldsType": "FieldsV1", "fieldsV1": applied})
         kind_defaults(merged, store, previous)
+        for field in IMMUTABLE.get(kind, ()) if previous else ():
+            if merged.get("spec", {}).get(field) != previous.get("spec", {}).get(field):
+                raise ApiError(422, "Invalid",
+                               f'{kind} "{key[4]}" is invalid: spec.{field}: Forbidden: field is immutable',
+                               {"name": key[4], "kind": plural,
+                                "causes": [{"type": "FieldValueForbidden", "field": f"spec.{field}"}]})
+        if ns is not None and "deletionTimestamp" in store.objects.get(("", "v1", "namespaces", None, ns), {}).get("metadata", {}):
+            raise ApiError(403, "Forbidden", f'{plural} "{key[4]}" is forbidden: unable to create new content in namespace {ns} because it is being terminated')
         meta_defaults(merged, ns, store)
         merged["metadata"]["managedFields"] = managed
         generation = (previous or {}).get("metadata", {}).get("generation", 0)
