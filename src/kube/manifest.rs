@@ -132,6 +132,7 @@ pub fn material_from_secrets(ca: &Value, tls: &Value) -> Option<Material> {
         ca_private_key: field(ca, "tls.key")?,
         cert: field(tls, "tls.crt")?,
         private_key: field(tls, "tls.key")?,
+        cert_expires: field(ca, "expires")?.parse().ok()?,
     })
 }
 
@@ -224,6 +225,8 @@ struct CaSecretArgs<'a> {
     ca_private_key: String,
     /// The domain the wildcard certificate was made for, base64.
     domain: String,
+    /// When the wildcard certificate expires (Unix seconds), base64.
+    expires: String,
 }
 
 #[derive(Serialize)]
@@ -574,6 +577,7 @@ pub fn render(stack: &Stack, tls: Option<&Material>) -> Result<Vec<Object>, Mani
                             ca_cert: b64(&material.ca_cert),
                             ca_private_key: b64(&material.ca_private_key),
                             domain: b64(&material.domain),
+                            expires: b64(&material.cert_expires.to_string()),
                         },
                         Stage::Foundation,
                     )?);
@@ -766,6 +770,7 @@ mod tests {
             ca_private_key: "CA KEY".to_string(),
             cert: "WILDCARD CERTIFICATE".to_string(),
             private_key: "WILDCARD KEY".to_string(),
+            cert_expires: 1_900_000_000,
         }
     }
 
