@@ -1826,3 +1826,37 @@ fn a_change_to_an_immutable_field_replaces_the_object() {
     expect_code(&env.run(&["down", "--yes"]), 0);
     assert_eq!(double.labelled("fixed"), Vec::<String>::new());
 }
+
+#[test]
+fn an_object_the_api_refuses_stops_its_stage_before_anything_in_it_changes() {
+    let refused = format!(
+        "{APP_MANIFESTS}---\napiVersion: v1\nkind: Service\nmetadata: {{name: elsewhere, namespace: nowhere}}\nspec:\n  ports: [{{port: 1}}]\n"
+    );
+    let (env, double) = kube_env("refuse", &refused, "30s");
+    let output = env.run(&["up", "--yes"]);
+    expect_code(&output, 1);
+    let message = text(&output.stderr);
+    assert!(
+        message.contains("stage 2 of 4 (databases) failed"),
+        "{message}"
+    );
+    assert!(
+        message.contains("dry-run applying Service nowhere/elsewhere on cluster double failed: 404 NotFound: namespaces \"nowhere\" not found"),
+        "{message}"
+    );
+    // Stage 1 is done and recorded; nothing of stage 2 was applied.
+    let made = double.labelled("refuse");
+    assert!(
+        made.iter()
+            .any(|o| o.contains("/api/v1/namespaces/-/refuse")),
+        "{made:?}"
+    );
+    assert!(
+        made.iter()
+            .all(|o| !o.contains("statefulsets") && !o.contains("services")),
+        "{made:?}"
+    );
+    std::fs::write(env.path().join("app/web.yaml"), APP_MANIFESTS).unwrap();
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    expect_code(&env.run(&["down", "--yes"]), 0);
+}

@@ -179,13 +179,42 @@ impl Cluster {
         name: &str,
         body: &Value,
     ) -> Result<Value, ClusterError> {
+        self.patch(kind, namespace, name, body, false).await
+    }
+
+    /// The same apply with `dryRun=All`: the API server validates and
+    /// defaults the object, and keeps nothing.
+    pub async fn dry_run(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        name: &str,
+        body: &Value,
+    ) -> Result<Value, ClusterError> {
+        self.patch(kind, namespace, name, body, true).await
+    }
+
+    async fn patch(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        name: &str,
+        body: &Value,
+        dry_run: bool,
+    ) -> Result<Value, ClusterError> {
         let api = self.api(&kind.resource(), namespace);
-        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let mut params = PatchParams::apply(FIELD_MANAGER).force();
+        params.dry_run = dry_run;
+        let verb = if dry_run {
+            "dry-run applying"
+        } else {
+            "applying"
+        };
         let what = format!("{} {}", kind.kind, super::manifest::id(namespace, name));
         api.patch(name, &params, &Patch::Apply(body))
             .await
             .map(|o| serde_json::to_value(o).expect("an object serialises"))
-            .map_err(self.failed("applying", what))
+            .map_err(self.failed(verb, what))
     }
 
     /// Deletes an object; one already gone is fine.

@@ -440,6 +440,7 @@ impl Kube {
                 .map(|c| (*c).clone())
                 .collect();
             if !batch.is_empty() {
+                self.dry_run(stage, &batch).await?;
                 outcomes.extend(
                     apply::apply(self.clone(), &batch, store, state, parallelism, reporter).await?,
                 );
@@ -473,6 +474,42 @@ impl Kube {
             self.write_inventory().await?;
         }
         Ok(outcomes)
+    }
+
+    /// Asks the API server to validate a stage's objects before any of them
+    /// changes, so an object it refuses stops the stage untouched, with every
+    /// refusal at once. Objects in a namespace the same stage makes, and
+    /// objects to be replaced, can only be checked by applying them.
+    async fn dry_run(&self, stage: Stage, batch: &[Change]) -> Result<(), KubeError> {
+        let cluster = self.cluster().await?;
+        let new_namespaces: BTreeSet<&str> = batch
+            .iter()
+            .filter(|c| c.kind == "k8s:v1:Namespace" && c.action == Action::Create)
+            .filter_map(|c| c.after.as_ref()?["metadata"]["name"].as_str())
+            .collect();
+        let mut refused = Vec::new();
+        for change in batch.iter().filter(|c| c.action != Action::Replace) {
+            let (Some(kind), Some(body)) = (Kind::of_change(&change.kind), change.after.as_ref())
+            else {
+                continue;
+            };
+            let namespace = body["metadata"]["namespace"].as_str();
+            if namespace.is_some_and(|ns| new_namespaces.contains(ns)) {
+                continue;
+            }
+            let name = body["metadata"]["name"].as_str().unwrap_or_default();
+            if let Err(err) = cluster.dry_run(kind, namespace, name, body).await {
+                refused.push(format!("  {err}"));
+            }
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(KubeError::Failed {
+            number: stage.number(),
+            name: stage.name(),
+            details: refused,
+        })
     }
 
     /// Records in the cluster which kinds and objects the stack made.
@@ -861,5 +898,84 @@ impl Applier for Kube {
             tokio::time::sleep(POLL).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Mode;
+
+    fn reference() -> Kube {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/reference.yaml");
+        let stack = crate::model::load(&path).unwrap();
+        let target = Target {
+            kubeconfig: PathBuf::from("unused"),
+            context: "unused".to_string(),
+        };
+        Kube::new(&stack, None, target, None).unwrap()
+    }
+
+    #[test]
+    fn without_the_prometheus_operator_the_monitoring_stage_is_left_out_with_a_note() {
+        let kube = reference();
+        let all = kube.desired(true);
+        let without = kube.desired(false);
+        assert!(all
+            .iter()
+            .any(|r| r.kind == "k8s:monitoring.coreos.com/v1:ServiceMonitor"));
+        assert!(without
+            .iter()
+            .all(|r| !r.address.contains("ServiceMonitor") && !r.address.contains("dashboard")));
+        assert!(without.iter().any(|r| r.address == "k8s.demo/Ingress/docs"));
+        assert_eq!(
+            without.first().map(|r| r.address.as_str()),
+            Some(CA_ADDRESS)
+        );
+
+        let state = State::new("reference", "kvm");
+        let mut plan = crate::plan::plan("reference", "kvm", &without, &state, &[]);
+        kube.annotate(&mut plan, Some(&Refreshed::default()));
+        assert_eq!(plan.mode, Mode::Normal);
+        assert!(
+            plan.notes[0].starts_with("stage 4 of 4 (monitoring) skipped"),
+            "{:?}",
+            plan.notes
+        );
+        let stages: Vec<usize> = plan
+            .changes
+            .iter()
+            .map(|c| c.stage.as_ref().unwrap().number)
+            .collect();
+        assert!(stages.windows(2).all(|w| w[0] <= w[1]), "{stages:?}");
+        assert!(stages.iter().all(|&s| s < 4));
+    }
+
+    #[test]
+    fn readiness_reads_rollouts_jobs_and_ingress_addresses() {
+        let sts = kinds::find("apps/v1", "StatefulSet").unwrap();
+        let rolling = json!({"metadata": {"generation": 2}, "spec": {"replicas": 3},
+            "status": {"observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 2,
+                       "currentRevision": "a", "updateRevision": "b"}});
+        assert_eq!(
+            readiness(sts, &rolling),
+            Ok(Some("3 of 3 ready, 2 updated".to_string()))
+        );
+        let done = json!({"metadata": {"generation": 2}, "spec": {"replicas": 3},
+            "status": {"observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 3,
+                       "currentRevision": "b", "updateRevision": "b"}});
+        assert_eq!(readiness(sts, &done), Ok(None));
+        let job = kinds::find("batch/v1", "Job").unwrap();
+        let failed =
+            json!({"status": {"failed": 6, "conditions": [{"type": "Failed", "status": "True"}]}});
+        assert!(readiness(job, &failed)
+            .unwrap_err()
+            .contains("6 failed pods"));
+        let ingress = kinds::find("networking.k8s.io/v1", "Ingress").unwrap();
+        assert!(readiness(ingress, &json!({"status": {}}))
+            .unwrap()
+            .is_some());
+        let served = json!({"status": {"loadBalancer": {"ingress": [{"ip": "10.0.0.1"}]}}});
+        assert_eq!(readiness(ingress, &served), Ok(None));
     }
 }
