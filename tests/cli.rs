@@ -1449,6 +1449,13 @@ impl Drop for KubeDouble {
     }
 }
 
+/// The first line of each change in a rendered plan: action and address.
+fn change_lines(plan: &str) -> Vec<&str> {
+    plan.lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("      "))
+        .collect()
+}
+
 const APP_MANIFESTS: &str = "apiVersion: apps/v1
 kind: StatefulSet
 metadata:
@@ -1625,10 +1632,7 @@ fn kubernetes_objects_apply_in_stages_drift_is_exact_and_down_leaves_nothing() {
     let plan = env.run(&["plan", "--detailed-exitcode"]);
     expect_code(&plan, 2);
     let shown = text(&plan.stdout);
-    let changes: Vec<&str> = shown
-        .lines()
-        .filter(|l| l.starts_with("  ") && !l.starts_with("      "))
-        .collect();
+    let changes = change_lines(&shown);
     assert_eq!(
         changes,
         [
@@ -1745,10 +1749,7 @@ fn a_lost_state_file_is_rebuilt_from_the_cluster_and_the_inventory_still_prunes(
     let plan = env.run(&["plan", "--detailed-exitcode"]);
     expect_code(&plan, 2);
     let shown = text(&plan.stdout);
-    let changes: Vec<&str> = shown
-        .lines()
-        .filter(|l| l.starts_with("  ") && !l.starts_with("      "))
-        .collect();
+    let changes = change_lines(&shown);
     assert_eq!(
         changes,
         [

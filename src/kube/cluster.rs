@@ -172,29 +172,10 @@ impl Cluster {
 
     /// Server-side apply under stack's field manager, taking over fields
     /// another manager changed (the plan showed who).
+    /// Server-side apply under stack's field manager, taking over fields
+    /// another manager changed (the plan showed who). With `dry_run` the API
+    /// server validates and defaults the object and keeps nothing.
     pub async fn apply(
-        &self,
-        kind: &Kind,
-        namespace: Option<&str>,
-        name: &str,
-        body: &Value,
-    ) -> Result<Value, ClusterError> {
-        self.patch(kind, namespace, name, body, false).await
-    }
-
-    /// The same apply with `dryRun=All`: the API server validates and
-    /// defaults the object, and keeps nothing.
-    pub async fn dry_run(
-        &self,
-        kind: &Kind,
-        namespace: Option<&str>,
-        name: &str,
-        body: &Value,
-    ) -> Result<Value, ClusterError> {
-        self.patch(kind, namespace, name, body, true).await
-    }
-
-    async fn patch(
         &self,
         kind: &Kind,
         namespace: Option<&str>,

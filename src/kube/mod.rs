@@ -33,6 +33,7 @@ use tls::{Material, TlsError};
 /// The change kind of the stack's certificate authority (kept in state, not in the cluster).
 pub const CA_KIND: &str = "k8s:stack:CertificateAuthority";
 pub const CA_ADDRESS: &str = "k8s.stack/CertificateAuthority/ca";
+const NAMESPACE_KIND: &str = "k8s:v1:Namespace";
 /// How often a wait reads the cluster again.
 const POLL: Duration = Duration::from_secs(2);
 
@@ -484,7 +485,7 @@ impl Kube {
         let cluster = self.cluster().await?;
         let new_namespaces: BTreeSet<&str> = batch
             .iter()
-            .filter(|c| c.kind == "k8s:v1:Namespace" && c.action == Action::Create)
+            .filter(|c| c.kind == NAMESPACE_KIND && c.action == Action::Create)
             .filter_map(|c| c.after.as_ref()?["metadata"]["name"].as_str())
             .collect();
         let mut refused = Vec::new();
@@ -498,7 +499,7 @@ impl Kube {
                 continue;
             }
             let name = body["metadata"]["name"].as_str().unwrap_or_default();
-            if let Err(err) = cluster.dry_run(kind, namespace, name, body).await {
+            if let Err(err) = cluster.apply(kind, namespace, name, body, true).await {
                 refused.push(format!("  {err}"));
             }
         }
@@ -539,7 +540,7 @@ impl Kube {
         });
         self.cluster()
             .await?
-            .apply(config_map(), Some(&self.namespace), &name, &body)
+            .apply(config_map(), Some(&self.namespace), &name, &body, false)
             .await?;
         Ok(())
     }
@@ -711,7 +712,7 @@ impl Kube {
         let namespace = body["metadata"]["namespace"].as_str();
         self.cluster()
             .await?
-            .apply(kind, namespace, name, body)
+            .apply(kind, namespace, name, body, false)
             .await?;
         Ok(Record {
             address: address.to_string(),
@@ -846,9 +847,14 @@ fn readiness(kind: &Kind, live: &Value) -> Result<Option<String>, String> {
 impl Applier for Kube {
     type Error = KubeError;
 
-    fn dependencies(&self, _kind: &str) -> &'static [&'static str] {
-        // Stages order the objects; within a stage they are independent.
-        &[]
+    fn dependencies(&self, kind: &str) -> &'static [&'static str] {
+        // Stages order the objects; within the first, a namespace comes
+        // before what goes into it (and goes after it on removal).
+        if kind == NAMESPACE_KIND || kind == CA_KIND {
+            &[]
+        } else {
+            &[NAMESPACE_KIND]
+        }
     }
 
     async fn create(
