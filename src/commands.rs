@@ -280,11 +280,9 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> 
     }
     // A cluster stack made is read only when it stands as it is: nodes
     // being made or replaced mean its objects go to a new cluster.
-    let rebuilding = plan.changes.iter().any(|c| {
-        !is_kube(&c.kind)
-            && !is_bootstrap(&c.kind)
-            && matches!(c.action, plan::Action::Create | plan::Action::Replace)
-    });
+    // Nodes or cluster steps about to change (a VM stopped, a node not
+    // Ready) mean its API may not answer now: plan against the state.
+    let rebuilding = plan.changes.iter().any(|c| !is_kube(&c.kind));
     let made = session.backend.is_some();
     let reachable = !made || (kubeconfig_path(stack).exists() && !rebuilding);
     let target = cluster_target(stack)?;
@@ -340,7 +338,20 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> 
         if let Some(refreshed) = &refreshed {
             tracing::info!(requests = refreshed.requests, "read the cluster");
         }
-        let observed = refreshed.as_ref().map(|r| &r.observed[..]).unwrap_or(&[]);
+        // Not read: what was last applied stands for what is there.
+        let assumed: Vec<plan::Observed> = recorded
+            .resources
+            .iter()
+            .filter_map(|r| {
+                Some(plan::Observed {
+                    address: r.address.clone(),
+                    kind: r.kind.clone(),
+                    id: r.id.clone()?,
+                    attrs: r.attrs.clone(),
+                })
+            })
+            .collect();
+        let observed = refreshed.as_ref().map_or(&assumed[..], |r| &r.observed[..]);
         let mut kube_plan = if destroy {
             plan::destroy(&stack.name, provider, &recorded, observed)
         } else {
@@ -356,7 +367,7 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> 
         kube.annotate(&mut kube_plan, refreshed.as_ref());
         if !reachable {
             kube_plan.notes.push(format!(
-                "the cluster of stack {} is not up yet: its objects are applied once the bootstrap is done",
+                "the cluster of stack {} is not read while its nodes or bootstrap change: its objects are planned against the state and applied once the bootstrap is done",
                 stack.name
             ));
         }
