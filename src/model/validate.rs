@@ -9,6 +9,9 @@ use super::yaml::Pos;
 use super::{BaseImage, ByteSize, DatabaseKind, Role};
 use crate::diag::Diagnostics;
 
+/// Namespaces a cluster (or a microk8s addon) has of its own.
+const RESERVED_NAMESPACES: &[&str] = &["default", "ingress", "observability", "cert-manager"];
+
 pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
     let is_ec2 = matches!(stack.provider.value, ProviderFile::Ec2(_));
     let existing_cluster = stack
@@ -179,6 +182,17 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
 
     if let Some(kubernetes) = &stack.kubernetes {
         let k = &kubernetes.value;
+        // The stack owns its namespace: `down` deletes it with all it holds.
+        if let Some(namespace) = k.namespace.as_ref().filter(|n| {
+            RESERVED_NAMESPACES.contains(&n.value.as_str()) || n.value.starts_with("kube-")
+        }) {
+            diags.push(
+                namespace.pos,
+                "kubernetes.namespace",
+                "a namespace of the stack's own (`down` deletes it), not one the cluster or its addons use",
+                format!("`{}`", namespace.value),
+            );
+        }
         if let Some(addons) = &k.addons {
             unique(
                 diags,
@@ -274,21 +288,35 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
                 .as_ref()
                 .map(|d| &d.value[..])
                 .unwrap_or(&[]);
-            unique(
-                diags,
-                "ingress.endpoints",
-                endpoints
-                    .value
-                    .iter()
-                    .map(|e| (e.name.value.as_str(), e.name.pos))
-                    .chain(
-                        databases
-                            .iter()
-                            .map(|d| (d.name.value.as_str(), d.name.pos)),
+            let mut taken: HashMap<&str, String> = databases
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.value.as_str(),
+                        format!("the database at {}:{}", d.name.pos.line, d.name.pos.column),
+                    )
+                })
+                .collect();
+            for (index, endpoint) in endpoints.value.iter().enumerate() {
+                let name = endpoint.name.value.as_str();
+                match taken.get(name) {
+                    Some(first) => diags.push(
+                        endpoint.name.pos,
+                        &format!("ingress.endpoints[{index}].name"),
+                        "an endpoint name of its own (each is a host, NAME.domain)",
+                        format!("`{name}`, taken by {first}"),
                     ),
-                "name",
-                "endpoint name (databases take their own names)",
-            );
+                    None => {
+                        taken.insert(
+                            name,
+                            format!(
+                                "the endpoint at {}:{}",
+                                endpoint.name.pos.line, endpoint.name.pos.column
+                            ),
+                        );
+                    }
+                }
+            }
         }
     }
     if let Some(monitoring) = &stack.monitoring {
