@@ -440,6 +440,23 @@ impl Kube {
                 .filter(|c| stage_of(c) == stage.number())
                 .map(|c| (*c).clone())
                 .collect();
+            // Planned before the cluster could be read (it was being made),
+            // the monitoring stage may find no Prometheus Operator: it says
+            // so and skips, the rest of the stack stands.
+            if stage == Stage::Monitoring
+                && !batch.is_empty()
+                && !self
+                    .cluster()
+                    .await?
+                    .has_crd(kinds::SERVICE_MONITOR_CRD)
+                    .await?
+            {
+                reporter.line(&format!(
+                    "stage 4 of 4 (monitoring) skipped: the cluster has no Prometheus Operator (CRD {} is missing)",
+                    kinds::SERVICE_MONITOR_CRD
+                ));
+                continue;
+            }
             if !batch.is_empty() {
                 self.dry_run(stage, &batch).await?;
                 outcomes.extend(

@@ -29,7 +29,7 @@ uses, and behaves like an API server where stack's correctness depends on it:
   annotated `kube-api-double/never-ready: "true"`, which never converge and
   get a Warning event instead.
 
-Run: kube_api_double.py --port PORT [--log FILE] [--observability]
+Run: kube_api_double.py --port PORT [--log FILE]
 Every request is appended to --log as `METHOD PATH?QUERY`.
 """
 
@@ -64,7 +64,8 @@ RESOURCES = {
     ("apiextensions.k8s.io", "v1", "customresourcedefinitions"): ("CustomResourceDefinition", False),
     ("monitoring.coreos.com", "v1", "servicemonitors"): ("ServiceMonitor", True),
 }
-# Served only while their CustomResourceDefinition exists.
+# Served only while their CustomResourceDefinition exists (POST one to
+# /apis/apiextensions.k8s.io/v1/customresourcedefinitions to install it).
 CRD_BACKED = {("monitoring.coreos.com", "v1", "servicemonitors"): "servicemonitors.monitoring.coreos.com"}
 WORKLOADS = ("StatefulSet", "Deployment", "DaemonSet", "Job")
 NEVER_READY = "kube-api-double/never-ready"
@@ -91,29 +92,20 @@ def now():
 class Store:
     """Every object, by (group, version, plural, namespace, name)."""
 
-    def __init__(self, observability):
+    def __init__(self):
         self.lock = threading.RLock()
         self.objects = {}
         self.version = itertools.count(1000)
         self.cluster_ips = itertools.count(10)
         self.node_ports = itertools.count(30100)
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease", "ingress"):
-            self.put_system(("", "v1", "namespaces"), None, ns, {})
-        if observability:
-            self.put_system(("", "v1", "namespaces"), None, "observability", {})
-            self.put_system(
-                ("apiextensions.k8s.io", "v1", "customresourcedefinitions"), None,
-                "servicemonitors.monitoring.coreos.com",
-                {"spec": {"group": "monitoring.coreos.com", "names": {"plural": "servicemonitors", "kind": "ServiceMonitor"}}},
-            )
+            self.put_namespace(ns)
 
-    def put_system(self, res, ns, name, rest):
-        group, version, plural = res
-        kind = RESOURCES[res][0]
-        obj = {"apiVersion": f"{group}/{version}" if group else version, "kind": kind,
-               "metadata": {"name": name}, **rest}
-        meta_defaults(obj, ns, self)
-        self.objects[res + (ns, name)] = obj
+    def put_namespace(self, name):
+        """A namespace the cluster comes with."""
+        obj = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        meta_defaults(obj, None, self)
+        self.objects[("", "v1", "namespaces", None, name)] = obj
 
     def served(self, res):
         if res not in RESOURCES:
@@ -590,10 +582,8 @@ def main():
     parser = argparse.ArgumentParser(description="A test double of the Kubernetes API server")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log")
-    parser.add_argument("--observability", action="store_true",
-                        help="serve the Prometheus Operator's ServiceMonitor CRD and the observability namespace")
     args = parser.parse_args()
-    Handler.store = Store(args.observability)
+    Handler.store = Store()
     Handler.log = args.log
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print(f"kube-api-double listening on 127.0.0.1:{args.port}", flush=True)
