@@ -278,10 +278,9 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> 
     if stack.kubernetes.is_none() {
         return Ok(Planned { plan, kube: None });
     }
-    // A cluster stack made is read only when it stands as it is: nodes
-    // being made or replaced mean its objects go to a new cluster.
-    // Nodes or cluster steps about to change (a VM stopped, a node not
-    // Ready) mean its API may not answer now: plan against the state.
+    // A cluster stack made is read only when it stands as it is: nodes or
+    // bootstrap steps about to change (a node made, a VM stopped, a node not
+    // Ready) mean its API may not answer now, so plan against the state.
     let rebuilding = plan.changes.iter().any(|c| !is_kube(&c.kind));
     let made = session.backend.is_some();
     let reachable = !made || (kubeconfig_path(stack).exists() && !rebuilding);
@@ -317,16 +316,10 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> 
         return Ok(Planned { plan, kube: None });
     }
     let provider = stack.provider_name();
-    let mut kube_plan = if destroy && made {
-        // Removing the nodes removes the cluster and everything in it.
-        let mut forget = plan::destroy(&stack.name, provider, &recorded, &[]);
-        forget.changes.clear();
-        forget.forget = recorded
-            .resources
-            .iter()
-            .map(|r| r.address.clone())
-            .collect();
-        forget
+    let kube_plan = if destroy && made {
+        // Removing the nodes removes the cluster and everything in it: the
+        // records are only forgotten.
+        plan::destroy(&stack.name, provider, &recorded, &[])
     } else {
         let refreshed = if reachable {
             Some(kube.refresh(&recorded).await.with_context(|| {
@@ -373,7 +366,6 @@ async fn make_plan(session: &Session, destroy: bool) -> anyhow::Result<Planned> 
         }
         kube_plan
     };
-    kube_plan.recount();
     plan = plan.combine(kube_plan);
     Ok(Planned {
         plan,
