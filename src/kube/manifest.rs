@@ -76,6 +76,15 @@ pub fn address(kind: &str, namespace: Option<&str>, name: &str) -> String {
     }
 }
 
+/// The address of a live object of `kind` as the API returned it.
+pub fn address_of(kind: &Kind, live: &Value) -> String {
+    address(
+        kind.kind,
+        live["metadata"]["namespace"].as_str(),
+        live["metadata"]["name"].as_str().unwrap_or_default(),
+    )
+}
+
 pub fn id(namespace: Option<&str>, name: &str) -> String {
     match namespace {
         Some(ns) => format!("{ns}/{name}"),
@@ -435,10 +444,7 @@ fn object_of(
                     .as_str()
                     .map(str::to_string)
                     .unwrap_or_else(|| value.to_string());
-                data.insert(
-                    key,
-                    json!(base64::engine::general_purpose::STANDARD.encode(text)),
-                );
+                data.insert(key, json!(b64(&text)));
             }
             body["data"] = Value::Object(data);
         }

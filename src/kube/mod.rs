@@ -287,7 +287,7 @@ impl Kube {
                 if kind.kind == "ConfigMap" && name == inventory_name(&self.stack) {
                     continue;
                 }
-                let address = manifest::address(kind.kind, namespace.as_deref(), &name);
+                let address = manifest::address_of(kind, &item);
                 let recorded = state.get(&address).map(|r| &r.attrs);
                 let attrs = match desired.get(&address) {
                     Some(object) => drift::project_both(&item, &object.body, recorded),
@@ -594,20 +594,11 @@ impl Kube {
         let deadline = Instant::now() + self.healthy;
         loop {
             let mut live = BTreeMap::new();
-            let kinds: BTreeSet<&str> = objects.iter().map(|o| o.kind.plural).collect();
-            for plural in kinds {
-                let kind = objects
-                    .iter()
-                    .find(|o| o.kind.plural == plural)
-                    .expect("listed")
-                    .kind;
+            let kinds: BTreeMap<&str, &Kind> =
+                objects.iter().map(|o| (o.kind.plural, o.kind)).collect();
+            for kind in kinds.into_values() {
                 for item in cluster.list(kind, &selector).await?.unwrap_or_default() {
-                    let name = item["metadata"]["name"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string();
-                    let ns = item["metadata"]["namespace"].as_str().map(str::to_string);
-                    live.insert(manifest::address(kind.kind, ns.as_deref(), &name), item);
+                    live.insert(manifest::address_of(kind, &item), item);
                 }
             }
             let mut waiting = Vec::new();
