@@ -81,7 +81,7 @@ pub fn user_data(node: &NodeSeed) -> Result<String, TemplateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bootstrap::steps::tests::{stack, COMBINATIONS};
+    use crate::microk8s::fixtures::{stack, COMBINATIONS};
     use std::path::Path;
 
     fn render(stack: &Stack, group: usize, hosts: &[HostEntry]) -> String {
@@ -217,7 +217,7 @@ mod tests {
             hosts: &[],
         })
         .unwrap_err();
-        let message = crate::output::error_chain(&err);
+        let message = crate::error_chain::error_chain(&err);
         assert!(
             message.contains("bad.hbs") && message.contains("hostnme"),
             "{message}"

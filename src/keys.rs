@@ -3,22 +3,17 @@
 //! and each node's host key, generated before the node exists so that it is
 //! pinned before the first connection.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ssh_key::{rand_core::OsRng, Algorithm, LineEnding, PrivateKey};
 
-use crate::files::write_private;
+use crate::artifacts::{Artifact, Artifacts};
+use crate::files::FileError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot {action} SSH key {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     #[error("SSH key {} is not an OpenSSH private key: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
     #[error("cannot generate an ed25519 key: {0}")]
@@ -43,90 +38,81 @@ pub fn key_material(public_key: &str) -> String {
         .join(" ")
 }
 
-pub fn private_key_path(dir: &Path, stack: &str) -> PathBuf {
-    dir.join(format!("{stack}.id_ed25519"))
-}
-
 /// Loads the stack's key, generating it when there is none yet.
-pub fn ensure(dir: &Path, stack: &str) -> Result<StackKey, KeyError> {
-    let private_path = private_key_path(dir, stack);
-    let io = |action, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| KeyError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    let key = if private_path.exists() {
-        let text = fs::read_to_string(&private_path).map_err(io("read", &private_path))?;
-        PrivateKey::from_openssh(text).map_err(|e| KeyError::Invalid {
+pub fn ensure(artifacts: &Artifacts) -> Result<StackKey, KeyError> {
+    let private_path = artifacts.path(&Artifact::SshKey);
+    let key = match read(artifacts, &Artifact::SshKey)? {
+        Some(text) => PrivateKey::from_openssh(text).map_err(|e| KeyError::Invalid {
             path: private_path.clone(),
             reason: e.to_string(),
-        })?
-    } else {
-        fs::create_dir_all(dir).map_err(io("create the folder for", &private_path))?;
-        let mut key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519)
-            .map_err(|e| KeyError::Generate(e.to_string()))?;
-        key.set_comment(format!("stack-{stack}"));
-        let pem = key
-            .to_openssh(LineEnding::LF)
-            .map_err(|e| KeyError::Generate(e.to_string()))?;
-        let tmp = private_path.with_extension("tmp");
-        write_private(&tmp, pem.as_bytes()).map_err(io("write", &tmp))?;
-        fs::rename(&tmp, &private_path).map_err(io("write", &private_path))?;
-        key
+        })?,
+        None => {
+            let mut key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519)
+                .map_err(|e| KeyError::Generate(e.to_string()))?;
+            key.set_comment(format!("stack-{}", artifacts.stack()));
+            let pem = key
+                .to_openssh(LineEnding::LF)
+                .map_err(|e| KeyError::Generate(e.to_string()))?;
+            artifacts.write(&Artifact::SshKey, pem.as_bytes())?;
+            key
+        }
     };
     let public_openssh = key
         .public_key()
         .to_openssh()
         .map_err(|e| KeyError::Generate(e.to_string()))?;
-    let mut pub_path = private_path.clone().into_os_string();
-    pub_path.push(".pub");
-    fs::write(&pub_path, format!("{public_openssh}\n"))
-        .map_err(io("write", Path::new(&pub_path)))?;
+    artifacts.write(
+        &Artifact::SshPublicKey,
+        format!("{public_openssh}\n").as_bytes(),
+    )?;
     Ok(StackKey {
         private_path,
         public_openssh,
     })
 }
 
-/// A node's ed25519 host key at `path`, generated on first use: the private
-/// key in OpenSSH form (for cloud-init's `ssh_keys`) and the public key.
-pub fn host_key(path: &Path, hostname: &str) -> Result<(String, String), KeyError> {
-    let pem = match fs::read_to_string(path) {
-        Ok(pem) => pem,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+/// The stack's key as it is, without making one (for reading commands):
+/// an empty public key before the first `up`.
+pub fn existing(artifacts: &Artifacts) -> Result<StackKey, KeyError> {
+    let public = read(artifacts, &Artifact::SshPublicKey)?.unwrap_or_default();
+    Ok(StackKey {
+        private_path: artifacts.path(&Artifact::SshKey),
+        public_openssh: public.trim().to_string(),
+    })
+}
+
+fn read(artifacts: &Artifacts, artifact: &Artifact) -> Result<Option<String>, KeyError> {
+    let path = artifacts.path(artifact);
+    match artifacts.read(artifact)? {
+        Some(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| KeyError::Invalid {
+                path,
+                reason: "not text".to_string(),
+            }),
+        None => Ok(None),
+    }
+}
+
+/// A node's ed25519 host key, generated on first use: the private key in
+/// OpenSSH form (for cloud-init's `ssh_keys`) and the public key.
+pub fn host_key(artifacts: &Artifacts, hostname: &str) -> Result<(String, String), KeyError> {
+    let artifact = Artifact::HostKey(hostname.to_string());
+    let pem = match read(artifacts, &artifact)? {
+        Some(pem) => pem,
+        None => {
             let mut key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519)
                 .map_err(|e| KeyError::Generate(e.to_string()))?;
             key.set_comment(hostname);
             let pem = key
                 .to_openssh(LineEnding::LF)
                 .map_err(|e| KeyError::Generate(e.to_string()))?;
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir).map_err(|source| KeyError::Io {
-                    action: "create the folder for",
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-            }
-            write_private(path, pem.as_bytes()).map_err(|source| KeyError::Io {
-                action: "write",
-                path: path.to_path_buf(),
-                source,
-            })?;
+            artifacts.write(&artifact, pem.as_bytes())?;
             pem.to_string()
-        }
-        Err(source) => {
-            return Err(KeyError::Io {
-                action: "read",
-                path: path.to_path_buf(),
-                source,
-            })
         }
     };
     let key = PrivateKey::from_openssh(&pem).map_err(|e| KeyError::Invalid {
-        path: path.to_path_buf(),
+        path: artifacts.path(&artifact),
         reason: e.to_string(),
     })?;
     let public = key
@@ -134,27 +120,6 @@ pub fn host_key(path: &Path, hostname: &str) -> Result<(String, String), KeyErro
         .to_openssh()
         .map_err(|e| KeyError::Generate(e.to_string()))?;
     Ok((pem, public))
-}
-
-/// Removes the key files (after `down`).
-pub fn remove(dir: &Path, stack: &str) -> Result<(), KeyError> {
-    let private_path = private_key_path(dir, stack);
-    let mut pub_path = private_path.clone().into_os_string();
-    pub_path.push(".pub");
-    for path in [private_path, PathBuf::from(pub_path)] {
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(KeyError::Io {
-                    action: "remove",
-                    path,
-                    source,
-                })
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -165,17 +130,23 @@ mod tests {
     #[test]
     fn generated_once_with_mode_0600() {
         let dir = tempfile::tempdir().unwrap();
-        let first = ensure(dir.path(), "demo").unwrap();
-        let second = ensure(dir.path(), "demo").unwrap();
+        let artifacts = Artifacts::new(dir.path(), "demo");
+        assert!(existing(&artifacts).unwrap().public_openssh.is_empty());
+        let first = ensure(&artifacts).unwrap();
+        let second = ensure(&artifacts).unwrap();
         assert_eq!(first.public_openssh, second.public_openssh);
+        assert_eq!(
+            existing(&artifacts).unwrap().public_openssh,
+            first.public_openssh
+        );
         assert!(first.public_openssh.starts_with("ssh-ed25519 "));
-        let mode = fs::metadata(&first.private_path)
+        let mode = std::fs::metadata(&first.private_path)
             .unwrap()
             .permissions()
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
-        remove(dir.path(), "demo").unwrap();
-        assert!(!first.private_path.exists());
+        let (_, host) = host_key(&artifacts, "demo-a-0").unwrap();
+        assert_eq!(host_key(&artifacts, "demo-a-0").unwrap().1, host);
     }
 }

@@ -1,23 +1,25 @@
 //! `stack`: a declarative environment provisioner.
 //!
-//! A stack file is loaded into a typed model (`model`), turned into desired
-//! resources by a provider (`provider`), compared with the recorded state
-//! (`state`) and the live world into a plan (`plan`), and applied (`apply`).
-//! `commands` holds one thin function per CLI subcommand (`cli`).
+//! Data flows one way: the command line (`cli`) opens a session on a stack
+//! through its stage list (`phases`: infrastructure, bootstrap, the
+//! Kubernetes stages), which the engine (`engine`) plans and applies with
+//! its state (`state`) and artifacts (`artifacts`); below are the typed
+//! model of the stack file (`model`) and small leaves.
 
-pub mod apply;
-pub mod bootstrap;
+pub mod artifacts;
 pub mod cli;
 pub mod cloudinit;
-pub mod commands;
 pub mod diag;
+pub mod engine;
+pub mod error_chain;
 pub mod files;
+pub mod future;
 pub mod keys;
-pub mod kube;
+pub mod kubeconfig;
+pub mod microk8s;
 pub mod model;
-pub mod output;
-pub mod plan;
-pub mod provider;
+pub mod nodes;
+pub mod phases;
 pub mod ssh;
 pub mod state;
 pub mod templates;

@@ -1,10 +1,13 @@
-//! The `stack` binary: parse the command line, run the command, print the
-//! error's cause chain and turn the outcome into an exit code.
+//! The `stack` binary: parse the command line, set up logs and the run's
+//! cancellation token, run the command, print the error's cause chain and
+//! turn the outcome into an exit code.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use stack::cli::Cli;
+use stack::engine::Cancel;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -18,6 +21,7 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -27,14 +31,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(stack::commands::run(cli)) {
+    let cancel = Cancel::new();
+    match runtime.block_on(stack::cli::run(cli, &cancel)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err}");
             for cause in err.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(stack::cli::failure_code(&err, &cancel))
         }
     }
 }

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::file::*;
+use super::stack::{Accel, Addon, BaseImage, DatabaseKind, Protocol, Role, StorageKind};
+use super::stack::{TcpExposure, UpgradePolicy};
 use super::values::{self, ByteSize, ImageRef};
 use super::yaml::{Node, Pos, Value};
-use super::{Accel, Addon, BaseImage, DatabaseKind, Protocol, Role, StorageKind};
-use super::{TcpExposure, UpgradePolicy};
 use crate::diag::Diagnostics;
 
 /// The only stack file version this build reads.
@@ -368,13 +368,14 @@ impl Decoder<'_> {
         let name = self
             .required(&f, "", "name", "the stack's name")
             .and_then(|n| self.dns_label(n, "name", 40));
-        let provider = self
-            .required(&f, "", "provider", "`ec2` or `kvm` settings")
+        let provider = f
+            .get("provider")
             .and_then(|n| self.provider(n))
             .map(|p| Spanned {
                 pos: f.key_pos("provider").unwrap_or(p.pos),
                 value: p.value,
             });
+        let provider_failed = f.get("provider").is_some() && provider.is_none();
         let network = self.opt(&f, "", "network", Self::network);
         let nodes = self.section(&f, "nodes", |d, n, p| {
             d.list(n, p, |d, child, p| d.node_group(child, p))
@@ -388,9 +389,13 @@ impl Decoder<'_> {
         let upgrades = self.section(&f, "upgrades", Self::upgrades);
         let timeouts = self.opt(&f, "", "timeouts", Self::timeouts);
         let tags = self.opt(&f, "", "tags", Self::tags);
+        if provider_failed {
+            return None;
+        }
         Some(StackFile {
+            pos: f.pos,
             name: name?,
-            provider: provider?,
+            provider,
             network,
             nodes,
             kubernetes,

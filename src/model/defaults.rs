@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::file::*;
-use super::*;
+use super::stack::*;
+use super::values::{ByteSize, ImageRef};
 
 pub const EC2_INSTANCE_TYPE: &str = "t3.medium";
 pub const EC2_SSH_USER: &str = "ubuntu";
@@ -66,8 +67,11 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
         mark("upgrades", u.pos, "scheduled upgrades");
     }
 
-    let is_ec2 = matches!(stack.provider.value, ProviderFile::Ec2(_));
-    let provider = match stack.provider.value {
+    let is_ec2 = matches!(
+        stack.provider.as_ref().map(|p| &p.value),
+        Some(ProviderFile::Ec2(_))
+    );
+    let provider = stack.provider.map(|p| match p.value {
         ProviderFile::Ec2(ec2) => Provider::Ec2(Ec2Settings {
             region: val(ec2.region),
             profile: val(ec2.profile),
@@ -82,7 +86,7 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             accel: val(kvm.accel).unwrap_or(Accel::Auto),
             ssh_user: val(kvm.ssh_user).unwrap_or_else(|| KVM_SSH_USER.to_string()),
         }),
-    };
+    });
     let network = stack.network.unwrap_or_default();
     let cidrs = |list: Opt<Vec<Spanned<ipnet::IpNet>>>| {
         val(list)

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::stack::{Accel, Addon, BaseImage, DatabaseKind, Role, StorageKind};
+use super::stack::{Protocol, TcpExposure, UpgradePolicy};
+use super::values::{ByteSize, ImageRef};
 use super::yaml::Pos;
-use super::{Accel, Addon, BaseImage, ByteSize, DatabaseKind, ImageRef, Role, StorageKind};
-use super::{Protocol, TcpExposure, UpgradePolicy};
 
 /// A value and where it was written.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,8 +21,11 @@ pub type Opt<T> = Option<Spanned<T>>;
 
 #[derive(Debug, Clone)]
 pub struct StackFile {
+    /// Where the stack's mapping starts.
+    pub pos: Pos,
     pub name: Spanned<String>,
-    pub provider: Spanned<ProviderFile>,
+    /// Required unless the stack only deploys to an existing cluster.
+    pub provider: Opt<ProviderFile>,
     pub network: Option<NetworkFile>,
     pub nodes: Opt<Vec<NodeGroupFile>>,
     pub kubernetes: Opt<KubernetesFile>,

@@ -5,19 +5,30 @@
 use std::collections::HashMap;
 
 use super::file::*;
+use super::stack::{BaseImage, DatabaseKind, Role};
+use super::values::ByteSize;
 use super::yaml::Pos;
-use super::{BaseImage, ByteSize, DatabaseKind, Role};
 use crate::diag::Diagnostics;
 
 /// Namespaces a cluster (or a microk8s addon) has of its own.
 const RESERVED_NAMESPACES: &[&str] = &["default", "ingress", "observability", "cert-manager"];
 
 pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
-    let is_ec2 = matches!(stack.provider.value, ProviderFile::Ec2(_));
+    let provider = stack.provider.as_ref().map(|p| &p.value);
+    let is_ec2 = matches!(provider, Some(ProviderFile::Ec2(_)));
     let existing_cluster = stack
         .kubernetes
         .as_ref()
         .and_then(|k| k.value.kubeconfig.as_ref());
+    // Only a stack that deploys to an existing cluster makes no machines.
+    if provider.is_none() && (stack.nodes.is_some() || existing_cluster.is_none()) {
+        diags.push(
+            stack.pos,
+            "provider",
+            "a required field `provider` (`ec2` or `kvm` settings)",
+            "no `provider`",
+        );
+    }
 
     match (&stack.nodes, existing_cluster) {
         (Some(nodes), Some(kubeconfig)) => diags.push(
@@ -54,10 +65,12 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
         "node group name",
     );
 
-    let ec2_default_ami = match &stack.provider.value {
-        ProviderFile::Ec2(ec2) => ec2.ami.is_some(),
-        ProviderFile::Kvm(_) => false,
+    let ec2_default_ami = match provider {
+        Some(ProviderFile::Ec2(ec2)) => ec2.ami.is_some(),
+        _ => false,
     };
+    // Which settings a node group may have depends on a provider.
+    let groups = if provider.is_some() { groups } else { &[] };
     for (i, group) in groups.iter().enumerate() {
         let path = format!("nodes[{i}]");
         let other_provider_field = |field: &str| {

@@ -3,7 +3,8 @@
 
 No real API server can be installed on the machines the tests run on, so
 this speaks the real HTTP protocol the kube crate uses, for the verbs stack
-uses, and behaves like an API server where stack's correctness depends on it:
+uses, and behaves like an API server where stack's correctness depends on it,
+inconvenient parts included:
 
 - GET one object, LIST a kind (all namespaces or one) with `labelSelector`
   (=, ==, !=, exists, !exists) and `fieldSelector` (metadata.name,
@@ -12,13 +13,30 @@ uses, and behaves like an API server where stack's correctness depends on it:
   (required), `force` and `dryRun=All`; field ownership per manager in
   `managedFields` (fieldsV1), 409 Conflict when another manager owns a field
   with a different value and `force` is not set, ownership moving on force;
-- merge patch (`application/merge-patch+json`) and POST as `Update` operations
-  of another manager (how kubectl scale/edit/create look), taking over fields;
-- DELETE (a Namespace is Terminating for a second, then goes with its
-  objects; nothing new may be made in it meanwhile), `resourceVersion`,
+- the real list merge keys, for merging and in `managedFields` (`k:{...}`):
+  containers, initContainers, ephemeralContainers, env, volumes and
+  imagePullSecrets by name, volumeMounts by mountPath, a container's ports by
+  containerPort+protocol, a Service's ports by port+protocol (protocol taken
+  as TCP when not given); every other list is atomic;
+- merge patch (`application/merge-patch+json`, RFC 7386: lists replaced, null
+  deletes) and POST as `Update` operations of another manager (how kubectl
+  scale/edit/create look), taking over fields;
+- objects stored the way Go's JSON encoding writes them back: omitempty
+  fields holding false, 0, "" or [] and empty maps are dropped (pointer
+  fields and map entries keep their values; status is left alone), so the
+  stored object can lack fields the applier sent and still owns;
+- a Secret's `stringData` stored as base64 `data`, never returned;
+- DELETE (a Namespace is Terminating for a second, or for the seconds in its
+  `kube-api-double/terminating-seconds` annotation, then goes with its
+  objects; nothing new may be created in it meanwhile), `resourceVersion`,
   `generation`, `uid`, `creationTimestamp`;
-- 404, 409, 400, 403 and 422 answers as `Status` objects (422 for a change
-  to an immutable field such as a StatefulSet's serviceName);
+- 404, 409, 400, 403 and 422 answers as `Status` objects, 422 with the real
+  messages for changes the API server refuses in place: a StatefulSet's spec
+  other than replicas, ordinals, template, updateStrategy,
+  persistentVolumeClaimRetentionPolicy and minReadySeconds; a Deployment's or
+  DaemonSet's selector; a Job's selector, template, completionMode; a
+  Secret's type; data, binaryData and immutable of an immutable Secret or
+  ConfigMap;
 - the defaults a real API server fills in on the kinds stack uses
   (imagePullPolicy, terminationMessagePath, dnsPolicy, restartPolicy,
   revisionHistoryLimit, podManagementPolicy, sessionAffinity,
@@ -27,20 +45,27 @@ uses, and behaves like an API server where stack's correctness depends on it:
 - a stand-in for the controllers: workloads report their rollout complete,
   Jobs succeed and Ingresses get an address at once, except objects
   annotated `kube-api-double/never-ready: "true"`, which never converge and
-  get a Warning event instead.
+  get a Warning event instead, and Deployments annotated
+  `kube-api-double/rollout-seconds: "N"`, which after a change to their pod
+  template replace one pod every N seconds (maxSurge 1, maxUnavailable 0),
+  their status computed whenever they are read.
 
 Run: kube_api_double.py --port PORT [--log FILE]
-Every request is appended to --log as `METHOD PATH?QUERY`.
+Every request is appended to --log as one line,
+`METHOD PATH?QUERY user-agent=VALUE` (`-` when no User-Agent was sent).
 """
 
 import argparse
+import base64
 import copy
 import datetime
 import hashlib
 import itertools
 import json
+import math
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -69,14 +94,50 @@ RESOURCES = {
 CRD_BACKED = {("monitoring.coreos.com", "v1", "servicemonitors"): "servicemonitors.monitoring.coreos.com"}
 WORKLOADS = ("StatefulSet", "Deployment", "DaemonSet", "Job")
 NEVER_READY = "kube-api-double/never-ready"
+ROLLOUT_SECONDS = "kube-api-double/rollout-seconds"
+TERMINATING_SECONDS = "kube-api-double/terminating-seconds"
 NAMESPACE_TERMINATION_SECONDS = 1.0
-# Fields the API server refuses to change (422), by kind.
+# Fields the API server refuses to change (422), by kind. A StatefulSet is
+# the other way round: only STATEFULSET_MUTABLE may change (see validate_update).
 IMMUTABLE = {
-    "StatefulSet": ("selector", "serviceName", "volumeClaimTemplates", "podManagementPolicy"),
     "Deployment": ("selector",),
     "DaemonSet": ("selector",),
     "Job": ("selector", "template", "completionMode"),
 }
+STATEFULSET_MUTABLE = ("replicas", "ordinals", "template", "updateStrategy",
+                       "persistentVolumeClaimRetentionPolicy", "minReadySeconds")
+# Kinds without Go types behind them: stored as sent (no omitempty), every
+# list atomic. A CustomResourceDefinition's schema is JSON all the way down
+# (default, enum, example), so it is left alone too.
+UNTYPED = ("CustomResourceDefinition", "ServiceMonitor")
+# Map-typed fields (Go `map[string]...`): their entries keep zero values,
+# only an empty map is dropped. A Service's spec.selector is one too, while
+# a workload's spec.selector is a LabelSelector struct (see is_map_field).
+MAP_FIELDS = {"labels", "annotations", "data", "stringData", "binaryData", "matchLabels",
+              "nodeSelector", "limits", "requests", "capacity"}
+# Pointer (or not omitempty) fields: a zero value is written back, only
+# null (a nil pointer) is dropped. The first lines are the ones stack's
+# manifests meet; the last are other pointers of the same Go types.
+KEEP_ZERO = {
+    "replicas", "partition", "maxUnavailable", "maxSurge", "backoffLimit", "completions",
+    "parallelism", "activeDeadlineSeconds", "ttlSecondsAfterFinished",
+    "terminationGracePeriodSeconds", "progressDeadlineSeconds", "revisionHistoryLimit",
+    "automountServiceAccountToken", "immutable", "optional", "defaultMode", "mode",
+    "runAsUser", "runAsGroup", "runAsNonRoot", "fsGroup", "privileged", "readOnlyRootFilesystem",
+    "allowPrivilegeEscalation", "port", "containerPort", "targetPort",
+    "suspend", "storageClassName", "volumeMode", "ingressClassName", "pathType",
+    "shareProcessNamespace", "enableServiceLinks", "hostUsers", "setHostnameAsFQDN",
+    "manualSelector", "startingDeadlineSeconds", "successfulJobsHistoryLimit",
+    "failedJobsHistoryLimit", "allocateLoadBalancerNodePorts",
+}
+# Lists merged by key (+listType=map in the Go types), by field name; a
+# container's and a Service's `ports` are told apart in list_keys.
+LIST_KEYS = {
+    "containers": ("name",), "initContainers": ("name",), "ephemeralContainers": ("name",),
+    "env": ("name",), "volumes": ("name",), "imagePullSecrets": ("name",),
+    "volumeMounts": ("mountPath",),
+}
+CONTAINER_LISTS = ("containers", "initContainers", "ephemeralContainers")
 
 
 class ApiError(Exception):
@@ -98,6 +159,9 @@ class Store:
         self.version = itertools.count(1000)
         self.cluster_ips = itertools.count(10)
         self.node_ports = itertools.count(30100)
+        # When each rolling Deployment's pod template last changed (monotonic
+        # seconds), by key: its status is worked out from this on every read.
+        self.rollouts = {}
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease", "ingress"):
             self.put_namespace(ns)
 
@@ -113,32 +177,82 @@ class Store:
         crd = CRD_BACKED.get(res)
         return crd is None or (("apiextensions.k8s.io", "v1", "customresourcedefinitions", None, crd) in self.objects)
 
+    def present(self, key, obj, started=None):
+        """An object as a read sees it now: a copy, with a rollout's status as of this moment."""
+        out = copy.deepcopy(obj)
+        stored = started is None
+        started = self.rollouts.get(key) if stored else started
+        if started is not None and not rolling(out, started) and stored:
+            # Finished for good: a later change of the annotation alone starts nothing.
+            self.rollouts.pop(key, None)
+        return out
+
+    def forget(self, key):
+        self.objects.pop(key, None)
+        self.rollouts.pop(key, None)
+
+
+# ---- list merge keys ----------------------------------------------------
+
+def list_keys(kind, path):
+    """The merge key fields of the list at `path` (field names from the root), or None: atomic."""
+    if kind in UNTYPED or not path:
+        return None
+    if path[-1] == "ports":
+        if kind == "Service" and path == ("spec", "ports"):
+            return ("port", "protocol")
+        if len(path) >= 2 and path[-2] in CONTAINER_LISTS:
+            return ("containerPort", "protocol")
+        return None
+    return LIST_KEYS.get(path[-1])
+
+
+def key_value(item, field):
+    # The API server keys ports on the defaulted protocol.
+    return item.get(field, "TCP" if field == "protocol" else None)
+
+
+def item_key(keys, item):
+    """The `k:{...}` member of a list item in fieldsV1: its key fields, as sorted compact JSON."""
+    return "k:" + json.dumps({k: key_value(item, k) for k in keys}, sort_keys=True, separators=(",", ":"))
+
+
+def item_matches(item, want):
+    return isinstance(item, dict) and all(key_value(item, k) == v for k, v in want.items())
+
+
+def keyed(keys, value):
+    return keys is not None and isinstance(value, list) and all(isinstance(i, dict) for i in value)
+
 
 # ---- field sets (managedFields fieldsV1) -------------------------------
 
-def fieldset(value):
+def fieldset(kind, value, path=()):
     """The fieldsV1 set of an applied configuration."""
     out = {}
     for key, child in value.items():
-        out["f:" + key] = child_set(child)
+        out["f:" + key] = child_set(kind, child, path + (key,))
     return out
 
 
-def child_set(child):
+def child_set(kind, child, path):
     if isinstance(child, dict):
-        return fieldset(child) if child else {}
-    if isinstance(child, list) and child and all(isinstance(i, dict) and "name" in i for i in child):
-        return {"k:" + json.dumps({"name": i["name"]}, separators=(",", ":")): {".": {}, **fieldset(i)} for i in child}
+        return fieldset(kind, child, path) if child else {}
+    keys = list_keys(kind, path)
+    if child and keyed(keys, child):
+        # Items of a list item share its path: a container's ports are at (..., "containers", "ports").
+        return {item_key(keys, i): {".": {}, **fieldset(kind, i, path)} for i in child}
     return {}
 
 
 def config_set(config):
     """What an applier owns: all it set, minus the object's identity."""
+    kind = config.get("kind")
     body = {k: v for k, v in config.items() if k not in ("apiVersion", "kind", "metadata", "status")}
     meta = {k: v for k, v in config.get("metadata", {}).items() if k in ("labels", "annotations")}
-    fs = fieldset(body)
+    fs = fieldset(kind, body)
     if meta:
-        fs["f:metadata"] = fieldset(meta)
+        fs["f:metadata"] = fieldset(kind, meta, ("metadata",))
     return fs
 
 
@@ -151,6 +265,16 @@ def leaves(fs, path=()):
             yield from leaves(child, path + (key,))
         else:
             yield path + (key,)
+
+
+def keyed_items(fs, path=()):
+    """The paths of the keyed list items (`k:` members) in a field set."""
+    for key, child in fs.items():
+        if key == ".":
+            continue
+        if key.startswith("k:"):
+            yield path + (key,)
+        yield from keyed_items(child, path + (key,))
 
 
 def has_path(fs, path):
@@ -189,7 +313,7 @@ def value_at(obj, path):
             node = node[key[2:]]
         elif key.startswith("k:"):
             want = json.loads(key[2:])
-            found = [i for i in node or [] if isinstance(i, dict) and all(i.get(k) == v for k, v in want.items())]
+            found = [i for i in node or [] if item_matches(i, want)]
             if not found:
                 return None
             node = found[0]
@@ -207,22 +331,85 @@ def remove_at(obj, path):
         parent.pop(last[2:], None)
     elif last.startswith("k:") and isinstance(parent, list):
         want = json.loads(last[2:])
-        parent[:] = [i for i in parent if not all(i.get(k) == v for k, v in want.items())]
+        parent[:] = [i for i in parent if not item_matches(i, want)]
 
 
-def merge(live, config):
-    """Structured merge: maps by key, lists of named maps by name, else replace."""
+def merge(kind, live, config, path=(), by_key=True):
+    """Structured merge: maps by key, keyed lists item by item, anything else replaced.
+
+    With by_key=False it is a JSON merge patch (RFC 7386) instead: every list
+    is replaced whole, and null deletes (omit_empty drops it afterwards).
+    """
     if isinstance(live, dict) and isinstance(config, dict):
         out = dict(live)
         for key, value in config.items():
-            out[key] = merge(live.get(key), value) if key in live else copy.deepcopy(value)
+            here = path + (key,)
+            out[key] = merge(kind, live[key], value, here, by_key) if key in live else copy.deepcopy(value)
         return out
-    if (isinstance(live, list) and isinstance(config, list) and config
-            and all(isinstance(i, dict) and "name" in i for i in config + live)):
-        by_name = {i["name"]: i for i in live}
-        return [merge(by_name[i["name"]], i) if i["name"] in by_name else copy.deepcopy(i) for i in config] + \
-            [i for i in live if i["name"] not in {c["name"] for c in config}]
+    keys = list_keys(kind, path) if by_key else None
+    if keyed(keys, live) and keyed(keys, config):
+        ident = lambda i: tuple(key_value(i, k) for k in keys)
+        old = {ident(i): i for i in live}
+        sent = {ident(i) for i in config}
+        return [merge(kind, old[ident(i)], i, path, by_key) if ident(i) in old else copy.deepcopy(i)
+                for i in config] + [copy.deepcopy(i) for i in live if ident(i) not in sent]
     return copy.deepcopy(config)
+
+
+# ---- written back the way Go encodes it -------------------------------------
+
+def is_map_field(kind, path):
+    return path[-1] in MAP_FIELDS or (kind == "Service" and path == ("spec", "selector"))
+
+
+def is_zero(value):
+    if isinstance(value, bool):
+        return value is False
+    if isinstance(value, (int, float)):
+        return value == 0
+    return value == "" or value == []
+
+
+def omit_empty(kind, value, path=()):
+    """Drop what Go's omitempty drops when the API server writes an object back.
+
+    false, 0, "" and [] in omitempty fields, and empty maps. An empty struct
+    stays: Go writes a struct (or a non-nil pointer to one) even when it is
+    empty, which is why a real server returns `emptyDir: {}`, `resources: {}`
+    and `securityContext: {}`. Map entries and KEEP_ZERO fields keep zero
+    values; null (a nil pointer, or a merge patch's delete) goes everywhere.
+    """
+    out = {}
+    for key, child in value.items():
+        here = path + (key,)
+        if child is None:
+            continue
+        if here in (("status",), ("metadata", "managedFields")):
+            out[key] = child
+            continue
+        if is_map_field(kind, here) and isinstance(child, dict):
+            entries = {k: v for k, v in child.items() if v is not None}
+            if entries:
+                out[key] = entries
+            continue
+        if isinstance(child, dict):
+            child = omit_empty(kind, child, here)
+        elif isinstance(child, list):
+            child = [omit_empty(kind, i, here) if isinstance(i, dict) else i for i in child]
+        if key in KEEP_ZERO or not is_zero(child):
+            out[key] = child
+    return out
+
+
+def string_data(obj):
+    """A Secret's stringData, as the API server stores it: base64 in data, over what data had."""
+    given = obj.pop("stringData", None)
+    if isinstance(given, dict):
+        data = obj.get("data") or {}
+        for k, v in given.items():
+            if v is not None:
+                data[k] = base64.b64encode(str(v).encode()).decode()
+        obj["data"] = data
 
 
 # ---- defaults a real API server fills in --------------------------------
@@ -298,6 +485,12 @@ def kind_defaults(obj, store, previous):
         obj.setdefault("type", "Opaque")
 
 
+def template_revision(obj):
+    """The name of the revision (ReplicaSet, ControllerRevision) of an object's pod template."""
+    template = obj.get("spec", {}).get("template", {})
+    return obj["metadata"]["name"] + "-" + hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def converge(obj):
     """The controllers' part: rollouts complete, Jobs succeed, Ingresses get an address."""
     kind, meta = obj["kind"], obj["metadata"]
@@ -307,7 +500,7 @@ def converge(obj):
                                          "message": "pods are crash looping"}]}
         return
     spec = obj.get("spec", {})
-    revision = meta["name"] + "-" + hashlib.sha256(json.dumps(spec.get("template", {}), sort_keys=True).encode()).hexdigest()[:10]
+    revision = template_revision(obj)
     n = spec.get("replicas", 1)
     if kind == "StatefulSet":
         obj["status"] = {"observedGeneration": meta["generation"], "replicas": n, "readyReplicas": n,
@@ -316,7 +509,9 @@ def converge(obj):
     elif kind == "Deployment":
         obj["status"] = {"observedGeneration": meta["generation"], "replicas": n, "readyReplicas": n,
                          "updatedReplicas": n, "availableReplicas": n,
-                         "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}]}
+                         "conditions": [available_condition(),
+                                        {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
+                                         "message": f'ReplicaSet "{revision}" has successfully progressed.'}]}
     elif kind == "DaemonSet":
         obj["status"] = {"observedGeneration": meta["generation"], "desiredNumberScheduled": 1,
                          "updatedNumberScheduled": 1, "numberAvailable": 1, "numberReady": 1}
@@ -324,6 +519,91 @@ def converge(obj):
         obj["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
     elif kind == "Ingress":
         obj["status"] = {"loadBalancer": {"ingress": [{"ip": "127.0.0.1"}]}}
+
+
+def available_condition():
+    return {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable",
+            "message": "Deployment has minimum availability."}
+
+
+def annotation_seconds(obj, name):
+    """The seconds in one of the double's annotations, or None when absent or not a positive number."""
+    try:
+        seconds = float(obj["metadata"].get("annotations", {}).get(name))
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds > 0 and math.isfinite(seconds) else None
+
+
+def rolling(obj, started):
+    """A Deployment's status while a new template rolls out, one pod per N seconds; False once done.
+
+    Like the deployment controller with maxSurge 1 and maxUnavailable 0: one
+    new pod comes up beside the old ones, then an old one goes, so for a
+    while updatedReplicas and availableReplicas both reach spec.replicas while
+    an old pod is still serving (status.replicas is one more). Only once all
+    of them are replaced does the status become the converged one.
+    """
+    seconds = annotation_seconds(obj, ROLLOUT_SECONDS)
+    if obj["kind"] != "Deployment" or seconds is None or \
+            obj["metadata"].get("annotations", {}).get(NEVER_READY) == "true":
+        return False
+    want = obj.get("spec", {}).get("replicas", 1)
+    done = math.floor((time.monotonic() - started) / seconds)
+    if done >= want:
+        return False
+    revision = template_revision(obj)
+    obj["status"] = {"observedGeneration": obj["metadata"]["generation"], "replicas": want + 1,
+                     "updatedReplicas": done + 1, "readyReplicas": want, "availableReplicas": want,
+                     "unavailableReplicas": 1,
+                     "conditions": [available_condition(),
+                                    {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated",
+                                     "message": f'ReplicaSet "{revision}" is progressing.'}]}
+    return True
+
+
+# ---- what the API server refuses (422) -------------------------------------
+
+def forbidden(field, detail):
+    return (field, "FieldValueForbidden", f"Forbidden: {detail}")
+
+
+def validate_update(kind, group, name, old, new):
+    """Raise 422 Invalid for changes the API server refuses in place, worded like its validation."""
+    errors = []
+    old_spec, new_spec = old.get("spec", {}), new.get("spec", {})
+    for field in IMMUTABLE.get(kind, ()):
+        if new_spec.get(field) != old_spec.get(field):
+            errors.append(forbidden(f"spec.{field}", "field is immutable"))
+    if kind == "StatefulSet":
+        fixed = lambda spec: {k: v for k, v in spec.items() if k not in STATEFULSET_MUTABLE}
+        if fixed(new_spec) != fixed(old_spec):
+            errors.append(forbidden("spec", "updates to statefulset spec for fields other than 'replicas', "
+                                    "'ordinals', 'template', 'updateStrategy', "
+                                    "'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden"))
+    if kind == "Secret" and new.get("type") != old.get("type"):
+        errors.append(("type", "FieldValueInvalid", f"Invalid value: {json.dumps(new.get('type'))}: field is immutable"))
+    if kind in ("Secret", "ConfigMap") and old.get("immutable") is True:
+        when = "field is immutable when `immutable` is set"
+        if new.get("immutable") is not True:
+            errors.append(forbidden("immutable", when))
+        for field in ("data", "binaryData"):
+            if new.get(field) != old.get(field):
+                errors.append(forbidden(field, when))
+    if errors:
+        raise invalid(kind, group, name, errors)
+
+
+def invalid(kind, group, name, errors):
+    """422 as the API server puts it: `Kind.group "name" is invalid: field: detail` ([a, b] for several)."""
+    qualified = f"{kind}.{group}" if group else kind
+    said = [f"{field}: {detail}" for field, _, detail in errors]
+    message = said[0] if len(said) == 1 else "[" + ", ".join(said) + "]"
+    details = {"name": name, "kind": kind,
+               "causes": [{"reason": reason, "message": detail, "field": field} for field, reason, detail in errors]}
+    if group:
+        details["group"] = group
+    return ApiError(422, "Invalid", f'{qualified} "{name}" is invalid: {message}', details)
 
 
 # ---- the server ----------------------------------------------------------
@@ -394,8 +674,10 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if self.log:
+            # One line a request, method and path first: tests count lines and grep them.
+            agent = self.headers.get("User-Agent") or "-"
             with open(self.log, "a") as f:
-                f.write(f"{method} {self.path}\n")
+                f.write(f"{method} {self.path} user-agent={agent}\n")
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         try:
@@ -431,7 +713,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, "NotFound", f"{res[2]} is {'namespaced' if namespaced else 'cluster-scoped'}")
         key = res + (ns, name)
         if method == "GET" and name is None:
-            items = [copy.deepcopy(o) for k, o in sorted(store.objects.items(), key=lambda kv: str(kv[0]))
+            items = [store.present(k, o) for k, o in sorted(store.objects.items(), key=lambda kv: str(kv[0]))
                      if k[:3] == res and (ns is None or k[3] == ns)
                      and label_match(o["metadata"].get("labels", {}), query.get("labelSelector", ""))
                      and field_match(o, query.get("fieldSelector", ""))]
@@ -445,20 +727,21 @@ class Handler(BaseHTTPRequestHandler):
         if method == "DELETE":
             obj = self.existing(key, res, name)
             if kind != "Namespace":
-                del store.objects[key]
+                store.forget(key)
                 return 200, obj
             # Like the namespace controller: Terminating first, gone (with
-            # everything in it) a moment later.
+            # everything in it) a moment later, or as long as the annotation says.
             if "deletionTimestamp" not in obj["metadata"]:
                 store.objects[key]["metadata"]["deletionTimestamp"] = now()
                 store.objects[key]["status"] = {"phase": "Terminating"}
+                seconds = annotation_seconds(obj, TERMINATING_SECONDS) or NAMESPACE_TERMINATION_SECONDS
 
                 def finish():
                     with store.lock:
-                        store.objects.pop(key, None)
+                        store.forget(key)
                         for k in [k for k in store.objects if k[3] == name]:
-                            del store.objects[k]
-                threading.Timer(NAMESPACE_TERMINATION_SECONDS, finish).start()
+                            store.forget(k)
+                threading.Timer(seconds, finish).start()
             return 200, copy.deepcopy(store.objects[key])
         if method == "POST":
             config = json.loads(body)
@@ -468,7 +751,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(409, "AlreadyExists", f'{res[2]} "{name}" already exists',
                                {"name": name, "kind": res[2]})
             manager = query.get("fieldManager", "kubectl-create")
-            return 201, self.write(key, res, ns, None, config, manager, "Update", force=True, dry=False)
+            return 201, self.write(key, res, ns, None, config, manager, "Update", True, query.get("dryRun") == "All")
         if method == "PATCH":
             ctype = self.headers.get("Content-Type", "")
             manager = query.get("fieldManager")
@@ -486,7 +769,7 @@ class Handler(BaseHTTPRequestHandler):
                 if previous is None:
                     raise ApiError(404, "NotFound", f'{res[2]} "{name}" not found', {"name": name, "kind": res[2]})
                 return 200, self.write(key, res, ns, previous, json.loads(body), manager or "kubectl-patch",
-                                       "Update", True, dry)
+                                       "Update", True, dry, patch=True)
             raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format: {ctype}")
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported")
 
@@ -494,16 +777,18 @@ class Handler(BaseHTTPRequestHandler):
         obj = self.store.objects.get(key)
         if obj is None:
             raise ApiError(404, "NotFound", f'{res[2]} "{name}" not found', {"name": name, "kind": res[2]})
-        return copy.deepcopy(obj)
+        return self.store.present(key, obj)
 
-    def write(self, key, res, ns, previous, config, manager, operation, force, dry):
+    def write(self, key, res, ns, previous, config, manager, operation, force, dry, patch=False):
         store = self.store
         group, version, plural = res
         kind = RESOURCES[res][0]
         if ns is not None and ("", "v1", "namespaces", None, ns) not in store.objects:
             raise ApiError(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"})
         managed = copy.deepcopy((previous or {}).get("metadata", {}).get("managedFields", []))
-        applied = config_set(config)
+        # Computed from what was sent, not what is stored: the applier owns
+        # `f:paused` even though `paused: false` is never written back.
+        applied = config_set({**config, "kind": kind})
         obj = copy.deepcopy(previous) if previous else {"apiVersion": f"{group}/{version}" if group else version,
                                                         "kind": kind, "metadata": {"name": key[4]}}
         # Conflicts: fields another manager owns, set here to another value.
@@ -515,18 +800,19 @@ class Handler(BaseHTTPRequestHandler):
                 if has_path(entry["fieldsV1"], path) and value_at(obj, path) != value_at(config, path):
                     conflicts.append((entry["manager"], path))
         if conflicts and operation == "Apply" and not force:
-            causes = [{"type": "FieldManagerConflict",
+            causes = [{"reason": "FieldManagerConflict",
                        "message": f'conflict with "{m}": ' + ".".join(p[2:] for p in path), "field": ".".join(p[2:] for p in path)}
                       for m, path in conflicts]
             raise ApiError(409, "Conflict", f"Apply failed with {len(conflicts)} conflict(s)", {"causes": causes,
                            "name": key[4], "kind": plural})
-        # Fields this applier set before and no longer sets (and nobody else owns) are removed.
+        # What this applier set before and no longer sets (and nobody else
+        # owns) is removed: whole list items first, then single fields.
         if operation == "Apply":
             mine = next((e for e in managed if e["manager"] == manager and e["operation"] == "Apply"), None)
             if mine:
-                for path in leaves(mine["fieldsV1"]):
-                    others = any(has_path(e["fieldsV1"], path) for e in managed if e is not mine)
-                    if not has_path(applied, path) and not others:
+                others = [e["fieldsV1"] for e in managed if e is not mine]
+                for path in list(keyed_items(mine["fieldsV1"])) + list(leaves(mine["fieldsV1"])):
+                    if not has_path(applied, path) and not any(has_path(fs, path) for fs in others):
                         remove_at(obj, path)
         # Ownership moves to the writer.
         for entry in managed:
@@ -537,35 +823,47 @@ class Handler(BaseHTTPRequestHandler):
                     drop_path(entry["fieldsV1"], path)
         managed = [e for e in managed if e["manager"] != manager or e["operation"] != operation]
         managed = [e for e in managed if [k for k in e["fieldsV1"] if k != "."]]
-        old_spec = json.dumps((previous or {}).get("spec"), sort_keys=True)
-        merged = merge(obj, {k: v for k, v in config.items() if k != "status"})
+        merged = merge(kind, obj, {k: v for k, v in config.items() if k != "status"}, by_key=not patch)
         merged["metadata"]["name"] = key[4]
         managed.append({"manager": manager, "operation": operation,
                         "apiVersion": merged["apiVersion"], "time": now(),
                         "fieldsType": "FieldsV1", "fieldsV1": applied})
+        if kind == "Secret":
+            string_data(merged)
         kind_defaults(merged, store, previous)
-        for field in IMMUTABLE.get(kind, ()) if previous else ():
-            if merged.get("spec", {}).get(field) != previous.get("spec", {}).get(field):
-                raise ApiError(422, "Invalid",
-                               f'{kind} "{key[4]}" is invalid: spec.{field}: Forbidden: field is immutable',
-                               {"name": key[4], "kind": plural,
-                                "causes": [{"type": "FieldValueForbidden", "field": f"spec.{field}"}]})
-        if ns is not None and "deletionTimestamp" in store.objects.get(("", "v1", "namespaces", None, ns), {}).get("metadata", {}):
+        if kind not in UNTYPED:
+            merged = omit_empty(kind, merged)
+        # Both sides defaulted and written back the same way, so the same
+        # configuration applied again is never refused.
+        if previous:
+            validate_update(kind, group, key[4], previous, merged)
+        # The namespace lifecycle admission refuses creates only: updates of
+        # what is already in a Terminating namespace go through.
+        elif ns is not None and "deletionTimestamp" in store.objects.get(("", "v1", "namespaces", None, ns), {}).get("metadata", {}):
             raise ApiError(403, "Forbidden", f'{plural} "{key[4]}" is forbidden: unable to create new content in namespace {ns} because it is being terminated')
         meta_defaults(merged, ns, store)
         merged["metadata"]["managedFields"] = managed
         generation = (previous or {}).get("metadata", {}).get("generation", 0)
-        if previous is None or json.dumps(merged.get("spec"), sort_keys=True) != old_spec:
+        if previous is None or merged.get("spec") != previous.get("spec"):
             generation += 1
         merged["metadata"]["generation"] = max(generation, 1)
         if kind in WORKLOADS + ("Ingress",):
             converge(merged)
+        # A Deployment rolls out again when its pod template changes (not on create).
+        started = None
+        if kind == "Deployment" and previous and \
+                merged.get("spec", {}).get("template") != previous.get("spec", {}).get("template"):
+            started = time.monotonic()
         if dry:
-            return merged
+            return store.present(key, merged, started)
         store.objects[key] = merged
+        if started is not None:
+            store.rollouts[key] = started
+        elif previous is None:
+            store.rollouts.pop(key, None)
         if merged["metadata"].get("annotations", {}).get(NEVER_READY) == "true":
             self.event(ns, merged, "Warning", "BackOff", "Back-off restarting failed container (kube-api-double never-ready)")
-        return copy.deepcopy(merged)
+        return store.present(key, merged)
 
     def event(self, ns, obj, type_, reason, message):
         store = self.store

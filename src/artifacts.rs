@@ -1,0 +1,154 @@
+//! The files a stack makes besides its state, behind one store: its SSH key,
+//! the nodes' pinned host keys, the cluster's kubeconfig, the stack CA's
+//! certificate and the known_hosts file `stack ssh` hands to OpenSSH.
+//!
+//! They live next to the state (`.stack/`), where users point kubectl and
+//! ssh at them. Every read, write and removal goes through here, so `down`
+//! can remove all of them at once and a second backend can carry them with
+//! the state (and put them back in place on another machine) later.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::files::{failed, write_private, FileError};
+
+/// One file of a stack's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Artifact {
+    /// The stack's ed25519 key (OpenSSH form, mode 0600).
+    SshKey,
+    SshPublicKey,
+    /// The host key `stack` generated for a node, by hostname.
+    HostKey(String),
+    /// The pinned host keys as OpenSSH reads them.
+    KnownHosts,
+    /// The kubeconfig of the cluster the stack made.
+    Kubeconfig,
+    /// The stack CA's certificate, for users to trust.
+    CaCertificate,
+}
+
+/// A stack's artifacts on this machine.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    dir: PathBuf,
+    stack: String,
+}
+
+impl Artifacts {
+    /// The artifacts of `stack` in `dir` (the state folder).
+    pub fn new(dir: &Path, stack: &str) -> Artifacts {
+        Artifacts {
+            dir: dir.to_path_buf(),
+            stack: stack.to_string(),
+        }
+    }
+
+    /// The stack these are the artifacts of.
+    pub fn stack(&self) -> &str {
+        &self.stack
+    }
+
+    /// `.stack/NAME/hosts`: the nodes' host keys.
+    fn hosts_dir(&self) -> PathBuf {
+        self.dir.join(&self.stack).join("hosts")
+    }
+
+    /// Where the artifact is on this machine.
+    pub fn path(&self, artifact: &Artifact) -> PathBuf {
+        let stack = &self.stack;
+        match artifact {
+            Artifact::SshKey => self.dir.join(format!("{stack}.id_ed25519")),
+            Artifact::SshPublicKey => self.dir.join(format!("{stack}.id_ed25519.pub")),
+            Artifact::HostKey(host) => self.hosts_dir().join(format!("{host}_ed25519")),
+            Artifact::KnownHosts => self.hosts_dir().join("known_hosts"),
+            Artifact::Kubeconfig => self.dir.join(format!("{stack}.kubeconfig")),
+            Artifact::CaCertificate => self.dir.join(format!("{stack}-ca.crt")),
+        }
+    }
+
+    /// The artifact's bytes; `None` when there is none.
+    pub fn read(&self, artifact: &Artifact) -> Result<Option<Vec<u8>>, FileError> {
+        let path = self.path(artifact);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(failed("read", &path)(err)),
+        }
+    }
+
+    /// Writes the artifact whole (a temporary file, fsynced, renamed into
+    /// place), mode 0600.
+    pub fn write(&self, artifact: &Artifact, data: &[u8]) -> Result<(), FileError> {
+        let path = self.path(artifact);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(failed("create the folder of", &path))?;
+        }
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        write_private(&tmp, data).map_err(failed("write", &tmp))?;
+        fs::rename(&tmp, &path).map_err(failed("write", &path))
+    }
+
+    pub fn remove(&self, artifact: &Artifact) -> Result<(), FileError> {
+        let path = self.path(artifact);
+        match fs::remove_file(&path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(failed("remove", &path)(err))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes every artifact of the stack (after `down`), and the stack's
+    /// folder if nothing else is left in it.
+    pub fn remove_all(&self) -> Result<(), FileError> {
+        for artifact in [
+            Artifact::SshKey,
+            Artifact::SshPublicKey,
+            Artifact::Kubeconfig,
+            Artifact::CaCertificate,
+        ] {
+            self.remove(&artifact)?;
+        }
+        let hosts = self.hosts_dir();
+        match fs::remove_dir_all(&hosts) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                return Err(failed("remove", &hosts)(err))
+            }
+            _ => {}
+        }
+        let _ = fs::remove_dir(self.dir.join(&self.stack));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn written_private_and_all_removed_with_the_stack_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let artifacts = Artifacts::new(dir.path(), "demo");
+        artifacts.write(&Artifact::Kubeconfig, b"k").unwrap();
+        artifacts
+            .write(&Artifact::HostKey("demo-a-0".into()), b"h")
+            .unwrap();
+        let path = artifacts.path(&Artifact::HostKey("demo-a-0".into()));
+        assert_eq!(path, dir.path().join("demo/hosts/demo-a-0_ed25519"));
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            artifacts.read(&Artifact::Kubeconfig).unwrap(),
+            Some(b"k".to_vec())
+        );
+        artifacts.remove_all().unwrap();
+        assert_eq!(artifacts.read(&Artifact::Kubeconfig).unwrap(), None);
+        assert!(!dir.path().join("demo").exists());
+    }
+}

@@ -1,0 +1,126 @@
+//! The command line: every flag and subcommand of `stack`, in one place;
+//! the help text is their doc comments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Declarative environments: VMs, microk8s, database clusters, ingress and
+/// monitoring from one YAML stack file.
+#[derive(Debug, Parser)]
+#[command(name = "stack", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// How results are printed on stdout.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    /// More logs on stderr: -v info, -vv debug, -vvv trace (RUST_LOG also works).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Parse and check a stack file; report every error with file:line:column.
+    Validate(FileArgs),
+    /// Refresh what exists and show what `up` would change, drift included.
+    Plan(PlanArgs),
+    /// Plan, then apply that plan; idempotent, resumes after an interruption.
+    Up(ApplyArgs),
+    /// Remove everything the stack made, then check that nothing is left.
+    Down(ApplyArgs),
+    /// Show the nodes, their addresses, the kubeconfig and where the key and state files are.
+    Status(FileArgs),
+    /// Print the path of the stack's kubeconfig, or merge it into your kubeconfig.
+    Kubeconfig(KubeconfigArgs),
+    /// Open a shell on a node (or run a command) with OpenSSH, trusting only its pinned host key.
+    Ssh(SshArgs),
+    /// Run the frame switch of a stack's private network (started by `up`).
+    #[command(name = "__switch", hide = true)]
+    Switch { socket: PathBuf },
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// `[FILE] NODE`: the stack file (default `stack.yaml`), then the node:
+    /// `control-0`, its hostname, or its address `kvm.vm.control[0]`.
+    #[arg(value_name = "[FILE] NODE", num_args = 1..=2, required = true)]
+    pub target: Vec<String>,
+
+    /// A command to run instead of a shell.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+impl SshArgs {
+    /// The stack file and the node.
+    pub fn file_and_node(&self) -> (PathBuf, &str) {
+        let node = self.target.last().map_or("", String::as_str);
+        let file = match self.target.as_slice() {
+            [file, _] => PathBuf::from(file),
+            _ => PathBuf::from("stack.yaml"),
+        };
+        (file, node)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FileArgs {
+    /// The stack file.
+    #[arg(default_value = "stack.yaml")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+
+    /// Exit 0 when there is nothing to do, 2 when there are changes or drift, 1 on error.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+
+    /// Plan the removal of everything (what `down` would do).
+    #[arg(long, conflicts_with = "refresh_only")]
+    pub destroy: bool,
+
+    /// Only report drift of the live world from what was last applied, no
+    /// changes made in the stack file (for scheduled checks).
+    #[arg(long)]
+    pub refresh_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KubeconfigArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+
+    /// Merge the cluster, user and a context named after the stack into
+    /// $KUBECONFIG (its first file) or ~/.kube/config, and make it current.
+    #[arg(long)]
+    pub merge: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+
+    /// Apply without asking; needed where `stack` cannot ask (no terminal,
+    /// or `--output json`).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+
+    /// How many independent changes may run at once.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallelism: u16,
+}

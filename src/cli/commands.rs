@@ -1,0 +1,293 @@
+//! One thin function per subcommand: open the stack's session, plan, show,
+//! confirm, apply, show. What they print is in `view`, how progress looks
+//! in `progress`.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::args::{ApplyArgs, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, SshArgs};
+use super::progress::Progress;
+use super::{prompt, view};
+use crate::artifacts::Artifact;
+use crate::engine::{plan, Access, ApplyOptions, Cancel, Events, Mode, Plan};
+use crate::model::{self, LoadError};
+use crate::phases;
+
+/// Exit code of `plan --detailed-exitcode` when there is something to do.
+const EXIT_CHANGES: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("no node `{node}` in stack {stack}{}: `stack status` lists the nodes", if known.is_empty() { " (none is running: run `stack up`)".to_string() } else { format!(" (it has {})", known.join(", ")) })]
+    NoSuchNode {
+        node: String,
+        stack: String,
+        known: Vec<String>,
+    },
+    #[error("down finished but these of stack {stack} are still there:\n{}", left.join("\n"))]
+    Leftovers { stack: String, left: Vec<String> },
+    #[error("stack {stack} has no kubeconfig yet ({}): run `stack up`", path.display())]
+    NoKubeconfig {
+        stack: String,
+        path: std::path::PathBuf,
+    },
+    #[error("stack {0} has no Kubernetes cluster (no `kubernetes` section)")]
+    NoCluster(String),
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON serialises")
+    );
+}
+
+/// One JSON line on stdout (the stream of `up` and `down`).
+fn print_line(value: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+fn show_plan(plan: &Plan, json: bool) {
+    if json {
+        print_line(&json!({"type": "plan", "plan": plan::to_json(plan)}));
+    } else {
+        print!("{}", view::plan(plan));
+        let _ = std::io::stdout().flush();
+    }
+}
+
+pub fn validate(args: &FileArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
+    match model::load(&args.file) {
+        Ok(stack) => {
+            match output {
+                OutputFormat::Json => {
+                    print_json(&json!({"valid": true, "stack": stack.name, "diagnostics": []}))
+                }
+                OutputFormat::Text => {
+                    println!("{}: valid stack `{}`", args.file.display(), stack.name)
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(LoadError::Invalid { diagnostics, .. }) if output == OutputFormat::Json => {
+            print_json(&json!({"valid": false, "diagnostics": diagnostics}));
+            Ok(ExitCode::FAILURE)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+pub async fn plan(
+    args: &PlanArgs,
+    output: OutputFormat,
+    cancel: &Cancel,
+) -> anyhow::Result<ExitCode> {
+    let stack = model::load(&args.file.file)?;
+    let mode = match (args.destroy, args.refresh_only) {
+        (true, _) => Mode::Destroy,
+        (_, true) => Mode::RefreshOnly,
+        _ => Mode::Normal,
+    };
+    if mode != Mode::Destroy {
+        stack.check_built()?;
+    }
+    let json = output == OutputFormat::Json;
+    let events = if json {
+        Events::discard()
+    } else {
+        Events::new(Arc::new(Progress::new(false)))
+    };
+    let session = phases::open(&stack, Access::Write).await?;
+    let plan = session.plan(mode, cancel, &events).await?;
+    if json {
+        print_json(&plan::to_json(&plan));
+    } else {
+        show_plan(&plan, false);
+    }
+    if args.detailed_exitcode && !plan.is_empty() {
+        return Ok(ExitCode::from(EXIT_CHANGES));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn up(
+    args: &ApplyArgs,
+    output: OutputFormat,
+    cancel: &Cancel,
+) -> anyhow::Result<ExitCode> {
+    let stack = model::load(&args.file.file)?;
+    stack.check_built()?;
+    let json = output == OutputFormat::Json;
+    let events = Events::new(Arc::new(Progress::new(json)));
+    let mut session = phases::open(&stack, Access::Write).await?;
+    let plan = session.plan(Mode::Normal, cancel, &events).await?;
+    show_plan(&plan, json);
+    if !plan.is_empty() {
+        prompt::confirm(args.yes, json, "Apply this plan?", "apply it", cancel).await?;
+    }
+    let options = ApplyOptions {
+        parallelism: usize::from(args.parallelism),
+    };
+    let applied = session.apply(&plan, &options, cancel, &events).await?;
+    if json {
+        print_line(&json!({"type": "applied", "summary": plan.summary, "applied": applied}));
+    } else {
+        println!("{}", view::applied(&plan, &applied.state_location));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn down(
+    args: &ApplyArgs,
+    output: OutputFormat,
+    cancel: &Cancel,
+) -> anyhow::Result<ExitCode> {
+    let stack = model::load(&args.file.file)?;
+    let json = output == OutputFormat::Json;
+    let events = Events::new(Arc::new(Progress::new(json)));
+    let mut session = phases::open(&stack, Access::Write).await?;
+    let plan = session.plan(Mode::Destroy, cancel, &events).await?;
+    show_plan(&plan, json);
+    if !plan.is_empty() {
+        prompt::confirm(
+            args.yes,
+            json,
+            "Destroy everything of this stack?",
+            "destroy it",
+            cancel,
+        )
+        .await?;
+    }
+    let options = ApplyOptions {
+        parallelism: usize::from(args.parallelism),
+    };
+    let applied = session.apply(&plan, &options, cancel, &events).await?;
+    let remains = session.leftovers(cancel).await?;
+    if !remains.left.is_empty() {
+        return Err(CommandError::Leftovers {
+            stack: stack.name.clone(),
+            left: remains.left,
+        }
+        .into());
+    }
+    session.forget_artifacts()?;
+    if json {
+        print_line(&json!({
+            "type": "applied",
+            "summary": plan.summary,
+            "applied": applied,
+            "left": remains.left,
+            "checked": remains.checked,
+        }));
+    } else {
+        println!("{}", view::applied(&plan, &applied.state_location));
+        for sentence in &remains.checked {
+            println!("{sentence}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn status(
+    args: &FileArgs,
+    output: OutputFormat,
+    cancel: &Cancel,
+) -> anyhow::Result<ExitCode> {
+    let stack = model::load(&args.file)?;
+    let session = phases::open(&stack, Access::Read).await?;
+    let status = session.status(cancel).await?;
+    match output {
+        OutputFormat::Json => {
+            print_json(&serde_json::to_value(&status).expect("status serialises"))
+        }
+        OutputFormat::Text => print!("{}", view::status(&status)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the stack's kubeconfig path, or merges it into the user's.
+pub fn kubeconfig(args: &KubeconfigArgs) -> anyhow::Result<ExitCode> {
+    let stack = model::load(&args.file.file)?;
+    let (path, _) =
+        phases::kubeconfig(&stack)?.ok_or_else(|| CommandError::NoCluster(stack.name.clone()))?;
+    if !path.exists() {
+        return Err(CommandError::NoKubeconfig {
+            stack: stack.name.clone(),
+            path,
+        }
+        .into());
+    }
+    if !args.merge {
+        println!("{}", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let target = crate::kubeconfig::merge_into_users(&path)?;
+    println!(
+        "merged context `{}` into {} and made it current",
+        target.context,
+        target.file.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens a shell (or runs a command) on a node with OpenSSH, trusting only
+/// the node's pinned host key.
+pub async fn ssh(args: &SshArgs, cancel: &Cancel) -> anyhow::Result<ExitCode> {
+    let (file, node) = args.file_and_node();
+    let stack = model::load(Path::new(&file))?;
+    let session = phases::open(&stack, Access::Read).await?;
+    let status = session.status(cancel).await?;
+    let access = status
+        .nodes
+        .iter()
+        .filter_map(|n| n.ssh.as_ref())
+        .find(|a| a.names.iter().any(|name| name == node))
+        .ok_or_else(|| CommandError::NoSuchNode {
+            node: node.to_string(),
+            stack: stack.name.clone(),
+            known: status
+                .nodes
+                .iter()
+                .filter_map(|n| n.ssh.as_ref()?.names.get(1).cloned())
+                .collect(),
+        })?;
+    let host = if access.port == 22 {
+        access.host.clone()
+    } else {
+        format!("[{}]:{}", access.host, access.port)
+    };
+    let artifacts = session.artifacts();
+    artifacts.write(
+        &Artifact::KnownHosts,
+        format!("{host} {}\n", access.host_key).as_bytes(),
+    )?;
+    let status = std::process::Command::new("ssh")
+        .arg("-i")
+        .arg(artifacts.path(&Artifact::SshKey))
+        .args(["-p", &access.port.to_string()])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            artifacts.path(&Artifact::KnownHosts).display()
+        ))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .arg(format!("{}@{}", access.user, access.host))
+        .args(&args.command)
+        .status()
+        .context("cannot run ssh (install OpenSSH's client)")?;
+    Ok(ExitCode::from(status.code().unwrap_or(255) as u8))
+}

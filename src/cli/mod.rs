@@ -1,0 +1,54 @@
+//! The command-line layer: the clap definitions (`args`), one thin function
+//! per subcommand over the library (`commands`), what they print (`view`),
+//! the progress renderer (`progress`), the confirmation prompt (`prompt`)
+//! and the signals that feed the cancellation token (`signals`). Nothing
+//! below this layer reads stdin, draws progress or handles signals.
+
+pub mod args;
+mod commands;
+mod progress;
+mod prompt;
+mod signals;
+mod view;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::engine::Cancel;
+pub use args::{Cli, Command, OutputFormat};
+
+/// Runs the command; `cancel` is the run's token, which SIGINT and SIGTERM feed.
+pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
+    let output = cli.output;
+    if !matches!(cli.command, Command::Switch { .. }) {
+        signals::watch(cancel).context("cannot listen for SIGINT and SIGTERM")?;
+    }
+    match cli.command {
+        Command::Validate(args) => commands::validate(&args, output),
+        Command::Plan(args) => commands::plan(&args, output, cancel).await,
+        Command::Up(args) => commands::up(&args, output, cancel).await,
+        Command::Down(args) => commands::down(&args, output, cancel).await,
+        Command::Status(args) => commands::status(&args, output, cancel).await,
+        Command::Kubeconfig(args) => commands::kubeconfig(&args),
+        Command::Ssh(args) => commands::ssh(&args, cancel).await,
+        Command::Switch { socket } => {
+            crate::phases::infra::kvm::switch::serve(&socket)
+                .await
+                .with_context(|| format!("the switch on {} stopped", socket.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The exit code of a run that failed: 130 or 143 when a signal stopped
+/// it, 2 when it could not ask for the approval it needed, else 1.
+pub fn failure_code(err: &anyhow::Error, cancel: &Cancel) -> u8 {
+    if let Some(reason) = cancel.reason() {
+        return signals::exit_code(reason);
+    }
+    match err.downcast_ref::<prompt::PromptError>() {
+        Some(prompt::PromptError::CannotAsk { .. }) => 2,
+        _ => 1,
+    }
+}

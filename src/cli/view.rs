@@ -1,0 +1,248 @@
+//! What the commands print on stdout for people: plans with drift shown
+//! apart from intended changes, the status of a stack, and what an apply
+//! did. Sensitive values are redacted before anything is shown.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use crate::engine::{Change, Mode, Plan, Status};
+
+fn show(value: Option<&Value>) -> String {
+    match value {
+        None => "(none)".to_string(),
+        Some(Value::String(s)) => format!("{s:?}"),
+        Some(Value::Array(items)) => {
+            let items: Vec<String> = items.iter().map(|v| show(Some(v))).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Some(other) => other.to_string(),
+    }
+}
+
+fn render_change(out: &mut String, change: &Change) {
+    let change = change.redacted();
+    let id = change
+        .id
+        .as_deref()
+        .map(|id| format!(" ({id})"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  {:<3} {}{id}",
+        change.action.symbol(),
+        change.address
+    );
+    if let Some(step) = &change.step {
+        let _ = writeln!(
+            out,
+            "        step {} of {}: {}",
+            step.number, step.of, step.description
+        );
+    }
+    if let Some(stage) = change.stage.as_ref().filter(|s| s.of > 1) {
+        let _ = writeln!(
+            out,
+            "        stage {} of {}: {}",
+            stage.number, stage.of, stage.name
+        );
+    }
+    let _ = writeln!(out, "        {}", change.reason);
+    for field in &change.fields {
+        let path = field.path.to_string();
+        if let (Some(Value::Array(live)), Some(Value::Array(want))) =
+            (&field.observed, &field.after)
+        {
+            for item in live.iter().filter(|i| !want.contains(i)) {
+                let _ = writeln!(out, "        {path}: - {}", show(Some(item)));
+            }
+            for item in want.iter().filter(|i| !live.contains(i)) {
+                let _ = writeln!(out, "        {path}: + {}", show(Some(item)));
+            }
+            continue;
+        }
+        let mut line = format!(
+            "        {path}: {} → {}",
+            show(field.observed.as_ref()),
+            show(field.after.as_ref())
+        );
+        if field.drift {
+            let _ = write!(line, "   (last applied: {})", show(field.before.as_ref()));
+        }
+        let _ = writeln!(out, "{line}");
+    }
+}
+
+/// The plan for people: drift apart from intended changes, then totals.
+pub fn plan(plan: &Plan) -> String {
+    let mut out = String::new();
+    let (drift, intended): (Vec<&Change>, Vec<&Change>) =
+        plan.changes.iter().partition(|c| c.drift);
+    if !drift.is_empty() {
+        let _ = writeln!(
+            out,
+            "Drift: the live world differs from what stack last applied"
+        );
+        for change in &drift {
+            render_change(&mut out, change);
+        }
+        out.push('\n');
+    }
+    if !intended.is_empty() {
+        let heading = match plan.mode {
+            Mode::Destroy => "Destroy",
+            Mode::Normal | Mode::RefreshOnly => "Changes",
+        };
+        let _ = writeln!(out, "{heading}:");
+        for change in &intended {
+            render_change(&mut out, change);
+        }
+        out.push('\n');
+    }
+    if !plan.adopt.is_empty() {
+        let names: Vec<&str> = plan.adopt.iter().map(|o| o.address.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "Found by tag, to be recorded in state: {}",
+            names.join(", ")
+        );
+    }
+    if !plan.forget.is_empty() {
+        let _ = writeln!(
+            out,
+            "Recorded but gone, to be dropped from state: {}",
+            plan.forget.join(", ")
+        );
+    }
+    for note in &plan.notes {
+        let _ = writeln!(out, "Note: {note}");
+    }
+    let s = plan.summary;
+    match (plan.is_empty(), plan.mode) {
+        (true, Mode::RefreshOnly) => {
+            let _ = writeln!(out, "No drift: the live world is as stack last applied it.");
+        }
+        (true, _) => {
+            let _ = writeln!(out, "No changes: the live world matches the stack.");
+        }
+        (false, Mode::RefreshOnly) => {
+            let _ = writeln!(
+                out,
+                "Drift: {} resource{} differ from what stack last applied (`stack up` repairs {}).",
+                s.drift,
+                if s.drift == 1 { "" } else { "s" },
+                if s.drift == 1 { "it" } else { "them" }
+            );
+        }
+        (false, _) => {
+            let _ = writeln!(
+                out,
+                "Plan: {} to create, {} to update, {} to replace, {} to delete ({} repairing drift).",
+                s.create, s.update, s.replace, s.delete, s.drift
+            );
+        }
+    }
+    out
+}
+
+/// What an apply did, in one line.
+pub fn applied(plan: &Plan, state: &str) -> String {
+    let s = plan.summary;
+    format!(
+        "Applied: {} created, {} updated, {} replaced, {} deleted. State: {state}",
+        s.create, s.update, s.replace, s.delete
+    )
+}
+
+/// `stack status` for people.
+pub fn status(status: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "stack {} ({})", status.stack, status.provider);
+    match status.state_serial {
+        Some(serial) => {
+            let _ = writeln!(
+                out,
+                "state:   {} (serial {serial}, {} resources)",
+                status.state_file, status.recorded_resources
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "state:   {} (none yet: run `stack up`)",
+                status.state_file
+            );
+        }
+    }
+    match (&status.ssh_key, &status.ssh_user) {
+        (Some(key), Some(user)) => {
+            let _ = writeln!(out, "ssh key: {} (user {user})", key.display());
+        }
+        (Some(key), None) => {
+            let _ = writeln!(out, "ssh key: {}", key.display());
+        }
+        (None, _) => {
+            let _ = writeln!(out, "ssh key: none yet");
+        }
+    }
+    match (&status.kubeconfig, &status.context) {
+        (Some(path), Some(context)) => {
+            let _ = writeln!(
+                out,
+                "kubeconfig: {} (context {context}; `stack kubeconfig --merge` adds it to yours)",
+                path.display()
+            );
+        }
+        _ if status.cluster => {
+            let _ = writeln!(out, "kubeconfig: none yet (run `stack up`)");
+        }
+        _ => {}
+    }
+    if let Some(ca) = &status.ca_certificate {
+        let _ = writeln!(
+            out,
+            "CA certificate: {} (trust it to reach the endpoints)",
+            ca.display()
+        );
+    }
+    if !status.endpoints.is_empty() {
+        let _ = writeln!(out, "endpoints:");
+        for endpoint in &status.endpoints {
+            let _ = writeln!(out, "  {}: {}", endpoint.name, endpoint.url);
+        }
+    }
+    if let Some(grafana) = &status.grafana {
+        let _ = writeln!(out, "grafana: {grafana}");
+    }
+    if status.nodes.is_empty() {
+        let _ = writeln!(out, "no nodes");
+    } else {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<28} {:<21} {:<9} {:<16} {:<16}",
+            "NODE", "ID", "STATE", "PUBLIC", "PRIVATE"
+        );
+        for node in &status.nodes {
+            let _ = writeln!(
+                out,
+                "{:<28} {:<21} {:<9} {:<16} {:<16}",
+                node.address,
+                node.id,
+                node.state,
+                node.public_address.as_deref().unwrap_or("-"),
+                node.private_address.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rendered_plan_snapshot() {
+        let plan = crate::engine::plan::fixtures::example_plan();
+        insta::assert_snapshot!(super::plan(&plan));
+    }
+}

@@ -1,0 +1,343 @@
+//! The resolved stack: what the planner and the phases use, every default
+//! filled in. Everything else in `model` turns a file into one of these.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::values::{ByteSize, ImageRef};
+
+/// A resolved stack: every default filled in.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stack {
+    pub name: String,
+    /// The stack file this came from.
+    pub file: PathBuf,
+    /// `None` for a stack that only deploys to an existing cluster.
+    pub provider: Option<Provider>,
+    pub network: Network,
+    pub nodes: Vec<NodeGroup>,
+    pub kubernetes: Option<Kubernetes>,
+    pub databases: Vec<Database>,
+    pub ingress: Option<Ingress>,
+    pub monitoring: Option<Monitoring>,
+    pub upgrades: Option<Upgrades>,
+    pub timeouts: Timeouts,
+    pub tags: BTreeMap<String, String>,
+    /// Sections present in the file whose behaviour is not built yet, with
+    /// the position they were written at (`file:line:column`).
+    pub unbuilt: Vec<UnbuiltSection>,
+}
+
+/// A stack that uses what this build does not make yet.
+#[derive(Debug, thiserror::Error)]
+#[error("{} uses what this version of stack does not build yet:\n{}\nremove {} to plan and apply the rest", file.display(), sections.join("\n"), if sections.len() == 1 { "it" } else { "them" })]
+pub struct NotBuilt {
+    pub file: PathBuf,
+    pub sections: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UnbuiltSection {
+    pub path: String,
+    pub location: String,
+    pub what: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Provider {
+    Ec2(Ec2Settings),
+    Kvm(KvmSettings),
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ec2Settings {
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub endpoint: Option<String>,
+    pub vpc_id: Option<String>,
+    pub subnet_id: Option<String>,
+    pub ami: Option<String>,
+    pub instance_type: String,
+    pub ssh_user: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KvmSettings {
+    pub accel: Accel,
+    pub ssh_user: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Network {
+    /// Private network of a KVM stack.
+    pub cidr: Option<ipnet::IpNet>,
+    /// Who may reach SSH and the Kubernetes API.
+    pub allowed_cidrs: Vec<ipnet::IpNet>,
+    /// Who may reach HTTP and HTTPS ingress.
+    pub ingress_cidrs: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Control,
+    Worker,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeGroup {
+    pub name: String,
+    pub count: u32,
+    pub role: Role,
+    pub disk: ByteSize,
+    /// EC2 only.
+    pub instance_type: Option<String>,
+    /// EC2 only.
+    pub ami: Option<String>,
+    /// EC2 only.
+    pub subnet_id: Option<String>,
+    /// KVM only.
+    pub cpus: Option<u32>,
+    /// KVM only.
+    pub memory: Option<ByteSize>,
+    /// KVM only.
+    pub image: Option<BaseImage>,
+    /// Extra commands cloud-init runs once at first boot.
+    pub runcmd: Vec<String>,
+    /// The group's own user-data template (handlebars), in place of the built-in one.
+    pub user_data: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BaseImage {
+    /// Downloaded once into the image cache and checked against `sha256`.
+    /// With `kernel` and `initrd` (local files) it is a root file system
+    /// booted directly, as with `Path`.
+    Url {
+        url: String,
+        sha256: String,
+        kernel: Option<PathBuf>,
+        initrd: Option<PathBuf>,
+    },
+    /// A local disk image; with `kernel` and `initrd` it is a root file
+    /// system booted directly.
+    Path {
+        path: PathBuf,
+        kernel: Option<PathBuf>,
+        initrd: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Addon {
+    Dns,
+    Storage,
+    Ingress,
+    Monitoring,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    Hostpath,
+    Openebs,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Kubernetes {
+    pub channel: String,
+    pub addons: Vec<Addon>,
+    pub storage: StorageKind,
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    /// Where the stack's own objects go (default: the stack's name).
+    pub namespace: String,
+    /// The user's manifest files and folders, resolved against the stack file's folder.
+    pub manifests: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseKind {
+    Couchdb,
+    Allegrograph,
+    Immudb,
+}
+
+impl DatabaseKind {
+    pub fn default_image(self) -> &'static str {
+        match self {
+            DatabaseKind::Couchdb => "couchdb:3.5.1",
+            DatabaseKind::Allegrograph => "franzinc/agraph:v8.4.0",
+            DatabaseKind::Immudb => "codenotary/immudb:1.11.0",
+        }
+    }
+
+    pub fn default_replicas(self) -> u32 {
+        match self {
+            DatabaseKind::Couchdb => 3,
+            DatabaseKind::Allegrograph => 2,
+            DatabaseKind::Immudb => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpgradePolicy {
+    None,
+    Patch,
+    Minor,
+    Major,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Database {
+    pub kind: DatabaseKind,
+    pub name: String,
+    pub image: ImageRef,
+    /// CouchDB and AllegroGraph: cluster members; immudb: read replicas.
+    pub replicas: u32,
+    pub storage: ByteSize,
+    pub upgrade: UpgradePolicy,
+    /// AllegroGraph only.
+    pub shm_size: Option<ByteSize>,
+    /// AllegroGraph only.
+    pub repository: Option<String>,
+    /// CouchDB only: continuous replications to set up.
+    pub replications: Vec<Replication>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Replication {
+    pub source: String,
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TlsSource {
+    StackCa,
+    Secret(String),
+    Issuer(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TcpExposure {
+    NodePort,
+    EntryPoint,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ingress {
+    pub domain: String,
+    pub tls: TlsSource,
+    pub class_name: Option<String>,
+    pub tcp: TcpExposure,
+    /// Services of the user's manifests to expose (databases bring their own).
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+/// A service port reachable from outside the cluster: HTTP through the
+/// ingress at `name.domain`, TCP as the stack's `tcp` setting says.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub name: String,
+    pub service: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Monitoring {
+    pub service_monitors: bool,
+    pub dashboards: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Upgrades {
+    pub schedule: String,
+    pub health_timeout: Duration,
+    pub rollback: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// How long an instance or VM may take to reach `running`.
+    pub running: Duration,
+    /// How long deleting an instance or VM may take.
+    pub delete: Duration,
+    /// How long a VM may take from start to SSH and cloud-init done.
+    pub ready: Duration,
+    /// How long a stage's Kubernetes objects may take to become ready, or to be gone.
+    pub healthy: Duration,
+}
+
+impl Stack {
+    /// The folder holding this stack's state, key and lock: `.stack` next to the file.
+    pub fn state_dir(&self) -> PathBuf {
+        self.file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+            .join(".stack")
+    }
+
+    /// `ec2`, `kvm`, or `kubernetes` for a stack that deploys to an
+    /// existing cluster and makes no machines.
+    pub fn provider_name(&self) -> &'static str {
+        match self.provider {
+            Some(Provider::Ec2(_)) if !self.nodes.is_empty() => "ec2",
+            Some(Provider::Kvm(_)) if !self.nodes.is_empty() => "kvm",
+            _ => "kubernetes",
+        }
+    }
+
+    /// Stops when the stack uses a section whose behaviour is not built yet.
+    pub fn check_built(&self) -> Result<(), NotBuilt> {
+        if self.unbuilt.is_empty() {
+            return Ok(());
+        }
+        Err(NotBuilt {
+            file: self.file.clone(),
+            sections: self
+                .unbuilt
+                .iter()
+                .map(|u| format!("  {}: `{}` ({})", u.location, u.path, u.what))
+                .collect(),
+        })
+    }
+}

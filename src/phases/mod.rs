@@ -1,0 +1,96 @@
+//! The phases of a stack, and the one list that orders them. Each phase is a
+//! folder of its own behind the engine's `Phase` trait; the engine walks
+//! this list forward to build and backward to destroy, and numbers the
+//! stages from it. Adding a phase is a folder and one line below.
+
+pub mod bootstrap;
+pub mod infra;
+pub mod kube;
+
+use std::sync::Arc;
+
+use crate::artifacts::Artifacts;
+use crate::engine::{Access, EngineError, Phase, Session, StateHandle};
+use crate::keys::{self, KeyError};
+use crate::model::Stack;
+use crate::state::LocalBackend;
+use kube::kinds::Stage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Infra(#[from] infra::InfraError),
+    #[error("cannot build the Kubernetes objects of stack {stack}")]
+    Kube {
+        stack: String,
+        #[source]
+        source: Box<kube::KubeError>,
+    },
+}
+
+/// The stage list of a stack, in the order the engine applies it.
+async fn stage_list(
+    stack: &Stack,
+    artifacts: &Artifacts,
+    access: Access,
+) -> Result<Vec<Arc<dyn Phase>>, OpenError> {
+    let key = match access {
+        Access::Write => keys::ensure(artifacts)?,
+        Access::Read => keys::existing(artifacts)?,
+    };
+    let mut phases: Vec<Arc<dyn Phase>> = Vec::new();
+    if let Some((infra, nodes)) = infra::connect(stack, &key, artifacts).await? {
+        phases.push(Arc::new(infra));
+        if let Some(bootstrap) =
+            bootstrap::Bootstrap::for_stack(stack, nodes, key.private_path.clone(), artifacts)
+        {
+            phases.push(Arc::new(bootstrap));
+        }
+    }
+    let kube = kube::Kube::for_stack(stack, artifacts).map_err(|source| OpenError::Kube {
+        stack: stack.name.clone(),
+        source: Box::new(source),
+    })?;
+    if let Some(kube) = kube {
+        phases.push(kube.stage(Stage::Foundation));
+        phases.push(kube.stage(Stage::Workloads));
+        phases.push(kube.stage(Stage::Ingress));
+        phases.push(kube.stage(Stage::Monitoring));
+    }
+    Ok(phases)
+}
+
+/// The kubeconfig and context of the stack's cluster (whether the file is
+/// there yet or not); `None` when the stack has no `kubernetes` section.
+pub fn kubeconfig(stack: &Stack) -> Result<Option<(std::path::PathBuf, String)>, OpenError> {
+    let artifacts = Artifacts::new(&stack.state_dir(), &stack.name);
+    let target = kube::target(stack, &artifacts).map_err(|source| OpenError::Kube {
+        stack: stack.name.clone(),
+        source: Box::new(source),
+    })?;
+    Ok(target.map(|t| (t.kubeconfig, t.context)))
+}
+
+/// Opens a session on a loaded stack: its state (locked, for `Access::Write`,
+/// before anything is generated), its artifacts and its stages.
+pub async fn open(stack: &Stack, access: Access) -> Result<Session, OpenError> {
+    let provider = stack.provider_name();
+    let dir = stack.state_dir();
+    let backend = Box::new(LocalBackend::new(&dir, &stack.name, provider));
+    let handle = StateHandle::open(backend, access, &stack.name, provider).await?;
+    let artifacts = Artifacts::new(&dir, &stack.name);
+    let phases = stage_list(stack, &artifacts, access).await?;
+    Ok(Session::new(
+        &stack.name,
+        provider,
+        handle,
+        phases,
+        artifacts,
+    ))
+}

@@ -1,0 +1,312 @@
+//! The default state backend: a local file next to the stack file
+//! (`.stack/NAME.state.json`), locked with `flock` on `NAME.lock` for the
+//! whole run (the lock goes with its process, so a killed run never leaves
+//! a stale one), replaced atomically (write a temporary file, fsync,
+//! rename), mode 0600, a schema version, and the previous copy kept as
+//! `NAME.state.json.backup`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::store::{LockHolder, State, StateBackend, StateError, StateLock, SCHEMA_VERSION};
+use crate::files::failed;
+use crate::future::BoxFuture;
+
+pub struct LocalBackend {
+    dir: PathBuf,
+    stack: String,
+    provider: String,
+}
+
+impl LocalBackend {
+    /// The state of `stack` in `dir` (`.stack` next to the stack file).
+    pub fn new(dir: &Path, stack: &str, provider: &str) -> LocalBackend {
+        LocalBackend {
+            dir: dir.to_path_buf(),
+            stack: stack.to_string(),
+            provider: provider.to_string(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(format!("{}.state.json", self.stack))
+    }
+
+    fn lock_now(&self, holder: &LockHolder) -> Result<LocalLock, StateError> {
+        let dir = &self.dir;
+        fs::create_dir_all(dir).map_err(failed("create the state folder", dir))?;
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        let lock_path = dir.join(format!("{}.lock", self.stack));
+        let location = lock_path.display().to_string();
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(failed("open the lock file", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = lock.read_to_string(&mut text);
+                return Err(match serde_json::from_str::<LockHolder>(&text) {
+                    Ok(holder) => StateError::Locked { location, holder },
+                    Err(_) => StateError::LockedUnknown { location },
+                });
+            }
+            Err(fs::TryLockError::Error(source)) => {
+                return Err(failed("lock", &lock_path)(source).into())
+            }
+        }
+        let write_holder = |lock: &mut File| -> std::io::Result<()> {
+            lock.set_len(0)?;
+            lock.rewind()?;
+            lock.write_all(serde_json::to_string(holder).unwrap_or_default().as_bytes())?;
+            lock.sync_data()
+        };
+        write_holder(&mut lock).map_err(failed("write the lock file", &lock_path))?;
+        Ok(LocalLock {
+            path: self.path(),
+            stack: self.stack.clone(),
+            provider: self.provider.clone(),
+            _lock: lock,
+        })
+    }
+}
+
+fn backup_path(path: &Path) -> PathBuf {
+    let mut name = path.to_path_buf().into_os_string();
+    name.push(".backup");
+    PathBuf::from(name)
+}
+
+/// Reads a state file; `None` when there is none yet. A corrupt or
+/// newer-schema file is an error and is never touched.
+fn read(path: &Path, stack: &str) -> Result<Option<State>, StateError> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(failed("read", path)(err).into()),
+    };
+    let corrupt = |reason: String| StateError::Corrupt {
+        path: path.to_path_buf(),
+        backup: backup_path(path),
+        reason,
+    };
+    let raw: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| corrupt(format!("not JSON: {e}")))?;
+    let version = raw
+        .get("schemaVersion")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| corrupt("no schemaVersion".to_string()))?;
+    if version > u64::from(SCHEMA_VERSION) {
+        return Err(StateError::NewerSchema {
+            path: path.to_path_buf(),
+            found: version as u32,
+        });
+    }
+    let state: State = serde_json::from_value(raw).map_err(|e| corrupt(e.to_string()))?;
+    if state.stack != stack {
+        return Err(StateError::OtherStack {
+            path: path.to_path_buf(),
+            found: state.stack,
+            expected: stack.to_string(),
+        });
+    }
+    Ok(Some(state))
+}
+
+impl StateBackend for LocalBackend {
+    fn location(&self) -> String {
+        self.path().display().to_string()
+    }
+
+    fn read(&self) -> BoxFuture<'_, Result<Option<State>, StateError>> {
+        Box::pin(async move { read(&self.path(), &self.stack) })
+    }
+
+    fn lock(&self, holder: LockHolder) -> BoxFuture<'_, Result<Box<dyn StateLock>, StateError>> {
+        Box::pin(async move { Ok(Box::new(self.lock_now(&holder)?) as Box<dyn StateLock>) })
+    }
+}
+
+/// The local state file; holding a value of this type means holding the lock.
+struct LocalLock {
+    path: PathBuf,
+    stack: String,
+    provider: String,
+    _lock: File,
+}
+
+impl LocalLock {
+    fn save_now(&mut self, state: &mut State) -> Result<(), StateError> {
+        let stored = read(&self.path, &self.stack)?.map_or(0, |s| s.serial);
+        if stored != state.serial {
+            return Err(StateError::SerialMoved {
+                location: self.path.display().to_string(),
+                expected: state.serial,
+                stored,
+            });
+        }
+        let mut next = state.clone();
+        next.serial += 1;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let mut tmp_name = self.path.clone().into_os_string();
+        tmp_name.push(".tmp");
+        let tmp = PathBuf::from(tmp_name);
+        let mut text = serde_json::to_string_pretty(&next).expect("state serialises");
+        text.push('\n');
+        crate::files::write_private(&tmp, text.as_bytes()).map_err(failed("write", &tmp))?;
+        if self.path.exists() {
+            // Keep the previous copy: link it under a temporary name, then
+            // rename over the backup, so every step leaves whole files.
+            let backup = backup_path(&self.path);
+            let mut link_name = backup.clone().into_os_string();
+            link_name.push(".tmp");
+            let link = PathBuf::from(link_name);
+            let _ = fs::remove_file(&link);
+            fs::hard_link(&self.path, &link)
+                .map_err(failed("keep the previous copy of", &self.path))?;
+            fs::rename(&link, &backup).map_err(failed("keep the previous copy of", &self.path))?;
+        }
+        fs::rename(&tmp, &self.path).map_err(failed("replace", &self.path))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(failed("sync", dir))?;
+        state.serial = next.serial;
+        Ok(())
+    }
+}
+
+impl StateLock for LocalLock {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<State, StateError>> {
+        Box::pin(async move {
+            Ok(read(&self.path, &self.stack)?
+                .unwrap_or_else(|| State::new(&self.stack, &self.provider)))
+        })
+    }
+
+    fn save<'a>(&'a mut self, state: &'a mut State) -> BoxFuture<'a, Result<(), StateError>> {
+        Box::pin(async move { self.save_now(state) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::store::Record;
+    use super::*;
+
+    fn record(address: &str) -> Record {
+        Record {
+            address: address.to_string(),
+            kind: "instance".to_string(),
+            id: Some("i-1".to_string()),
+            attrs: serde_json::json!({"instanceType": "t3.small"}),
+            pending_token: None,
+        }
+    }
+
+    fn holder() -> LockHolder {
+        LockHolder::this_process()
+    }
+
+    #[tokio::test]
+    async fn saves_atomically_with_mode_0600_a_backup_and_the_next_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path(), "demo", "ec2");
+        let mut lock = backend.lock(holder()).await.unwrap();
+        let mut state = lock.load().await.unwrap();
+        assert!(state.resources.is_empty());
+        state.put(record("ec2.instance.a[0]"));
+        lock.save(&mut state).await.unwrap();
+        state.put(record("ec2.instance.a[1]"));
+        lock.save(&mut state).await.unwrap();
+        let loaded = lock.load().await.unwrap();
+        assert_eq!(loaded, state);
+        assert_eq!(loaded.serial, 2);
+        let path = backend.path();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let backup: State =
+            serde_json::from_str(&fs::read_to_string(backup_path(&path)).unwrap()).unwrap();
+        assert_eq!(backup.resources.len(), 1);
+        assert!(!dir.path().join("demo.state.json.tmp").exists());
+        assert_eq!(backend.read().await.unwrap(), Some(state));
+    }
+
+    #[tokio::test]
+    async fn a_save_from_a_stale_serial_is_refused_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path(), "demo", "ec2");
+        let mut lock = backend.lock(holder()).await.unwrap();
+        let mut current = lock.load().await.unwrap();
+        let mut stale = current.clone();
+        current.put(record("a"));
+        lock.save(&mut current).await.unwrap();
+        stale.put(record("b"));
+        let err = lock.save(&mut stale).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StateError::SerialMoved {
+                    expected: 0,
+                    stored: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(lock.load().await.unwrap(), current);
+    }
+
+    #[tokio::test]
+    async fn a_second_lock_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::new(dir.path(), "demo", "ec2");
+        let _first = backend.lock(holder()).await.unwrap();
+        let err = backend.lock(holder()).await.err().unwrap();
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("pid {}", std::process::id())),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupt_state_is_an_error_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("demo.state.json");
+        fs::write(&path, "{\"schemaVersion\": 1, \"stack\": ").unwrap();
+        let backend = LocalBackend::new(dir.path(), "demo", "ec2");
+        let lock = backend.lock(holder()).await.unwrap();
+        let err = lock.load().await.unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "{\"schemaVersion\": 1, \"stack\": "
+        );
+    }
+
+    #[tokio::test]
+    async fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("demo.state.json"),
+            r#"{"schemaVersion": 9, "stack": "demo"}"#,
+        )
+        .unwrap();
+        let backend = LocalBackend::new(dir.path(), "demo", "ec2");
+        assert!(matches!(
+            backend.read().await.unwrap_err(),
+            StateError::NewerSchema { found: 9, .. }
+        ));
+    }
+}

@@ -1,0 +1,475 @@
+//! The EC2 provider on moto: up, plan, drift and repair, down; interruptions
+//! (SIGKILL at many points, SIGINT), the state lock, corrupt state, bad
+//! credentials and endpoints, and the prompt on a terminal.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::{AttributeValue, IpPermission, IpRange};
+
+use crate::support::moto::{ec2, tagged, Moto, Proxy, ProxyRules, Tagged};
+use crate::support::{expect_code, free_port, runtime, text, Env, STACK};
+
+#[test]
+fn up_plan_drift_repair_down() {
+    let moto = Moto::start();
+    let env = Env::new("drift", 2, moto.url());
+    let up = env.run(&["up", "--yes"]);
+    expect_code(&up, 0);
+    assert!(
+        text(&up.stdout).contains("Plan: 5 to create"),
+        "{}",
+        text(&up.stdout)
+    );
+    expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+    assert_eq!(tagged(&moto.url(), "drift"), Tagged::three_nodes());
+
+    // Out of band: stop one instance and change its type, terminate another,
+    // add one security-group rule and remove one, change a tag, delete the key pair.
+    let client = ec2(&moto.url());
+    let stopped = env.id_of("drift", "ec2.instance.worker[0]");
+    let terminated = env.id_of("drift", "ec2.instance.worker[1]");
+    let control = env.id_of("drift", "ec2.instance.control[0]");
+    let group = env.id_of("drift", "ec2.security_group.main");
+    runtime().block_on(async {
+        client
+            .stop_instances()
+            .instance_ids(&stopped)
+            .send()
+            .await
+            .unwrap();
+        client
+            .modify_instance_attribute()
+            .instance_id(&stopped)
+            .instance_type(AttributeValue::builder().value("t3.small").build())
+            .send()
+            .await
+            .unwrap();
+        client
+            .terminate_instances()
+            .instance_ids(&terminated)
+            .send()
+            .await
+            .unwrap();
+        let rule = |port: i32, cidr: &str| {
+            IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(port)
+                .to_port(port)
+                .ip_ranges(IpRange::builder().cidr_ip(cidr).build())
+                .build()
+        };
+        client
+            .authorize_security_group_ingress()
+            .group_id(&group)
+            .ip_permissions(rule(3306, "0.0.0.0/0"))
+            .send()
+            .await
+            .unwrap();
+        client
+            .revoke_security_group_ingress()
+            .group_id(&group)
+            .ip_permissions(rule(22, "203.0.113.0/24"))
+            .send()
+            .await
+            .unwrap();
+        client
+            .create_tags()
+            .resources(&control)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("team")
+                    .value("someone-else")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        client
+            .delete_key_pair()
+            .key_name("stack-drift")
+            .send()
+            .await
+            .unwrap();
+    });
+
+    let plan = env.run(&["plan", "--detailed-exitcode"]);
+    expect_code(&plan, 2);
+    let shown = text(&plan.stdout);
+    for expected in [
+        "Drift: the live world differs from what stack last applied",
+        "~   ec2.instance.worker[0]",
+        "state: \"stopped\" → \"running\"",
+        "instanceType: \"t3.small\" → \"t3.large\"",
+        "+   ec2.instance.worker[1]",
+        "gone from the live world (deleted or terminated out of band)",
+        "~   ec2.security_group.main",
+        "ingress: - \"tcp 3306 from 0.0.0.0/0\"",
+        "ingress: + \"tcp 22 from 203.0.113.0/24\"",
+        "~   ec2.instance.control[0]",
+        "tags.team: \"someone-else\" → \"platform\"",
+        "+   ec2.key_pair.main",
+        "Plan: 2 to create, 3 to update, 0 to replace, 0 to delete (5 repairing drift).",
+    ] {
+        assert!(
+            shown.contains(expected),
+            "plan lacks {expected:?}:\n{shown}"
+        );
+    }
+    let json = env.run(&["plan", "--output", "json"]);
+    expect_code(&json, 0);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["formatVersion"], 1);
+    assert_eq!(json["summary"]["drift"], 5);
+    assert!(json["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["drift"] == true));
+
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+    assert_eq!(tagged(&moto.url(), "drift"), Tagged::three_nodes());
+
+    let status = env.run(&["status"]);
+    expect_code(&status, 0);
+    let status = text(&status.stdout);
+    assert!(
+        status.contains("ssh key: .stack/drift.id_ed25519"),
+        "{status}"
+    );
+    assert!(
+        status.contains("ec2.instance.worker[1]") && status.contains("running"),
+        "{status}"
+    );
+
+    let down = env.run(&["down", "--yes"]);
+    expect_code(&down, 0);
+    assert!(text(&down.stdout).contains("Nothing tagged stack=drift is left."));
+    assert_eq!(tagged(&moto.url(), "drift"), Tagged::nothing());
+    expect_code(&env.run(&["down", "--yes"]), 0);
+}
+
+#[test]
+fn sigkill_at_many_points_then_rerun_converges_without_duplicates() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    let probe = Env::new("probe", 2, proxy.url());
+    expect_code(&probe.run(&["up", "--yes"]), 0);
+    let requests_per_up = proxy.count();
+    assert!(
+        requests_per_up > 10,
+        "a clean up made only {requests_per_up} requests"
+    );
+
+    let points: BTreeSet<usize> = (1..=requests_per_up)
+        .step_by(3)
+        .chain([requests_per_up - 1])
+        .collect();
+    for point in points {
+        let name = format!("kill{point}");
+        let env = Env::new(&name, 2, proxy.url());
+        let before = proxy.count();
+        let child = env
+            .command(&["up", "--yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let child = Arc::new(Mutex::new(child));
+        {
+            let mut rules = proxy.rules.lock().unwrap();
+            rules.kill_at = Some(before + point);
+            rules.victim = Some(child.clone());
+        }
+        let status = loop {
+            if let Some(status) = child.lock().unwrap().try_wait().unwrap() {
+                break status;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        *proxy.rules.lock().unwrap() = ProxyRules::default();
+        assert!(
+            status.code().is_none(),
+            "up was not killed at request {point}: {status:?}"
+        );
+
+        let rerun = env
+            .command_at(&moto.url(), &["up", "--yes"])
+            .output()
+            .unwrap();
+        expect_code(&rerun, 0);
+        expect_code(
+            &env.command_at(&moto.url(), &["plan", "--detailed-exitcode"])
+                .output()
+                .unwrap(),
+            0,
+        );
+        assert_eq!(
+            tagged(&moto.url(), &name),
+            Tagged::three_nodes(),
+            "after a kill at request {point}"
+        );
+        expect_code(
+            &env.command_at(&moto.url(), &["down", "--yes"])
+                .output()
+                .unwrap(),
+            0,
+        );
+        assert_eq!(tagged(&moto.url(), &name), Tagged::nothing());
+    }
+}
+
+#[test]
+fn a_second_run_fails_fast_naming_the_lock_holder() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    proxy.rules.lock().unwrap().delay = Duration::from_millis(150);
+    let env = Env::new("locked", 1, proxy.url());
+    let first = env.spawn(&["up", "--yes"]);
+    let lock = env.path().join(".stack/locked.lock");
+    let pid = first.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&lock)
+        .unwrap_or_default()
+        .contains(&format!("\"pid\":{pid}"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first run never took the lock"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let second = env
+        .command_at(&moto.url(), &["up", "--yes"])
+        .output()
+        .unwrap();
+    expect_code(&second, 1);
+    let message = text(&second.stderr);
+    assert!(
+        message.contains(&format!("state is locked by pid {pid} on ")),
+        "{message}"
+    );
+    assert!(message.contains(" since "), "{message}");
+    let first = first.wait_with_output().unwrap();
+    expect_code(&first, 0);
+    let state = env.state("locked");
+    assert_eq!(state["schemaVersion"], 1);
+    assert_eq!(state["resources"].as_array().unwrap().len(), 4);
+    expect_code(
+        &env.command_at(&moto.url(), &["plan", "--detailed-exitcode"])
+            .output()
+            .unwrap(),
+        0,
+    );
+    expect_code(
+        &env.command_at(&moto.url(), &["down", "--yes"])
+            .output()
+            .unwrap(),
+        0,
+    );
+}
+
+#[test]
+fn corrupt_state_is_refused_and_left_untouched() {
+    let moto = Moto::start();
+    let env = Env::new("corrupt", 1, moto.url());
+    std::fs::create_dir_all(env.path().join(".stack")).unwrap();
+    let path = env.path().join(".stack/corrupt.state.json");
+    std::fs::write(&path, "{\"schemaVersion\": 1, \"resources\": [").unwrap();
+    for verb in [["plan", "--detailed-exitcode"], ["up", "--yes"]] {
+        let output = env.run(&verb);
+        expect_code(&output, 1);
+        assert!(
+            text(&output.stderr).contains("state file .stack/corrupt.state.json is corrupt"),
+            "{}",
+            text(&output.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "{\"schemaVersion\": 1, \"resources\": ["
+    );
+    assert_eq!(tagged(&moto.url(), "corrupt"), Tagged::nothing());
+}
+
+#[test]
+fn missing_credentials_and_unreachable_endpoints_are_clear_errors() {
+    let moto = Moto::start();
+    let env = Env::new("creds", 1, moto.url());
+    let output = env
+        .command(&["plan"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap();
+    expect_code(&output, 1);
+    assert!(
+        text(&output.stderr).contains("no usable AWS credentials"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let output = env.command_at(&closed, &["up", "--yes"]).output().unwrap();
+    expect_code(&output, 1);
+    let message = text(&output.stderr);
+    assert!(
+        message.contains("cannot refresh the infrastructure of stack creds"),
+        "{message}"
+    );
+    assert!(message.contains("ec2 Describe"), "{message}");
+    // Nothing was made, so the state records nothing, and a later run works.
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    expect_code(&env.run(&["down", "--yes"]), 0);
+}
+
+#[test]
+fn up_on_a_terminal_asks_and_only_yes_applies() {
+    let moto = Moto::start();
+    let env = Env::new("ask", 1, moto.url());
+    // `script` gives `stack` a terminal, as a person at a shell has.
+    let on_terminal = |answer: &str| on_terminal(&env, "up", answer);
+    let declined = on_terminal("no\n");
+
+    let shown = text(&declined.stdout);
+    assert!(
+        shown.contains("Apply this plan? Only `yes` is accepted"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("not applied: the answer was not `yes`"),
+        "{shown}"
+    );
+    assert_eq!(tagged(&moto.url(), "ask"), Tagged::nothing());
+    let accepted = on_terminal("yes\n");
+    assert!(
+        text(&accepted.stdout).contains("Applied: 4 created"),
+        "{}",
+        text(&accepted.stdout)
+    );
+    assert_eq!(tagged(&moto.url(), "ask").instances.len(), 2);
+    expect_code(&env.run(&["down", "--yes"]), 0);
+}
+
+/// `stack ARGS` on a terminal (`script` gives it one) that answers `answer`;
+/// what the terminal showed is the output's stdout.
+fn on_terminal(env: &Env, args: &str, answer: &str) -> std::process::Output {
+    let mut script = Command::new("script");
+    script.args(["-q", "-e", "-c", &format!("{STACK} {args}"), "/dev/null"]);
+    env.isolate(&mut script, &env.endpoint);
+    let mut child = script
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(answer.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn where_stack_cannot_ask_it_needs_yes_and_json_output_is_a_stream_of_lines() {
+    let moto = Moto::start();
+    let env = Env::new("unasked", 1, moto.url());
+    // A terminal, but stdout is a JSON stream: no prompt on it, ever.
+    let json = on_terminal(&env, "up --output json", "yes\n");
+    expect_code(&json, 2);
+    let shown = text(&json.stdout);
+    assert!(!shown.contains("Apply this plan?"), "{shown}");
+    assert!(
+        shown.contains("--output json makes stdout a JSON stream, so stack cannot ask; add --yes"),
+        "{shown}"
+    );
+    // No terminal at all.
+    let piped = env.run(&["up"]);
+    expect_code(&piped, 2);
+    assert!(
+        text(&piped.stderr).contains("stdin is not a terminal, so stack cannot ask; add --yes"),
+        "{}",
+        text(&piped.stderr)
+    );
+    assert_eq!(tagged(&moto.url(), "unasked"), Tagged::nothing());
+
+    let up = env.run(&["up", "--yes", "--output", "json"]);
+    expect_code(&up, 0);
+    let lines: Vec<serde_json::Value> = text(&up.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
+    let plan = kinds
+        .iter()
+        .position(|k| *k == "plan")
+        .expect("the plan is a line");
+    assert_eq!(kinds[..plan], ["refreshing", "plan_ready"], "{kinds:?}");
+    assert_eq!(lines[plan]["plan"]["summary"]["create"], 4);
+    assert_eq!(kinds.last(), Some(&"applied"), "{kinds:?}");
+    let finished = lines
+        .iter()
+        .filter(|l| l["type"] == "change_finished")
+        .count();
+    assert_eq!(finished, 4);
+    expect_code(&env.run(&["down", "--yes"]), 0);
+}
+
+#[test]
+fn sigint_lets_changes_under_way_finish_and_a_rerun_continues() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    proxy.rules.lock().unwrap().delay = Duration::from_millis(300);
+    let env = Env::new("sigint", 2, proxy.url());
+    let child = env.spawn(&["up", "--yes"]);
+    let state = env.path().join(".stack/sigint.state.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Wait until the first resource is recorded, then interrupt.
+    while !std::fs::read_to_string(&state)
+        .unwrap_or_default()
+        .contains("\"id\": \"")
+    {
+        assert!(Instant::now() < deadline, "nothing was recorded");
+        thread::sleep(Duration::from_millis(10));
+    }
+    // The shell's own `kill`: no procps needed.
+    let kill = Command::new("sh")
+        .args(["-c", &format!("kill -INT {}", child.id())])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let output = child.wait_with_output().unwrap();
+    expect_code(&output, 130);
+    let message = text(&output.stderr);
+    assert!(
+        message.contains("interrupted (SIGINT): finishing the changes under way"),
+        "{message}"
+    );
+    assert!(
+        message.contains("error: interrupted by SIGINT in stage 1 of 1 (infrastructure) after "),
+        "{message}"
+    );
+    assert!(
+        message.contains("the next `stack up` continues from there"),
+        "{message}"
+    );
+    let rerun = env
+        .command_at(&moto.url(), &["up", "--yes"])
+        .output()
+        .unwrap();
+    expect_code(&rerun, 0);
+    assert_eq!(tagged(&moto.url(), "sigint"), Tagged::three_nodes());
+    expect_code(
+        &env.command_at(&moto.url(), &["down", "--yes"])
+            .output()
+            .unwrap(),
+        0,
+    );
+}

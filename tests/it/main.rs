@@ -1,0 +1,16 @@
+//! The integration tests: one binary that drives the real `stack` binary
+//! (`CARGO_BIN_EXE_stack`) against real peers: a `moto_server` on loopback
+//! for EC2, QEMU booting the Debian test image, the test image's OpenSSH for
+//! `stack ssh` and the bootstrap, and the Kubernetes API test double (no real
+//! API server can run here). One module per subsystem; the helpers for each
+//! peer are in `support`.
+
+mod architecture;
+mod bootstrap;
+mod ec2;
+mod kube;
+mod kube_server;
+mod kvm;
+mod support;
+mod vagrant;
+mod validate;
