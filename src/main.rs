@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             for cause in err.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::from(stack::cli::failure_code(&err, &cancel))
+            ExitCode::from(stack::cli::failure_code(&cancel))
         }
     }
 }

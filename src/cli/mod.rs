@@ -42,13 +42,7 @@ pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
 }
 
 /// The exit code of a run that failed: 130 or 143 when a signal stopped
-/// it, 2 when it could not ask for the approval it needed, else 1.
-pub fn failure_code(err: &anyhow::Error, cancel: &Cancel) -> u8 {
-    if let Some(reason) = cancel.reason() {
-        return signals::exit_code(reason);
-    }
-    match err.downcast_ref::<prompt::PromptError>() {
-        Some(prompt::PromptError::CannotAsk { .. }) => 2,
-        _ => 1,
-    }
+/// it, else 1.
+pub fn failure_code(cancel: &Cancel) -> u8 {
+    cancel.reason().map_or(1, signals::exit_code)
 }

@@ -383,7 +383,7 @@ fn where_stack_cannot_ask_it_needs_yes_and_json_output_is_a_stream_of_lines() {
     let env = Env::new("unasked", 1, moto.url());
     // A terminal, but stdout is a JSON stream: no prompt on it, ever.
     let json = on_terminal(&env, "up --output json", "yes\n");
-    expect_code(&json, 2);
+    expect_code(&json, 1);
     let shown = text(&json.stdout);
     assert!(!shown.contains("Apply this plan?"), "{shown}");
     assert!(
@@ -392,7 +392,7 @@ fn where_stack_cannot_ask_it_needs_yes_and_json_output_is_a_stream_of_lines() {
     );
     // No terminal at all.
     let piped = env.run(&["up"]);
-    expect_code(&piped, 2);
+    expect_code(&piped, 1);
     assert!(
         text(&piped.stderr).contains("stdin is not a terminal, so stack cannot ask; add --yes"),
         "{}",
