@@ -97,6 +97,10 @@ pub struct PlanArgs {
     /// changes made in the stack file (for scheduled checks).
     #[arg(long)]
     pub refresh_only: bool,
+    /// Take over into this (new) state what another state of the stack made
+    /// (another checkout, or a lost state file).
+    #[arg(long)]
+    pub adopt: bool,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +123,11 @@ pub struct ApplyArgs {
     /// or `--output json`).
     #[arg(long, short = 'y')]
     pub yes: bool,
+
+    /// Take over into this (new) state what another state of the stack made
+    /// (another checkout, or a lost state file).
+    #[arg(long)]
+    pub adopt: bool,
 
     /// How many independent changes may run at once.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=256))]

@@ -14,7 +14,7 @@ use super::args::{ApplyArgs, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, S
 use super::progress::Progress;
 use super::{prompt, view};
 use crate::artifacts::Artifact;
-use crate::engine::{plan, Access, ApplyOptions, Cancel, Events, Mode, Plan};
+use crate::engine::{plan, Access, ApplyOptions, Cancel, Events, Mode, Plan, PlanRequest};
 use crate::model::{self, LoadError};
 use crate::phases;
 
@@ -105,7 +105,11 @@ pub async fn plan(
         Events::new(Arc::new(Progress::new(false)))
     };
     let session = phases::open(&stack, Access::Write).await?;
-    let plan = session.plan(mode, cancel, &events).await?;
+    let request = PlanRequest {
+        mode,
+        adopt: args.adopt,
+    };
+    let plan = session.plan(request, cancel, &events).await?;
     if json {
         print_json(&plan::to_json(&plan));
     } else {
@@ -127,7 +131,11 @@ pub async fn up(
     let json = output == OutputFormat::Json;
     let events = Events::new(Arc::new(Progress::new(json)));
     let mut session = phases::open(&stack, Access::Write).await?;
-    let plan = session.plan(Mode::Normal, cancel, &events).await?;
+    let request = PlanRequest {
+        mode: Mode::Normal,
+        adopt: args.adopt,
+    };
+    let plan = session.plan(request, cancel, &events).await?;
     show_plan(&plan, json);
     if !plan.is_empty() {
         prompt::confirm(args.yes, json, "Apply this plan?", "apply it", cancel).await?;
@@ -153,7 +161,11 @@ pub async fn down(
     let json = output == OutputFormat::Json;
     let events = Events::new(Arc::new(Progress::new(json)));
     let mut session = phases::open(&stack, Access::Write).await?;
-    let plan = session.plan(Mode::Destroy, cancel, &events).await?;
+    let request = PlanRequest {
+        mode: Mode::Destroy,
+        adopt: args.adopt,
+    };
+    let plan = session.plan(request, cancel, &events).await?;
     show_plan(&plan, json);
     if !plan.is_empty() {
         prompt::confirm(

@@ -114,6 +114,25 @@ pub fn plan(plan: &Plan) -> String {
             plan.forget.join(", ")
         );
     }
+    if !plan.foreign.is_empty() {
+        let _ = writeln!(
+            out,
+            "Made by another state of this stack (another checkout, or a lost state file), left alone:"
+        );
+        for live in &plan.foreign {
+            let _ = writeln!(
+                out,
+                "  {} ({}): {}",
+                live.address,
+                live.id,
+                live.handling.foreign.as_deref().unwrap_or_default()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  This plan is not applied while they are there: use another stack name, or take them over into a new state with `--adopt`."
+        );
+    }
     for note in &plan.notes {
         let _ = writeln!(out, "Note: {note}");
     }

@@ -26,7 +26,7 @@ pub use plan::{
     ReplaceRule, Resource, Segment, StageRef, StepRef, Summary,
 };
 pub use session::{
-    Access, Applied, ApplyOptions, EngineError, Remains, Session, StateHandle, Status,
+    Access, Applied, ApplyOptions, EngineError, PlanRequest, Remains, Session, StateHandle, Status,
 };
 
 #[cfg(test)]

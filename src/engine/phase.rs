@@ -33,6 +33,8 @@ pub struct PlanInput<'a> {
     /// Different for every plan of a session, so phases that share a
     /// refresh (the Kubernetes stages) read the world once per plan.
     pub plan_id: u64,
+    /// Take over what another state of the stack made (`--adopt`).
+    pub adopt: bool,
     pub cancel: &'a Cancel,
     pub events: &'a Events,
 }

@@ -203,6 +203,9 @@ pub struct Handling {
     /// Refresh reads every attribute of it back: the record fills in none
     /// (a field that is gone live is gone, not taken from the record).
     pub read_whole: bool,
+    /// Live, with the stack's marks, but made by another state (why it is
+    /// not this state's): neither taken over nor removed.
+    pub foreign: Option<String>,
 }
 
 impl Handling {
@@ -408,6 +411,8 @@ pub struct PlanPart {
     pub forget: Vec<String>,
     /// What the phase leaves out on purpose, and why.
     pub notes: Vec<String>,
+    /// Live things of the stack's that another state made.
+    pub foreign: Vec<Observed>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -429,6 +434,10 @@ pub struct Plan {
     pub adopt: Vec<Observed>,
     /// Dropped from the state on apply.
     pub forget: Vec<String>,
+    /// Live things with the stack's marks that another state made: a plan
+    /// with any is not applied (another checkout manages them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub foreign: Vec<Observed>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
 }
@@ -464,6 +473,7 @@ impl Plan {
             summary: Summary::default(),
             adopt: Vec::new(),
             forget: Vec::new(),
+            foreign: Vec::new(),
             notes: Vec::new(),
         };
         for (stage, part) in parts {
@@ -473,6 +483,7 @@ impl Plan {
             }
             plan.adopt.extend(part.adopt);
             plan.forget.extend(part.forget);
+            plan.foreign.extend(part.foreign);
             plan.notes
                 .extend(part.notes.into_iter().map(|n| format!("{stage}: {n}")));
         }
@@ -511,9 +522,10 @@ impl Plan {
         self.forget.clear();
     }
 
-    /// Nothing to change in the world (adopting or forgetting records is bookkeeping).
+    /// Nothing to change in the world (adopting or forgetting records is
+    /// bookkeeping), and nothing in the way.
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty()
+        self.changes.is_empty() && self.foreign.is_empty()
     }
 
     pub fn has_bookkeeping(&self) -> bool {
@@ -633,11 +645,16 @@ pub fn diff(desired: &[Resource], records: &State, observed: &[Observed]) -> Pla
     let mut part = PlanPart::default();
     let wanted: BTreeSet<&str> = desired.iter().map(|r| r.address.as_str()).collect();
 
+    // Another state's things are named, never taken over or removed.
+    let (foreign, observed): (Vec<&Observed>, Vec<&Observed>) =
+        observed.iter().partition(|o| is_foreign(o, records));
+    part.foreign = foreign.into_iter().cloned().collect();
     for resource in desired {
         let handling = &resource.handling;
         let record = records.get(&resource.address);
         let mut found: Vec<&Observed> = observed
             .iter()
+            .copied()
             .filter(|o| o.address == resource.address)
             .collect();
         // Keep the one the state knows, else the first; the rest are duplicates.
@@ -746,6 +763,7 @@ pub fn diff(desired: &[Resource], records: &State, observed: &[Observed]) -> Pla
 
     for live in observed
         .iter()
+        .copied()
         .filter(|o| !wanted.contains(o.address.as_str()))
     {
         let record = records
@@ -790,9 +808,19 @@ fn delete_change(live: &Observed, record: Option<&Record>, reason: &str, drift: 
 
 /// The changes that remove everything the stack made: all that refresh
 /// found, by its marks or by recorded id. Records of what is gone are dropped.
+/// Another state's, and not recorded here.
+fn is_foreign(live: &Observed, records: &State) -> bool {
+    live.handling.foreign.is_some()
+        && records
+            .get(&live.address)
+            .is_none_or(|r| r.id.as_deref() != Some(live.id.as_str()))
+}
+
 pub fn destroy(records: &State, observed: &[Observed]) -> PlanPart {
+    let ours = |live: &Observed| !is_foreign(live, records);
     let changes = observed
         .iter()
+        .filter(|live| ours(live))
         .map(|live| {
             let record = records
                 .get(&live.address)
@@ -809,6 +837,11 @@ pub fn destroy(records: &State, observed: &[Observed]) -> PlanPart {
     PlanPart {
         changes,
         forget,
+        foreign: observed
+            .iter()
+            .filter(|live| !ours(live))
+            .cloned()
+            .collect(),
         ..PlanPart::default()
     }
 }

@@ -77,6 +77,10 @@ pub enum EngineError {
         "a refresh-only plan reports drift and is never applied (`stack up` repairs the drift)"
     )]
     RefreshOnly,
+    #[error("not applied: {} of stack {stack} were made by another state of it (another checkout, or a lost state file):\n{}\nuse another stack name, or take them over into a new state with --adopt", if things.len() == 1 { "this one" } else { "these" }, things.join("\n"))]
+    Foreign { stack: String, things: Vec<String> },
+    #[error("--adopt takes things over only into a new state; the state of stack {0} already records resources")]
+    AdoptIntoUsedState(String),
     #[error("the state of stack {0} was opened without its lock: it cannot be changed")]
     ReadOnly(String),
 }
@@ -128,6 +132,25 @@ impl StateHandle {
             lock,
             state,
         })
+    }
+
+    /// The state's own id, which what it makes is marked with.
+    pub fn lineage(&self) -> &str {
+        &self.state.lineage
+    }
+}
+
+/// What to plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanRequest {
+    pub mode: Mode,
+    /// Take over what another state of the stack made (into a new state only).
+    pub adopt: bool,
+}
+
+impl From<Mode> for PlanRequest {
+    fn from(mode: Mode) -> PlanRequest {
+        PlanRequest { mode, adopt: false }
     }
 }
 
@@ -237,10 +260,14 @@ impl Session {
     /// Reads the live world stage by stage and plans what `mode` asks for.
     pub async fn plan(
         &self,
-        mode: Mode,
+        request: impl Into<PlanRequest>,
         cancel: &Cancel,
         events: &Events,
     ) -> Result<Plan, EngineError> {
+        let PlanRequest { mode, adopt } = request.into();
+        if adopt && !self.handle.state.resources.is_empty() {
+            return Err(EngineError::AdoptIntoUsedState(self.stack.clone()));
+        }
         let plan_id = self.plans.fetch_add(1, Ordering::Relaxed);
         let phase_mode = match mode {
             Mode::RefreshOnly => Mode::Normal,
@@ -261,6 +288,7 @@ impl Session {
                 records: &records,
                 upstream: &upstream,
                 plan_id,
+                adopt,
                 cancel,
                 events,
             };
@@ -319,6 +347,23 @@ impl Session {
         }
         if plan.mode == Mode::RefreshOnly {
             return Err(EngineError::RefreshOnly);
+        }
+        if !plan.foreign.is_empty() {
+            return Err(EngineError::Foreign {
+                stack: self.stack.clone(),
+                things: plan
+                    .foreign
+                    .iter()
+                    .map(|o| {
+                        format!(
+                            "  {} ({}): {}",
+                            o.address,
+                            o.id,
+                            o.handling.foreign.as_deref().unwrap_or_default()
+                        )
+                    })
+                    .collect(),
+            });
         }
         if plan.state_serial != self.handle.state.serial {
             return Err(EngineError::StalePlan {

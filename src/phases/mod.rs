@@ -39,13 +39,14 @@ async fn stage_list(
     stack: &Stack,
     artifacts: &Artifacts,
     access: Access,
+    lineage: &str,
 ) -> Result<Vec<Arc<dyn Phase>>, OpenError> {
     let key = match access {
         Access::Write => keys::ensure(artifacts)?,
         Access::Read => keys::existing(artifacts)?,
     };
     let mut phases: Vec<Arc<dyn Phase>> = Vec::new();
-    if let Some((infra, nodes)) = infra::connect(stack, &key, artifacts).await? {
+    if let Some((infra, nodes)) = infra::connect(stack, &key, artifacts, lineage).await? {
         phases.push(Arc::new(infra));
         if let Some(bootstrap) =
             bootstrap::Bootstrap::for_stack(stack, nodes, key.private_path.clone(), artifacts)
@@ -85,7 +86,7 @@ pub async fn open(stack: &Stack, access: Access) -> Result<Session, OpenError> {
     let backend = Box::new(LocalBackend::new(&dir, &stack.name, provider));
     let handle = StateHandle::open(backend, access, &stack.name, provider).await?;
     let artifacts = Artifacts::new(&dir, &stack.name);
-    let phases = stage_list(stack, &artifacts, access).await?;
+    let phases = stage_list(stack, &artifacts, access, handle.lineage()).await?;
     Ok(Session::new(
         &stack.name,
         provider,

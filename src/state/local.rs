@@ -109,7 +109,9 @@ fn read(path: &Path, stack: &str) -> Result<Option<State>, StateError> {
             found: version as u32,
         });
     }
-    let state: State = serde_json::from_value(raw).map_err(|e| corrupt(e.to_string()))?;
+    let state: State = serde_json::from_value::<State>(raw)
+        .map_err(|e| corrupt(e.to_string()))?
+        .with_lineage();
     if state.stack != stack {
         return Err(StateError::OtherStack {
             path: path.to_path_buf(),

@@ -88,7 +88,23 @@ pub struct State {
     pub provider: String,
     /// Bumped on every write; a write must name the serial it replaces.
     pub serial: u64,
+    /// This state's own id, made with it: what it makes is marked with it,
+    /// so a second state of the same stack (another checkout) can tell
+    /// what is not its own.
+    #[serde(default)]
+    pub lineage: String,
     pub resources: Vec<Record>,
+}
+
+/// A new lineage id: random, and unlike any other state's.
+fn new_lineage() -> String {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    format!("{random:016x}{nanos:016x}")
 }
 
 impl State {
@@ -98,8 +114,17 @@ impl State {
             stack: stack.to_string(),
             provider: provider.to_string(),
             serial: 0,
+            lineage: new_lineage(),
             resources: Vec::new(),
         }
+    }
+
+    /// A state read from before lineages gets one (kept at its next save).
+    pub fn with_lineage(mut self) -> Self {
+        if self.lineage.is_empty() {
+            self.lineage = new_lineage();
+        }
+        self
     }
 
     pub fn get(&self, address: &str) -> Option<&Record> {

@@ -473,3 +473,47 @@ fn sigint_lets_changes_under_way_finish_and_a_rerun_continues() {
         0,
     );
 }
+
+#[test]
+fn a_second_checkout_of_a_stack_leaves_the_first_ones_resources_alone_unless_told_to_adopt() {
+    let moto = Moto::start();
+    let first = Env::new("twice", 2, moto.url());
+    expect_code(&first.run(&["up", "--yes"]), 0);
+    let second = Env::new("twice", 2, moto.url());
+    let plan = second.run(&["plan", "--detailed-exitcode"]);
+    expect_code(&plan, 2);
+    let shown = text(&plan.stdout);
+    assert!(
+        shown.contains("Made by another state of this stack (another checkout, or a lost state file), left alone:"),
+        "{shown}"
+    );
+    assert!(shown.contains("ec2.instance.worker[1] (i-"), "{shown}");
+    assert!(
+        !shown.contains("-/+"),
+        "nothing of the first is replaced: {shown}"
+    );
+    let up = second.run(&["up", "--yes"]);
+    expect_code(&up, 1);
+    assert!(
+        text(&up.stderr).contains("were made by another state of it"),
+        "{}",
+        text(&up.stderr)
+    );
+    let down = second.run(&["down", "--yes"]);
+    expect_code(&down, 1);
+    assert_eq!(
+        tagged(&moto.url(), "twice"),
+        Tagged::three_nodes(),
+        "the first's are untouched"
+    );
+    // Taking them over is asked for, and only into a new state.
+    let adopted = second.run(&["plan", "--adopt"]);
+    expect_code(&adopted, 0);
+    assert!(
+        text(&adopted.stdout).contains("Found by tag, to be recorded in state:"),
+        "{}",
+        text(&adopted.stdout)
+    );
+    expect_code(&first.run(&["down", "--yes"]), 0);
+    assert_eq!(tagged(&moto.url(), "twice"), Tagged::nothing());
+}

@@ -55,12 +55,13 @@ pub async fn connect(
     stack: &Stack,
     key: &StackKey,
     artifacts: &Artifacts,
+    lineage: &str,
 ) -> Result<Option<(Infra, Arc<dyn Nodes>)>, InfraError> {
     let stack_name = || stack.name.clone();
     Ok(match &stack.provider {
         Some(ProviderSettings::Ec2(settings)) if !stack.nodes.is_empty() => {
             let provider = Arc::new(
-                ec2::Ec2Provider::connect(stack, settings, &key.public_openssh, artifacts)
+                ec2::Ec2Provider::connect(stack, settings, &key.public_openssh, artifacts, lineage)
                     .await
                     .map_err(|source| InfraError::Ec2 {
                         stack: stack_name(),
@@ -104,7 +105,7 @@ impl Infra {
     }
 
     async fn plan_part(&self, input: PlanInput<'_>) -> Result<PlanPart, PhaseError> {
-        let observed = self
+        let mut observed = self
             .provider
             .refresh(input.records)
             .await
@@ -112,6 +113,11 @@ impl Infra {
                 stack: self.stack.clone(),
                 source,
             })?;
+        if input.adopt {
+            for live in &mut observed {
+                live.handling.foreign = None;
+            }
+        }
         Ok(match input.mode {
             Mode::Destroy => crate::engine::plan::destroy(input.records, &observed),
             _ => crate::engine::plan::diff(&self.provider.desired(), input.records, &observed),

@@ -1010,6 +1010,7 @@ mod tests {
             records: &records,
             upstream: &[],
             plan_id: 1,
+            adopt: false,
             cancel: &crate::engine::Cancel::new(),
             events: &crate::engine::Events::discard(),
         };

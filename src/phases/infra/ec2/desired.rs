@@ -25,6 +25,8 @@ pub const SECURITY_GROUP_ADDRESS: &str = "ec2.security_group.main";
 pub const STACK_TAG: &str = "stack";
 /// The tag that says which address a resource is.
 pub const ADDRESS_TAG: &str = "stack:address";
+/// The tag naming the state that made a resource (its lineage).
+pub const LINEAGE_TAG: &str = "stack:lineage";
 
 pub const SSH_PORT: i32 = 22;
 /// microk8s serves the Kubernetes API here.
@@ -39,8 +41,9 @@ pub fn instance_address(group: &str, index: u32) -> String {
     format!("ec2.{INSTANCE}.{group}[{index}]")
 }
 
-fn tags(stack: &Stack, address: &str, name: &str) -> Value {
+fn tags(stack: &Stack, lineage: &str, address: &str, name: &str) -> Value {
     let mut tags: BTreeMap<String, String> = stack.tags.clone();
+    tags.insert(LINEAGE_TAG.to_string(), lineage.to_string());
     tags.insert(STACK_TAG.to_string(), stack.name.clone());
     tags.insert(ADDRESS_TAG.to_string(), address.to_string());
     tags.insert("Name".to_string(), name.to_string());
@@ -229,6 +232,7 @@ pub fn resources(
     settings: &Ec2Settings,
     public_key: &str,
     host_keys: &HostKeys,
+    lineage: &str,
 ) -> Result<Vec<Resource>, TemplateError> {
     let name = resource_name(&stack.name);
     let mut resources = vec![
@@ -238,7 +242,7 @@ pub fn resources(
             attrs: json!({
                 "name": name,
                 "publicKeySha256": sha256_hex(key_material(public_key).as_bytes()),
-                "tags": tags(stack, KEY_PAIR_ADDRESS, &name),
+                "tags": tags(stack, lineage, KEY_PAIR_ADDRESS, &name),
             }),
             handling: handling(&["name", "publicKeySha256"]),
         },
@@ -247,7 +251,7 @@ pub fn resources(
                 "name": name,
                 "description": format!("stack {}: nodes of the stack", stack.name),
                 "ingress": ingress_text(stack),
-                "tags": tags(stack, SECURITY_GROUP_ADDRESS, &name),
+                "tags": tags(stack, lineage, SECURITY_GROUP_ADDRESS, &name),
             });
             if let Some(vpc) = &settings.vpc_id {
                 attrs["vpcId"] = json!(vpc);
@@ -273,7 +277,7 @@ pub fn resources(
                 "securityGroup": name,
                 "userDataSha256": sha256_hex(spec.user_data.as_bytes()),
                 "state": "running",
-                "tags": tags(stack, &spec.address, &spec.hostname),
+                "tags": tags(stack, lineage, &spec.address, &spec.hostname),
             });
             if let Some(subnet) = group.subnet_id.as_ref().or(settings.subnet_id.as_ref()) {
                 attrs["subnetId"] = json!(subnet);
@@ -317,7 +321,14 @@ mod tests {
         let Some(Provider::Ec2(settings)) = &stack.provider else {
             panic!("stacks/aws.yaml is an ec2 stack")
         };
-        let resources = resources(&stack, settings, PUBLIC_KEY, &test_host_keys(&stack)).unwrap();
+        let resources = resources(
+            &stack,
+            settings,
+            PUBLIC_KEY,
+            &test_host_keys(&stack),
+            "0123456789abcdef",
+        )
+        .unwrap();
         insta::assert_json_snapshot!(resources);
     }
 

@@ -146,6 +146,8 @@ pub struct Ec2Provider {
     host_keys: desired::HostKeys,
     public_key: String,
     root_devices: Mutex<HashMap<String, String>>,
+    /// The id of the state this provider works for.
+    lineage: String,
 }
 
 impl Ec2Provider {
@@ -156,6 +158,7 @@ impl Ec2Provider {
         settings: &Ec2Settings,
         public_key: &str,
         artifacts: &Artifacts,
+        lineage: &str,
     ) -> Result<Self, Ec2Error> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(profile) = &settings.profile {
@@ -188,7 +191,7 @@ impl Ec2Provider {
                 host_keys.insert(hostname, key);
             }
         }
-        let desired = desired::resources(stack, settings, public_key, &host_keys)?;
+        let desired = desired::resources(stack, settings, public_key, &host_keys, lineage)?;
         let user_data = desired::instances(stack, settings, public_key, &host_keys)?
             .into_iter()
             .map(|spec| (spec.address, spec.user_data))
@@ -202,6 +205,7 @@ impl Ec2Provider {
             host_keys,
             public_key: public_key.to_string(),
             root_devices: Mutex::new(HashMap::new()),
+            lineage: lineage.to_string(),
         })
     }
 
@@ -273,6 +277,27 @@ impl Ec2Provider {
             .map(|r| r.address.clone())
             .or_else(|| tags.get(ADDRESS_TAG).cloned())
             .unwrap_or_else(|| format!("ec2.{kind}.untracked-{id}"))
+    }
+
+    /// Why a live resource is another state's: the records do not know it
+    /// and its lineage tag is not this state's.
+    fn foreign(
+        &self,
+        state: &State,
+        kind: &str,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Option<String> {
+        let recorded = state
+            .resources
+            .iter()
+            .any(|r| r.kind == kind && r.id.as_deref() == Some(id));
+        match tags.get(LINEAGE_TAG) {
+            _ if recorded => None,
+            Some(lineage) if *lineage == self.lineage => None,
+            Some(lineage) => Some(format!("tagged {STACK_TAG}={} by another state (lineage {lineage})", self.stack.name)),
+            None => Some(format!("tagged {STACK_TAG}={} with no lineage: made by another state, or before states had one", self.stack.name)),
+        }
     }
 
     fn recorded_ids(state: &State, kind: &str) -> Vec<String> {
@@ -364,7 +389,10 @@ impl Ec2Provider {
             kind: INSTANCE.to_string(),
             id: id.to_string(),
             attrs,
-            handling: desired::instance_handling(),
+            handling: Handling {
+                foreign: self.foreign(state, INSTANCE, id, &tags),
+                ..desired::instance_handling()
+            },
         })
     }
 
@@ -415,7 +443,10 @@ impl Ec2Provider {
                 address: self.address_of(state, SECURITY_GROUP, id, &tags),
                 kind: SECURITY_GROUP.to_string(),
                 id: id.to_string(),
-                handling: Handling::default(),
+                handling: Handling {
+                    foreign: self.foreign(state, SECURITY_GROUP, id, &tags),
+                    ..Handling::default()
+                },
                 attrs: json!({
                     "name": group.group_name(),
                     "description": group.description(),
@@ -539,7 +570,10 @@ impl Ec2Provider {
                     kind: KEY_PAIR.to_string(),
                     id: id.to_string(),
                     attrs,
-                    handling: Handling::default(),
+                    handling: Handling {
+                        foreign: self.foreign(state, KEY_PAIR, id, &tags),
+                        ..Handling::default()
+                    },
                 })
             })
             .collect())
