@@ -101,14 +101,9 @@ pub fn host_key(artifacts: &Artifacts, hostname: &str) -> Result<(String, String
     let pem = match read(artifacts, &artifact)? {
         Some(pem) => pem,
         None => {
-            let mut key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519)
-                .map_err(|e| KeyError::Generate(e.to_string()))?;
-            key.set_comment(hostname);
-            let pem = key
-                .to_openssh(LineEnding::LF)
-                .map_err(|e| KeyError::Generate(e.to_string()))?;
+            let (pem, _) = new_host_key(hostname)?;
             artifacts.write(&artifact, pem.as_bytes())?;
-            pem.to_string()
+            pem
         }
     };
     let key = PrivateKey::from_openssh(&pem).map_err(|e| KeyError::Invalid {
@@ -120,6 +115,23 @@ pub fn host_key(artifacts: &Artifacts, hostname: &str) -> Result<(String, String
         .to_openssh()
         .map_err(|e| KeyError::Generate(e.to_string()))?;
     Ok((pem, public))
+}
+
+/// A new ed25519 host key, kept nowhere: the private key in OpenSSH form and
+/// the public key. Every such key has the same size, so checks of what a
+/// node's user-data will be can render it before the real one exists.
+pub fn new_host_key(hostname: &str) -> Result<(String, String), KeyError> {
+    let mut key = PrivateKey::random(&mut OsRng, Algorithm::Ed25519)
+        .map_err(|e| KeyError::Generate(e.to_string()))?;
+    key.set_comment(hostname);
+    let pem = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| KeyError::Generate(e.to_string()))?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .map_err(|e| KeyError::Generate(e.to_string()))?;
+    Ok((pem.to_string(), public))
 }
 
 #[cfg(test)]

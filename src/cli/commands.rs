@@ -64,7 +64,7 @@ fn show_plan(plan: &Plan, json: bool) {
 }
 
 pub fn validate(args: &FileArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
-    match model::load(&args.file) {
+    match model::load(&args.file).and_then(|stack| phases::check(&stack).map(|()| stack)) {
         Ok(stack) => {
             match output {
                 OutputFormat::Json => {
@@ -96,7 +96,7 @@ pub async fn plan(
         _ => Mode::Normal,
     };
     if mode != Mode::Destroy {
-        stack.check_built()?;
+        phases::check(&stack)?;
     }
     let json = output == OutputFormat::Json;
     let events = if json {
@@ -127,7 +127,7 @@ pub async fn up(
     cancel: &Cancel,
 ) -> anyhow::Result<ExitCode> {
     let stack = model::load(&args.file.file)?;
-    stack.check_built()?;
+    phases::check(&stack)?;
     let json = output == OutputFormat::Json;
     let events = Events::new(Arc::new(Progress::new(json)));
     let mut session = phases::open(&stack, Access::Write).await?;
@@ -189,7 +189,11 @@ pub async fn down(
         }
         .into());
     }
-    session.forget_artifacts()?;
+    let state = applied.state_location.clone();
+    let state = match session.forget().await? {
+        true => format!("removed, with the stack's key and host keys ({state})"),
+        false => state,
+    };
     if json {
         print_line(&json!({
             "type": "applied",
@@ -199,7 +203,7 @@ pub async fn down(
             "checked": remains.checked,
         }));
     } else {
-        println!("{}", view::applied(&plan, &applied.state_location));
+        println!("{}", view::applied(&plan, &state));
         for sentence in &remains.checked {
             println!("{sentence}");
         }

@@ -691,7 +691,7 @@ pub fn diff(desired: &[Resource], records: &State, observed: &[Observed]) -> Pla
                 let reason = if was_made {
                     "gone from the live world (deleted or terminated out of band)"
                 } else if token.is_some() {
-                    "a create that was interrupted; resumed with the same token"
+                    "a create that did not finish (it failed, timed out or was stopped); tried again with the same token"
                 } else {
                     "new in the stack"
                 };

@@ -440,9 +440,19 @@ impl Session {
         Ok(remains)
     }
 
-    /// Removes the stack's artifacts (after a `down` that left nothing).
-    pub fn forget_artifacts(&self) -> Result<(), EngineError> {
-        Ok(self.artifacts.remove_all()?)
+    /// After a `down` that left nothing: removes the stack's artifacts and,
+    /// when it records nothing, its state and lock, so nothing of the stack
+    /// is left on this machine either. Whether the state was removed.
+    pub async fn forget(mut self) -> Result<bool, EngineError> {
+        self.artifacts.remove_all()?;
+        if !self.handle.state.resources.is_empty() {
+            return Ok(false);
+        }
+        let Some(lock) = self.handle.lock.take() else {
+            return Ok(false);
+        };
+        lock.remove().await?;
+        Ok(true)
     }
 
     /// The stack as it stands: state, artifacts, and each stage's part.

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::file::*;
 use super::stack::{Accel, Addon, BaseImage, DatabaseKind, Protocol, Role, StorageKind};
 use super::stack::{TcpExposure, UpgradePolicy};
-use super::values::{self, ByteSize, ImageRef};
+use super::values::{self, ByteSize, Checksum, HashAlgorithm, ImageRef};
 use super::yaml::{Node, Pos, Value};
 use crate::diag::Diagnostics;
 
@@ -601,8 +601,45 @@ impl Decoder<'_> {
         Some(group)
     }
 
+    /// An image download's checksum: `sha256` or `sha512`, exactly one.
+    fn checksum(&mut self, f: &Fields, path: &str) -> Option<Checksum> {
+        let given: Vec<(HashAlgorithm, &Node)> = HashAlgorithm::ALL
+            .into_iter()
+            .filter_map(|a| Some((a, f.get(a.name())?)))
+            .collect();
+        match given.as_slice() {
+            [(algorithm, value)] => {
+                let key = join(path, algorithm.name());
+                self.parsed(value, &key, |t| Checksum::parse(*algorithm, t))
+                    .map(|c| c.value)
+            }
+            [] => {
+                self.diags.push(
+                    f.pos,
+                    &join(path, "sha256"),
+                    "a required field `sha256` or `sha512` (the image's checksum, to verify the download)",
+                    "neither",
+                );
+                None
+            }
+            _ => {
+                self.diags.push(
+                    given[1].1.pos,
+                    path,
+                    "one checksum, `sha256` or `sha512`",
+                    "both",
+                );
+                None
+            }
+        }
+    }
+
     fn base_image(&mut self, node: &Node, path: &str) -> Option<Spanned<BaseImage>> {
-        let f = self.mapping(node, path, &["url", "sha256", "path", "kernel", "initrd"])?;
+        let f = self.mapping(
+            node,
+            path,
+            &["url", "sha256", "sha512", "path", "kernel", "initrd"],
+        )?;
         let boot_file = |d: &mut Self, key: &str| -> Option<PathBuf> {
             let node = f.get(key)?;
             d.string(node, &join(path, key))
@@ -631,37 +668,24 @@ impl Decoder<'_> {
                         Err("an http:// or https:// URL".to_string())
                     }
                 });
-                let sha = self
-                    .required(
-                        &f,
-                        path,
-                        "sha256",
-                        "the image's sha256, to verify the download",
-                    )
-                    .and_then(|n| {
-                        self.parsed(n, &join(path, "sha256"), |t| {
-                            if t.len() == 64 && t.chars().all(|c| c.is_ascii_hexdigit()) {
-                                Ok(t.to_lowercase())
-                            } else {
-                                Err("64 hex digits".to_string())
-                            }
-                        })
-                    });
+                let sha = self.checksum(&f, path);
                 BaseImage::Url {
                     url: url?.value,
-                    sha256: sha?.value,
+                    checksum: sha?,
                     kernel,
                     initrd,
                 }
             }
             (None, Some(local)) => {
-                if let Some(sha) = f.get("sha256") {
-                    self.diags.push(
-                        sha.pos,
-                        &join(path, "sha256"),
-                        "`sha256` only with `url`",
-                        "`sha256` with `path`",
-                    );
+                for algorithm in HashAlgorithm::ALL {
+                    if let Some(sha) = f.get(algorithm.name()) {
+                        self.diags.push(
+                            sha.pos,
+                            &join(path, algorithm.name()),
+                            format!("`{}` only with `url`", algorithm.name()),
+                            format!("`{}` with `path`", algorithm.name()),
+                        );
+                    }
                 }
                 BaseImage::Path {
                     path: PathBuf::from(self.string(local, &join(path, "path"))?.value),
@@ -673,7 +697,7 @@ impl Decoder<'_> {
                 self.diags.push(
                     node.pos,
                     path,
-                    "either `url` with `sha256`, or `path`",
+                    "either `url` with `sha256` or `sha512`, or `path`",
                     if f.get("url").is_some() {
                         "both `url` and `path`"
                     } else {

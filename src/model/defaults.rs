@@ -37,17 +37,14 @@ fn val<T>(value: Option<Spanned<T>>) -> Option<T> {
     value.map(|s| s.value)
 }
 
-fn location(file: &Path, pos: super::yaml::Pos) -> String {
-    format!("{}:{}:{}", file.display(), pos.line, pos.column)
-}
-
 /// Turns a validated stack file into the resolved model.
 pub fn resolve(stack: StackFile, file: &Path) -> Stack {
     let mut unbuilt = Vec::new();
+    let mut positions = Positions::default();
     let mut mark = |path: &str, pos, what: &str| {
+        positions.insert(path, pos);
         unbuilt.push(UnbuiltSection {
             path: path.to_string(),
-            location: location(file, pos),
             what: what.to_string(),
         })
     };
@@ -101,6 +98,38 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
         allowed_cidrs: cidrs(network.allowed_cidrs),
         ingress_cidrs: cidrs(network.ingress_cidrs),
     };
+    if let Some(nodes) = &stack.nodes {
+        positions.insert("nodes", nodes.pos);
+    }
+    if let Some(kubernetes) = &stack.kubernetes {
+        positions.insert("kubernetes", kubernetes.pos);
+    }
+    for (i, group) in stack.nodes.iter().flat_map(|n| n.value.iter()).enumerate() {
+        let path = format!("nodes[{i}]");
+        positions.insert(&path, group.pos);
+        for (key, pos) in [
+            ("image", group.image.as_ref().map(|s| s.pos)),
+            ("runcmd", group.runcmd.as_ref().map(|s| s.pos)),
+            ("userData", group.user_data.as_ref().map(|s| s.pos)),
+        ] {
+            if let Some(pos) = pos {
+                positions.insert(format!("{path}.{key}"), pos);
+            }
+        }
+    }
+    if let Some(manifests) = stack
+        .kubernetes
+        .as_ref()
+        .and_then(|k| k.value.manifests.as_ref())
+    {
+        positions.insert("kubernetes.manifests", manifests.pos);
+        for (i, manifest) in manifests.value.iter().enumerate() {
+            positions.insert(format!("kubernetes.manifests[{i}]"), manifest.pos);
+        }
+    }
+    if let Some(tags) = &stack.tags {
+        positions.insert("tags", tags.pos);
+    }
     let nodes = val(stack.nodes)
         .unwrap_or_default()
         .into_iter()
@@ -223,5 +252,6 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             .map(|(k, v)| (k, v.value))
             .collect(),
         unbuilt,
+        positions,
     }
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use crate::diag::{Diagnostic, Diagnostics};
 pub use stack::*;
-pub use values::{ByteSize, ImageRef};
+pub use values::{ByteSize, Checksum, HashAlgorithm, ImageRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::values::{ByteSize, ImageRef};
+use super::values::{ByteSize, Checksum, ImageRef};
+use super::yaml::Pos;
 
 /// A resolved stack: every default filled in.
 #[derive(Debug, Clone, Serialize)]
@@ -26,23 +27,44 @@ pub struct Stack {
     pub upgrades: Option<Upgrades>,
     pub timeouts: Timeouts,
     pub tags: BTreeMap<String, String>,
-    /// Sections present in the file whose behaviour is not built yet, with
-    /// the position they were written at (`file:line:column`).
+    /// Sections present in the file whose behaviour is not built yet (their
+    /// positions are in `positions`).
     pub unbuilt: Vec<UnbuiltSection>,
+    /// Where fields that are checked after resolving were written.
+    #[serde(skip)]
+    pub positions: Positions,
 }
 
-/// A stack that uses what this build does not make yet.
-#[derive(Debug, thiserror::Error)]
-#[error("{} uses what this version of stack does not build yet:\n{}\nremove {} to plan and apply the rest", file.display(), sections.join("\n"), if sections.len() == 1 { "it" } else { "them" })]
-pub struct NotBuilt {
-    pub file: PathBuf,
-    pub sections: Vec<String>,
+/// Where fields were written, by field path (`nodes[0].image`,
+/// `kubernetes.manifests[1]`), for the checks that run on the resolved
+/// stack (files that must exist, rendered user-data) to point into the file.
+#[derive(Debug, Clone, Default)]
+pub struct Positions(BTreeMap<String, Pos>);
+
+impl Positions {
+    pub fn insert(&mut self, path: impl Into<String>, pos: Pos) {
+        self.0.insert(path.into(), pos);
+    }
+
+    /// Where `path` was written, or the nearest enclosing field that was;
+    /// the start of the file when none was.
+    pub fn of(&self, path: &str) -> Pos {
+        let mut path = path;
+        loop {
+            if let Some(pos) = self.0.get(path) {
+                return *pos;
+            }
+            match path.rfind(['.', '[']) {
+                Some(end) => path = &path[..end],
+                None => return Pos { line: 1, column: 1 },
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct UnbuiltSection {
     pub path: String,
-    pub location: String,
     pub what: String,
 }
 
@@ -127,12 +149,12 @@ pub struct NodeGroup {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum BaseImage {
-    /// Downloaded once into the image cache and checked against `sha256`.
-    /// With `kernel` and `initrd` (local files) it is a root file system
-    /// booted directly, as with `Path`.
+    /// Downloaded once into the image cache and checked against its
+    /// checksum. With `kernel` and `initrd` (local files) it is a root file
+    /// system booted directly, as with `Path`.
     Url {
         url: String,
-        sha256: String,
+        checksum: Checksum,
         kernel: Option<PathBuf>,
         initrd: Option<PathBuf>,
     },
@@ -326,18 +348,8 @@ impl Stack {
         }
     }
 
-    /// Stops when the stack uses a section whose behaviour is not built yet.
-    pub fn check_built(&self) -> Result<(), NotBuilt> {
-        if self.unbuilt.is_empty() {
-            return Ok(());
-        }
-        Err(NotBuilt {
-            file: self.file.clone(),
-            sections: self
-                .unbuilt
-                .iter()
-                .map(|u| format!("  {}: `{}` ({})", u.location, u.path, u.what))
-                .collect(),
-        })
+    /// Diagnostics about this stack's file.
+    pub fn diagnostics(&self) -> crate::diag::Diagnostics {
+        crate::diag::Diagnostics::new(&self.file)
     }
 }

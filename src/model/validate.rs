@@ -123,7 +123,7 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
             diags.push(
                 group.pos,
                 &format!("{path}.image"),
-                "a base image (`url` with `sha256`, or `path`) for a kvm node group",
+                "a base image (`url` with `sha256` or `sha512`, or `path`) for a kvm node group",
                 "no `image`",
             );
         }

@@ -222,6 +222,66 @@ pub fn is_dns_name(text: &str) -> bool {
         })
 }
 
+/// The checksum a downloaded image must have: `sha256` or `sha512` (the
+/// one Debian publishes), as lowercase hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct Checksum {
+    pub algorithm: HashAlgorithm,
+    pub hex: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HashAlgorithm {
+    Sha256,
+    Sha512,
+}
+
+impl HashAlgorithm {
+    /// Both, as the keys of an image's settings.
+    pub const ALL: [HashAlgorithm; 2] = [HashAlgorithm::Sha256, HashAlgorithm::Sha512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlgorithm::Sha256 => "sha256",
+            HashAlgorithm::Sha512 => "sha512",
+        }
+    }
+
+    fn hex_len(self) -> usize {
+        match self {
+            HashAlgorithm::Sha256 => 64,
+            HashAlgorithm::Sha512 => 128,
+        }
+    }
+}
+
+impl Checksum {
+    pub fn parse(algorithm: HashAlgorithm, text: &str) -> Result<Self, String> {
+        if text.len() == algorithm.hex_len() && text.chars().all(|c| c.is_ascii_hexdigit()) {
+            Ok(Checksum {
+                algorithm,
+                hex: text.to_lowercase(),
+            })
+        } else {
+            Err(format!("{} hex digits", algorithm.hex_len()))
+        }
+    }
+}
+
+impl fmt::Display for Checksum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.algorithm.name(), self.hex)
+    }
+}
+
+impl From<Checksum> for String {
+    fn from(checksum: Checksum) -> String {
+        checksum.to_string()
+    }
+}
+
 /// `30s`, `5m`, `1h30m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|_| "a duration such as 30s, 5m or 1h30m".to_string())
@@ -252,6 +312,16 @@ mod tests {
         assert!(ByteSize::parse("GiB").is_err());
         assert_eq!(ByteSize(20 << 30).to_string(), "20GiB");
         assert_eq!(ByteSize(10_000_000_000).as_gib_ceil(), 10);
+    }
+
+    #[test]
+    fn checksums() {
+        let sha256 = "AB".repeat(32);
+        let parsed = Checksum::parse(HashAlgorithm::Sha256, &sha256).unwrap();
+        assert_eq!(parsed.to_string(), format!("sha256:{}", "ab".repeat(32)));
+        assert!(Checksum::parse(HashAlgorithm::Sha512, &sha256).is_err());
+        assert!(Checksum::parse(HashAlgorithm::Sha512, &"0f".repeat(64)).is_ok());
+        assert!(Checksum::parse(HashAlgorithm::Sha256, &"zz".repeat(32)).is_err());
     }
 
     #[test]

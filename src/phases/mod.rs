@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::artifacts::Artifacts;
 use crate::engine::{Access, EngineError, Phase, Session, StateHandle};
 use crate::keys::{self, KeyError};
-use crate::model::Stack;
+use crate::model::{LoadError, Stack};
 use crate::state::LocalBackend;
 use kube::kinds::Stage;
 
@@ -32,6 +32,32 @@ pub enum OpenError {
         #[source]
         source: Box<kube::KubeError>,
     },
+}
+
+/// Everything about a stack that can be checked without the network, each
+/// phase checking its part: sections this version does not build, the local
+/// files the stack names, what EC2 would refuse, the Kubernetes objects. Runs
+/// before a plan reads anything (`validate` runs it too), so a stack that
+/// cannot work fails before anything is made. A destroy plan does not need it.
+pub fn check(stack: &Stack) -> Result<(), LoadError> {
+    let mut diags = stack.diagnostics();
+    for section in &stack.unbuilt {
+        diags.push(
+            stack.positions.of(&section.path),
+            &section.path,
+            "only what this version of stack builds (remove the section to plan and apply the rest)",
+            format!("{}, not built yet", section.what),
+        );
+    }
+    infra::check(stack, &mut diags);
+    kube::check(stack, &mut diags);
+    if diags.is_empty() {
+        return Ok(());
+    }
+    Err(LoadError::Invalid {
+        path: stack.file.clone(),
+        diagnostics: diags.into_sorted(),
+    })
 }
 
 /// The stage list of a stack, in the order the engine applies it.

@@ -7,7 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::store::{LockHolder, State, StateBackend, StateError, StateLock, SCHEMA_VERSION};
@@ -40,28 +40,37 @@ impl LocalBackend {
         let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
         let lock_path = dir.join(format!("{}.lock", self.stack));
         let location = lock_path.display().to_string();
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(failed("open the lock file", &lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                let mut text = String::new();
-                let _ = lock.read_to_string(&mut text);
-                return Err(match serde_json::from_str::<LockHolder>(&text) {
-                    Ok(holder) => StateError::Locked { location, holder },
-                    Err(_) => StateError::LockedUnknown { location },
-                });
+        // A `down` that left nothing removes the lock file while holding
+        // it: a lock taken on a file that is no longer at the path is no
+        // lock, so it is taken again on the file now there.
+        let mut lock = loop {
+            let mut lock = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&lock_path)
+                .map_err(failed("open the lock file", &lock_path))?;
+            match lock.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => {
+                    let mut text = String::new();
+                    let _ = lock.read_to_string(&mut text);
+                    return Err(match serde_json::from_str::<LockHolder>(&text) {
+                        Ok(holder) => StateError::Locked { location, holder },
+                        Err(_) => StateError::LockedUnknown { location },
+                    });
+                }
+                Err(fs::TryLockError::Error(source)) => {
+                    return Err(failed("lock", &lock_path)(source).into())
+                }
             }
-            Err(fs::TryLockError::Error(source)) => {
-                return Err(failed("lock", &lock_path)(source).into())
+            let held = lock.metadata().map_err(failed("lock", &lock_path))?;
+            if fs::metadata(&lock_path).is_ok_and(|at_path| at_path.ino() == held.ino()) {
+                break lock;
             }
-        }
+        };
         let write_holder = |lock: &mut File| -> std::io::Result<()> {
             lock.set_len(0)?;
             lock.rewind()?;
@@ -71,6 +80,7 @@ impl LocalBackend {
         write_holder(&mut lock).map_err(failed("write the lock file", &lock_path))?;
         Ok(LocalLock {
             path: self.path(),
+            lock_path,
             stack: self.stack.clone(),
             provider: self.provider.clone(),
             _lock: lock,
@@ -139,6 +149,7 @@ impl StateBackend for LocalBackend {
 /// The local state file; holding a value of this type means holding the lock.
 struct LocalLock {
     path: PathBuf,
+    lock_path: PathBuf,
     stack: String,
     provider: String,
     _lock: File,
@@ -198,6 +209,24 @@ impl StateLock for LocalLock {
 
     fn save<'a>(&'a mut self, state: &'a mut State) -> BoxFuture<'a, Result<(), StateError>> {
         Box::pin(async move { self.save_now(state) })
+    }
+
+    fn remove(self: Box<Self>) -> BoxFuture<'static, Result<(), StateError>> {
+        Box::pin(async move {
+            let backup = backup_path(&self.path);
+            for path in [&self.path, &backup, &self.lock_path] {
+                match fs::remove_file(path) {
+                    Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(failed("remove", path)(err).into())
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(dir) = self.path.parent() {
+                let _ = fs::remove_dir(dir);
+            }
+            Ok(())
+        })
     }
 }
 

@@ -182,4 +182,9 @@ pub trait StateLock: Send + Sync {
     /// Writes `state` as the next serial, if the stored serial is still the
     /// one `state` carries; on success `state.serial` is the new serial.
     fn save<'a>(&'a mut self, state: &'a mut State) -> BoxFuture<'a, Result<(), StateError>>;
+
+    /// After a destroy that left nothing: removes the stored state (its
+    /// copies too) and the lock, so nothing of the stack is left; the next
+    /// run starts a new state, with a new lineage.
+    fn remove(self: Box<Self>) -> BoxFuture<'static, Result<(), StateError>>;
 }

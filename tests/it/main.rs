@@ -11,6 +11,8 @@ mod ec2;
 mod kube;
 mod kube_server;
 mod kvm;
+mod preflight;
+mod quickstart;
 mod support;
 mod vagrant;
 mod validate;

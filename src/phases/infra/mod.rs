@@ -7,6 +7,7 @@
 //! The phase hands the bootstrap a [`Nodes`] capability (how to reach the
 //! nodes), not the provider itself.
 
+mod checks;
 pub mod ec2;
 pub mod kvm;
 mod provider;
@@ -23,6 +24,7 @@ use crate::keys::StackKey;
 use crate::model::{Provider as ProviderSettings, Stack};
 use crate::nodes::Nodes;
 use crate::state::{Record, State};
+pub use checks::check;
 pub use provider::{Provider, ProviderError};
 
 #[derive(Debug, thiserror::Error)]

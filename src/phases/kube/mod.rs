@@ -177,6 +177,48 @@ pub fn target(stack: &Stack, artifacts: &Artifacts) -> Result<Option<Target>, Ku
     })))
 }
 
+/// What can be checked of the Kubernetes part without a cluster: an existing
+/// cluster's kubeconfig has the context, and every object (the stack's own
+/// manifests and the built-in ones) reads, renders and fits its schema.
+pub fn check(stack: &Stack, diags: &mut crate::diag::Diagnostics) {
+    if let Err(err) = existing_cluster(stack) {
+        diags.push(
+            stack.positions.of("kubernetes.kubeconfig"),
+            "kubernetes.kubeconfig",
+            "a kubeconfig with the context to deploy to",
+            crate::error_chain::error_chain(&err),
+        );
+    }
+    let Err(err) = manifest::render(stack, None) else {
+        return;
+    };
+    let source = match &err {
+        ManifestError::Read { path, .. } => Some(path.display().to_string()),
+        ManifestError::Invalid { origin, .. } => Some(origin.clone()),
+        ManifestError::Render { .. } => None,
+    };
+    let manifests = stack
+        .kubernetes
+        .as_ref()
+        .map_or(&[][..], |k| &k.manifests[..]);
+    let field = source
+        .and_then(|source| {
+            manifests
+                .iter()
+                .position(|entry| source.starts_with(&entry.display().to_string()))
+        })
+        .map_or_else(
+            || "kubernetes".to_string(),
+            |i| format!("kubernetes.manifests[{i}]"),
+        );
+    diags.push(
+        stack.positions.of(&field),
+        &field,
+        "manifests that can be read and applied",
+        crate::error_chain::error_chain(&err),
+    );
+}
+
 impl Kube {
     /// The Kubernetes part of a stack; `None` when it has none.
     pub fn for_stack(stack: &Stack, artifacts: &Artifacts) -> Result<Option<Arc<Kube>>, KubeError> {
@@ -187,7 +229,10 @@ impl Kube {
             .kubernetes
             .as_ref()
             .is_some_and(|k| k.kubeconfig.is_none());
-        let plain = manifest::render(stack, None)?;
+        // Objects that cannot be rendered (a manifest folder gone) do not
+        // keep a stack from being destroyed: `check` and a normal plan
+        // report them.
+        let plain = manifest::render(stack, None).unwrap_or_default();
         Ok(Some(Arc::new(Kube {
             namespace: stack
                 .kubernetes
@@ -289,7 +334,10 @@ impl Kube {
         } else {
             None
         };
-        let objects = manifest::render(&self.stack, ca.as_ref())?;
+        let objects = match manifest::render(&self.stack, ca.as_ref()) {
+            Err(_) if destroy => Vec::new(),
+            rendered => rendered?,
+        };
         let records = input.state.only(|r| is_kube(&r.kind));
         let nothing = objects.is_empty() && records.resources.is_empty();
         let refreshed = if nothing || !reachable || (destroy && self.made) {

@@ -117,6 +117,11 @@ impl Env {
         self.command(args).output().unwrap()
     }
 
+    /// Runs with another EC2 endpoint (empty: none).
+    pub(crate) fn run_at(&self, endpoint: &str, args: &[&str]) -> Output {
+        self.command_at(endpoint, args).output().unwrap()
+    }
+
     pub(crate) fn state(&self, name: &str) -> serde_json::Value {
         let path = self
             .path()

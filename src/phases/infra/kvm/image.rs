@@ -1,15 +1,16 @@
 //! Base images and the per-VM disks on top of them: downloads into a cache
-//! shared by all stacks (`$XDG_CACHE_HOME/stack/images`), verified by sha256
-//! before use, resumed when a download broke off and redone when the bytes
+//! shared by all stacks (`$XDG_CACHE_HOME/stack/images`), verified by their
+//! checksum (sha256 or sha512) before use, resumed when a download broke off and redone when the bytes
 //! are wrong; each VM gets a qcow2 copy-on-write overlay made by `qemu-img`.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha512};
 
 use crate::files::{failed, FileError};
+use crate::model::{Checksum, HashAlgorithm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -17,7 +18,7 @@ pub enum ImageError {
     Io(#[from] FileError),
     #[error("downloading {url}: {message}")]
     Download { url: String, message: String },
-    #[error("{url} has sha256 {found}, the stack expects {expected}")]
+    #[error("{url} has {found}, the stack expects {expected}")]
     Checksum {
         url: String,
         expected: String,
@@ -39,34 +40,45 @@ pub fn cache_dir() -> PathBuf {
         .join("stack/images")
 }
 
-fn sha256_of(path: &Path) -> Result<String, ImageError> {
-    let mut file = std::fs::File::open(path).map_err(failed("read", path))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(failed("read", path))?;
-        if n == 0 {
-            break;
+/// The file's checksum with the given algorithm.
+fn checksum_of(path: &Path, algorithm: HashAlgorithm) -> Result<Checksum, ImageError> {
+    fn hex_digest<D: Digest>(path: &Path) -> Result<String, ImageError> {
+        let mut file = std::fs::File::open(path).map_err(failed("read", path))?;
+        let mut hasher = D::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).map_err(failed("read", path))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
         }
-        hasher.update(&buf[..n]);
+        Ok(hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    let hex = match algorithm {
+        HashAlgorithm::Sha256 => hex_digest::<Sha256>(path)?,
+        HashAlgorithm::Sha512 => hex_digest::<Sha512>(path)?,
+    };
+    Ok(Checksum { algorithm, hex })
 }
 
-/// The cached, verified copy of `url`, downloading what is missing.
-pub async fn fetch(url: &str, sha256: &str) -> Result<PathBuf, ImageError> {
+/// The cached, verified copy of `url`, downloading what is missing. Cached
+/// files are named by their checksum's hex digits (64 for sha256, 128 for
+/// sha512, so the two cannot collide).
+pub async fn fetch(url: &str, checksum: &Checksum) -> Result<PathBuf, ImageError> {
     let dir = cache_dir();
     std::fs::create_dir_all(&dir).map_err(failed("create", &dir))?;
-    let done = dir.join(format!("{sha256}.img"));
+    let name = &checksum.hex;
+    let done = dir.join(format!("{name}.img"));
     if done.exists() {
         return Ok(done);
     }
     // One download of an image at a time, across VMs, stacks and processes.
-    let lock_path = dir.join(format!("{sha256}.lock"));
+    let lock_path = dir.join(format!("{name}.lock"));
     let lock = std::fs::File::create(&lock_path).map_err(failed("create", &lock_path))?;
     let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
         .await
@@ -75,7 +87,7 @@ pub async fn fetch(url: &str, sha256: &str) -> Result<PathBuf, ImageError> {
     if done.exists() {
         return Ok(done);
     }
-    let part = dir.join(format!("{sha256}.part"));
+    let part = dir.join(format!("{name}.part"));
     // A broken-off download is resumed (a few times); bytes that turn out
     // wrong are thrown away and fetched once more from the start.
     for fresh in [false, true] {
@@ -90,8 +102,8 @@ pub async fn fetch(url: &str, sha256: &str) -> Result<PathBuf, ImageError> {
             tracing::warn!(%url, attempt, "download broke off, resuming: {err}");
             attempt += 1;
         }
-        let found = sha256_of(&part)?;
-        if found == sha256 {
+        let found = checksum_of(&part, checksum.algorithm)?;
+        if &found == checksum {
             std::fs::rename(&part, &done).map_err(failed("store", &done))?;
             drop(lock);
             return Ok(done);
@@ -100,11 +112,11 @@ pub async fn fetch(url: &str, sha256: &str) -> Result<PathBuf, ImageError> {
             let _ = std::fs::remove_file(&part);
             return Err(ImageError::Checksum {
                 url: url.to_string(),
-                expected: sha256.to_string(),
-                found,
+                expected: checksum.to_string(),
+                found: found.to_string(),
             });
         }
-        tracing::warn!(%url, "the download's sha256 is {found}, not {sha256}: fetching it again");
+        tracing::warn!(%url, "the download has {found}, not {checksum}: fetching it again");
     }
     unreachable!("the second pass returns")
 }
@@ -187,4 +199,29 @@ pub fn create_overlay(base: &Path, overlay: &Path, size: u64) -> Result<(), Imag
         &size.max(base_size).to_string(),
     ])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksums_of_both_algorithms() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("abc");
+        std::fs::write(&file, "abc").unwrap();
+        assert_eq!(
+            checksum_of(&file, HashAlgorithm::Sha256)
+                .unwrap()
+                .to_string(),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            checksum_of(&file, HashAlgorithm::Sha512)
+                .unwrap()
+                .to_string(),
+            "sha512:ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a\
+             2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f"
+        );
+    }
 }

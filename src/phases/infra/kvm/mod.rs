@@ -144,6 +144,37 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// A file, or a folder with the files in it (the first few), for messages.
+fn list_files(path: &Path) -> String {
+    const SHOWN: usize = 8;
+    let mut files: Vec<String> = Vec::new();
+    let mut pending = vec![path.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                pending.push(p);
+            } else if let Ok(rel) = p.strip_prefix(path) {
+                files.push(rel.display().to_string());
+            }
+        }
+    }
+    if !path.is_dir() {
+        return format!("file {}", path.display());
+    }
+    files.sort();
+    let more = files.len().saturating_sub(SHOWN);
+    files.truncate(SHOWN);
+    let mut text = format!("files in {}: {}", path.display(), files.join(", "));
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
+    }
+    text
+}
+
 fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -300,7 +331,7 @@ impl KvmProvider {
 
     fn image_id(&self, group: &NodeGroup) -> String {
         match &group.image {
-            Some(BaseImage::Url { sha256, .. }) => format!("sha256:{sha256}"),
+            Some(BaseImage::Url { checksum, .. }) => checksum.to_string(),
             Some(BaseImage::Path { path, .. }) => format!("path:{}", self.local(path).display()),
             None => String::new(),
         }
@@ -520,11 +551,19 @@ impl KvmProvider {
             return Ok(self.record(resource, meta));
         }
         Self::stop_now(&dir).await;
-        std::fs::create_dir_all(&dir).map_err(failed("create", &dir))?;
-        let (host_private, host_public) = crate::keys::host_key(&self.artifacts, &vm.hostname)?;
+        // The base image first: nothing of the VM is made while it is missing.
         let base = match vm.group.image.as_ref() {
-            Some(BaseImage::Url { url, sha256, .. }) => image::fetch(url, sha256).await?,
-            Some(BaseImage::Path { path, .. }) => self.local(path),
+            Some(BaseImage::Url { url, checksum, .. }) => image::fetch(url, checksum).await?,
+            Some(BaseImage::Path { path, .. }) => {
+                let path = self.local(path);
+                if !path.is_file() {
+                    return Err(KvmError::Node {
+                        node: vm.hostname.clone(),
+                        message: format!("there is no base image {}", path.display()),
+                    });
+                }
+                path
+            }
             None => {
                 return Err(KvmError::Node {
                     node: vm.hostname.clone(),
@@ -532,6 +571,8 @@ impl KvmProvider {
                 })
             }
         };
+        std::fs::create_dir_all(&dir).map_err(failed("create", &dir))?;
+        let (host_private, host_public) = crate::keys::host_key(&self.artifacts, &vm.hostname)?;
         let overlay = dir.join("disk.qcow2");
         let _ = std::fs::remove_file(&overlay);
         image::create_overlay(&base, &overlay, vm.group.disk.0)?;
@@ -798,18 +839,34 @@ impl KvmProvider {
         if let Some(pid) = read_pid(&self.run_dir.join("switch.pid")).filter(|p| alive(*p)) {
             left.push(format!("switch process {pid}"));
         }
+        // A VM folder with no QEMU running in it is what a create that
+        // failed half-way left (its host key, an overlay, a seed): the
+        // stack's own generated files, removed here. What cannot be removed
+        // is named, file by file.
         let vms = self.run_dir.join("vms");
+        for entry in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
+            let dir = entry.path();
+            if read_pid(&dir.join("qemu.pid")).is_some_and(alive) {
+                continue;
+            }
+            if let Err(err) = std::fs::remove_dir_all(&dir) {
+                left.push(format!("{} (cannot remove it: {err})", list_files(&dir)));
+            }
+        }
         let _ = std::fs::remove_dir(&vms);
-        let files: Vec<PathBuf> = std::iter::once(vms)
+        let _ = std::fs::remove_dir(&self.run_dir);
+        for path in [vms]
+            .into_iter()
             .chain(
                 ["switch.sock", "switch.pid", "switch.log"]
                     .iter()
                     .map(|f| self.run_dir.join(f)),
             )
             .filter(|path| path.exists())
-            .collect();
-        for file in files {
-            left.push(format!("files in {}", file.display()));
+        {
+            if !left.iter().any(|l| l.contains(&path.display().to_string())) {
+                left.push(list_files(&path));
+            }
         }
         Ok(Leftovers {
             left,
