@@ -147,7 +147,7 @@ pub async fn up(
     if json {
         print_line(&json!({"type": "applied", "summary": plan.summary, "applied": applied}));
     } else {
-        println!("{}", view::applied(&plan, &applied.state_location));
+        println!("{}", view::applied(&plan, &applied));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -199,7 +199,7 @@ pub async fn down(
             "checked": remains.checked,
         }));
     } else {
-        println!("{}", view::applied(&plan, &applied.state_location));
+        println!("{}", view::applied(&plan, &applied));
         for sentence in &remains.checked {
             println!("{sentence}");
         }
