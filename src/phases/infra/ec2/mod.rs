@@ -192,6 +192,7 @@ impl Ec2Provider {
         let client = Client::from_conf(
             aws_sdk_ec2::config::Builder::from(&config)
                 .retry_config(retry::retry_config(settings.max_retries))
+                .retry_classifier(retry::RefusedIsFinal)
                 .interceptor(retries.clone())
                 .build(),
         );

@@ -1,6 +1,7 @@
 //! Why one throttled or failed EC2 call does not stop a run: every call is
-//! retried after throttling, a 5xx answer, a timeout or a broken connection,
-//! up to `provider.ec2.maxRetries` times, with exponential backoff and full
+//! retried after throttling, a 5xx answer, a timeout or a broken connection
+//! (not a refused one: nothing listens there), up to
+//! `provider.ec2.maxRetries` times, with exponential backoff and full
 //! jitter; an interceptor logs each retry at debug level, naming the
 //! operation and the error, and counts them for the run's summary.
 //!
@@ -21,9 +22,9 @@ use std::time::Duration;
 
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::config::interceptors::{
-    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
+    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef, InterceptorContext,
 };
-use aws_sdk_ec2::config::retry::RetryConfig;
+use aws_sdk_ec2::config::retry::{ClassifyRetry, RetryAction, RetryConfig};
 use aws_sdk_ec2::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_runtime_api::box_error::BoxError;
@@ -42,6 +43,40 @@ pub fn retry_config(max_retries: u32) -> RetryConfig {
         .with_max_attempts(max_retries + 1)
         .with_initial_backoff(INITIAL_BACKOFF)
         .with_max_backoff(MAX_BACKOFF)
+}
+
+/// A refused connection is not retried: nothing listens at the endpoint
+/// (a wrong `provider.ec2.endpoint`, an emulator not started), and waiting
+/// would only make the error come minutes later.
+#[derive(Debug)]
+pub struct RefusedIsFinal;
+
+/// Whether an error is, or was caused by, a refused connection.
+fn refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(err) = cause {
+        let io = err.downcast_ref::<std::io::Error>();
+        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
+}
+
+impl ClassifyRetry for RefusedIsFinal {
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        match ctx.output_or_error() {
+            Some(Err(error)) if error.as_connector_error().is_some_and(|c| refused(c)) => {
+                RetryAction::RetryForbidden
+            }
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "a refused connection is final"
+    }
 }
 
 /// Counts and logs the retries of one client's calls.
@@ -144,7 +179,10 @@ pub fn is_transient<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) ->
     use aws_runtime::retries::classifiers::{THROTTLING_ERRORS, TRANSIENT_ERRORS};
     match err {
         SdkError::TimeoutError(_) | SdkError::ResponseError(_) => true,
-        SdkError::DispatchFailure(failure) => failure.is_io() || failure.is_timeout(),
+        SdkError::DispatchFailure(failure) => {
+            (failure.is_io() || failure.is_timeout())
+                && failure.as_connector_error().is_none_or(|c| !refused(c))
+        }
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
             let code = service.err().code().unwrap_or_default();
