@@ -11,7 +11,7 @@
 //! run ends them as it ends the call.
 
 use std::future::Future;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -79,9 +79,8 @@ fn backoff(retry: u32) -> Duration {
     let bound = INITIAL_BACKOFF
         .saturating_mul(1 << (retry - 1).min(16))
         .min(MAX_BACKOFF);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    (retry, Instant::now()).hash(&mut hasher);
-    bound.mul_f64((hasher.finish() % 1_000_000) as f64 / 1_000_000.0)
+    let random = std::collections::hash_map::RandomState::new().hash_one((retry, Instant::now()));
+    bound.mul_f64((random % 1_000_000) as f64 / 1_000_000.0)
 }
 
 /// The Retry-After of an answer, in seconds (the form the API server uses).
