@@ -14,7 +14,7 @@ use super::args::{ApplyArgs, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, S
 use super::progress::Progress;
 use super::{prompt, view};
 use crate::artifacts::Artifact;
-use crate::engine::{plan, Access, ApplyOptions, Cancel, Events, Mode, Plan, PlanRequest};
+use crate::engine::{plan, Access, Applied, ApplyOptions, Cancel, Events, Mode, Plan, PlanRequest};
 use crate::model::{self, LoadError};
 use crate::phases;
 
@@ -147,7 +147,7 @@ pub async fn up(
     if json {
         print_line(&json!({"type": "applied", "summary": plan.summary, "applied": applied}));
     } else {
-        println!("{}", view::applied(&plan, &applied.state_location));
+        println!("{}", view::applied(&plan, &applied));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -203,7 +203,11 @@ pub async fn down(
             "checked": remains.checked,
         }));
     } else {
-        println!("{}", view::applied(&plan, &state));
+        let shown = Applied {
+            state_location: state,
+            ..applied
+        };
+        println!("{}", view::applied(&plan, &shown));
         for sentence in &remains.checked {
             println!("{sentence}");
         }

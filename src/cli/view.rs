@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use crate::engine::{Change, Mode, Plan, Status};
+use crate::engine::{Applied, Change, Mode, Plan, Status};
 
 fn show(value: Option<&Value>) -> String {
     match value {
@@ -164,12 +164,28 @@ pub fn plan(plan: &Plan) -> String {
     out
 }
 
-/// What an apply did, in one line.
-pub fn applied(plan: &Plan, state: &str) -> String {
+/// What an apply did, in one line, with the calls it had to retry.
+pub fn applied(plan: &Plan, applied: &Applied) -> String {
     let s = plan.summary;
+    let retried = if applied.retries.is_empty() {
+        String::new()
+    } else {
+        let each: Vec<String> = applied
+            .retries
+            .iter()
+            .map(|r| {
+                let times = if r.count == 1 { "time" } else { "times" };
+                format!("{} {} {times}", r.service, r.count)
+            })
+            .collect();
+        format!(
+            " (calls retried after transient errors: {})",
+            each.join(", ")
+        )
+    };
     format!(
-        "Applied: {} created, {} updated, {} replaced, {} deleted. State: {state}",
-        s.create, s.update, s.replace, s.delete
+        "Applied: {} created, {} updated, {} replaced, {} deleted{retried}. State: {}",
+        s.create, s.update, s.replace, s.delete, applied.state_location
     )
 }
 

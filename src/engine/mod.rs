@@ -19,7 +19,7 @@ pub use cancel::{Cancel, Level, StopReason, Stopped};
 pub use events::{Event, EventSink, Events};
 pub use phase::{
     ChangeInput, EndpointStatus, Leftovers, NodeStatus, Phase, PhaseError, PlanInput, Prepared,
-    SshAccess, StageInput, StatusPart,
+    Retries, SshAccess, StageInput, StatusPart,
 };
 pub use plan::{
     Action, Change, FieldChange, FieldPath, Handling, Mode, Observed, Plan, PlanPart, PriorFields,

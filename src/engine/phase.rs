@@ -83,6 +83,15 @@ pub struct Leftovers {
     pub checked: Option<String>,
 }
 
+/// The retries of one service's calls after transient errors (throttling,
+/// 5xx answers, dropped connections), counted over the session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Retries {
+    /// `EC2`, `Kubernetes`.
+    pub service: String,
+    pub count: usize,
+}
+
 /// A node as `stack status` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -176,5 +185,11 @@ pub trait Phase: Send + Sync {
     fn status<'a>(&'a self, state: &'a State) -> BoxFuture<'a, Result<StatusPart, PhaseError>> {
         let _ = state;
         Box::pin(async { Ok(StatusPart::default()) })
+    }
+
+    /// How often the phase retried its calls so far in the session; phases
+    /// that share a client leave it to one of them.
+    fn retries(&self) -> Option<Retries> {
+        None
     }
 }

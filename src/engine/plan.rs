@@ -733,7 +733,12 @@ pub fn diff(desired: &[Resource], records: &State, observed: &[Observed]) -> Pla
                 if drift {
                     parts.push(format!("changed out of band: {}", names(&fields, true)));
                 }
-                if fields.iter().any(|f| !f.drift) {
+                if recorded.is_none() {
+                    parts.push(format!(
+                        "found by its tags but not recorded, and unlike what the stack wants: {}",
+                        names(&fields, false)
+                    ));
+                } else if fields.iter().any(|f| !f.drift) {
                     parts.push(format!("changed in the stack: {}", names(&fields, false)));
                 }
                 let mut reason = parts.join("; ");

@@ -17,8 +17,8 @@ use super::apply::{Batch, BatchError, Failure, Ledger, Outcome};
 use super::cancel::{Cancel, Level, StopReason, Stopped};
 use super::events::{Event, Events};
 use super::phase::{
-    EndpointStatus, Leftovers, NodeStatus, Phase, PhaseError, PlanInput, Prepared, StageInput,
-    StatusPart,
+    EndpointStatus, Leftovers, NodeStatus, Phase, PhaseError, PlanInput, Prepared, Retries,
+    StageInput, StatusPart,
 };
 use super::plan::{Action, Change, Mode, Plan, StageRef};
 use crate::artifacts::{Artifact, Artifacts};
@@ -167,6 +167,8 @@ pub struct Applied {
     pub applied: Vec<Outcome>,
     pub state_serial: u64,
     pub state_location: String,
+    /// Calls retried after transient errors, by service (none when no call was).
+    pub retries: Vec<Retries>,
 }
 
 /// What `down` found still there.
@@ -410,6 +412,7 @@ impl Session {
                 applied: outcomes,
                 state_serial: serial,
                 state_location: location,
+                retries: self.retries(),
             }),
             Err(Halt::Stopped(during)) => Err(EngineError::Stopped {
                 during,
@@ -418,6 +421,19 @@ impl Session {
             }),
             Err(Halt::Error(err)) => Err(err),
         }
+    }
+
+    /// The retries of the session's calls so far, one entry per service that retried.
+    pub fn retries(&self) -> Vec<Retries> {
+        let mut all: Vec<Retries> = Vec::new();
+        for retries in self.phases.iter().filter_map(|p| p.retries()) {
+            match all.iter_mut().find(|r| r.service == retries.service) {
+                Some(known) => known.count += retries.count,
+                None => all.push(retries),
+            }
+        }
+        all.retain(|r| r.count > 0);
+        all
     }
 
     /// What each stage finds still there (after `down`).

@@ -458,6 +458,7 @@ impl Decoder<'_> {
                 "ami",
                 "instanceType",
                 "sshUser",
+                "maxRetries",
             ],
         )?;
         Some(Ec2File {
@@ -479,6 +480,7 @@ impl Decoder<'_> {
             ami: self.opt(&f, path, "ami", |d, n, p| d.aws_id(n, p, "ami")),
             instance_type: self.opt(&f, path, "instanceType", Self::instance_type),
             ssh_user: self.opt(&f, path, "sshUser", |d, n, p| d.dns_label(n, p, 32)),
+            max_retries: self.opt(&f, path, "maxRetries", |d, n, p| d.integer(n, p, 0, 100)),
         })
     }
 

@@ -11,6 +11,8 @@ use super::values::{ByteSize, ImageRef};
 
 pub const EC2_INSTANCE_TYPE: &str = "t3.medium";
 pub const EC2_SSH_USER: &str = "ubuntu";
+/// As Terraform's AWS provider: enough that a run outlasts a bad minute of throttling.
+pub const EC2_MAX_RETRIES: u32 = 25;
 pub const KVM_SSH_USER: &str = "stack";
 pub const DISK_GIB: u64 = 20;
 pub const KVM_CPUS: u32 = 2;
@@ -78,6 +80,7 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             ami: val(ec2.ami),
             instance_type: val(ec2.instance_type).unwrap_or_else(|| EC2_INSTANCE_TYPE.to_string()),
             ssh_user: val(ec2.ssh_user).unwrap_or_else(|| EC2_SSH_USER.to_string()),
+            max_retries: val(ec2.max_retries).unwrap_or(EC2_MAX_RETRIES),
         }),
         ProviderFile::Kvm(kvm) => Provider::Kvm(KvmSettings {
             accel: val(kvm.accel).unwrap_or(Accel::Auto),

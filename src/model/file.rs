@@ -53,6 +53,7 @@ pub struct Ec2File {
     pub ami: Opt<String>,
     pub instance_type: Opt<String>,
     pub ssh_user: Opt<String>,
+    pub max_retries: Opt<u32>,
 }
 
 #[derive(Debug, Clone, Default)]

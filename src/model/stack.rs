@@ -86,6 +86,8 @@ pub struct Ec2Settings {
     pub ami: Option<String>,
     pub instance_type: String,
     pub ssh_user: String,
+    /// How many times an EC2 call is retried after a transient error.
+    pub max_retries: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -1,5 +1,6 @@
 //! The EC2 provider on moto: up, plan, drift and repair, down; interruptions
-//! (SIGKILL at many points, SIGINT), the state lock, corrupt state, bad
+//! (SIGKILL at many points, SIGINT) and adopting what a killed run made;
+//! transient EC2 errors retried; the state lock, corrupt state, bad
 //! credentials and endpoints, and the prompt on a terminal.
 
 use std::collections::BTreeSet;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::{AttributeValue, IpPermission, IpRange};
 
-use crate::support::moto::{ec2, tagged, Moto, Proxy, ProxyRules, Tagged};
+use crate::support::moto::{ec2, instance_ids, tagged, Faults, Moto, Proxy, ProxyRules, Tagged};
 use crate::support::{expect_code, free_port, runtime, text, Env, STACK};
 
 #[test]
@@ -516,4 +517,242 @@ fn a_second_checkout_of_a_stack_leaves_the_first_ones_resources_alone_unless_tol
     );
     expect_code(&first.run(&["down", "--yes"]), 0);
     assert_eq!(tagged(&moto.url(), "twice"), Tagged::nothing());
+}
+
+/// Through a proxy that answers a fifth of the EC2 calls with 500
+/// InternalError, 503 Unavailable, or 400 RequestLimitExceeded or
+/// Throttling, ten runs of `up` of ten instances from nothing each succeed
+/// in one run without a duplicate, and so do `plan` and `down`; the summary
+/// counts exactly the retries the proxy caused.
+#[test]
+fn transient_ec2_errors_are_retried_so_up_plan_and_down_succeed_in_one_run() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    for run in 0..10u64 {
+        proxy.rules.lock().unwrap().faults = Some(Faults {
+            seed: run,
+            percent: 20,
+        });
+        let name = format!("faulty{run}");
+        let env = Env::new(&name, 9, proxy.url());
+        let before = proxy.faults();
+        let json = run % 2 == 0;
+        let up = if json {
+            env.run(&["up", "--yes", "--output", "json"])
+        } else {
+            env.run(&["up", "--yes"])
+        };
+        expect_code(&up, 0);
+        let injected = proxy.faults() - before;
+        assert!(injected > 0, "run {run}: the proxy failed no call");
+        let shown = text(&up.stdout);
+        if json {
+            let applied: serde_json::Value =
+                serde_json::from_str(shown.lines().last().unwrap()).unwrap();
+            assert_eq!(
+                applied["applied"]["retries"],
+                serde_json::json!([{"service": "EC2", "count": injected}]),
+                "run {run}: {shown}"
+            );
+        } else {
+            let times = if injected == 1 { "time" } else { "times" };
+            let counted = format!("(calls retried after transient errors: EC2 {injected} {times})");
+            assert!(
+                shown.contains(&counted),
+                "run {run} lacks {counted}:\n{shown}"
+            );
+        }
+        assert_eq!(tagged(&moto.url(), &name), Tagged::nodes(9), "run {run}");
+        expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+        expect_code(&env.run(&["down", "--yes"]), 0);
+        assert_eq!(tagged(&moto.url(), &name), Tagged::nothing(), "run {run}");
+    }
+}
+
+#[test]
+fn max_retries_is_checked_and_a_call_that_outlasts_them_says_the_next_run_continues() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    let env = Env::new("retries", 1, proxy.url());
+    let file = env.path().join("stack.yaml");
+    let yaml = std::fs::read_to_string(&file).unwrap();
+    let with = |retries: &str| {
+        let changed = yaml.replace(
+            "    ami: ami-12c6146b\n",
+            &format!("    ami: ami-12c6146b\n    maxRetries: {retries}\n"),
+        );
+        std::fs::write(&file, changed).unwrap();
+    };
+    with("101");
+    let validate = env.run(&["validate"]);
+    expect_code(&validate, 1);
+    assert!(
+        text(&validate.stderr).contains(
+            "stack.yaml:6:17: provider.ec2.maxRetries: expected a whole number from 0 to 100, found `101`"
+        ),
+        "{}",
+        text(&validate.stderr)
+    );
+
+    with("0");
+    proxy.rules.lock().unwrap().faults = Some(Faults {
+        seed: 0,
+        percent: 100,
+    });
+    let up = env.run(&["up", "--yes"]);
+    expect_code(&up, 1);
+    let message = text(&up.stderr);
+    for expected in [
+        "cannot refresh the infrastructure of stack retries",
+        "ec2 Describe",
+        "a transient error that outlasted every retry, provider.ec2.maxRetries: what finished is recorded in state, and the next run continues from there",
+    ] {
+        assert!(message.contains(expected), "{expected:?} missing:\n{message}");
+    }
+    // DescribeInstances, DescribeSecurityGroups, DescribeKeyPairs: once each.
+    assert_eq!(proxy.count(), 3, "maxRetries: 0 retries nothing");
+    proxy.rules.lock().unwrap().faults = None;
+    expect_code(&env.run(&["up", "--yes"]), 0);
+    expect_code(&env.run(&["down", "--yes"]), 0);
+}
+
+/// Instances that an `up` killed with SIGKILL made but never recorded are
+/// adopted by the next `up` (found by their tags, and what they were
+/// launched with is what the stack wants), not terminated and made again;
+/// one the stack no longer wants as it is would be replaced, and the plan
+/// says why.
+#[test]
+fn instances_a_killed_up_made_are_adopted_not_made_again() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    for (round, kill_at) in [1usize, 4, 7, 10].into_iter().enumerate() {
+        let name = format!("adopt{round}");
+        let env = Env::new(&name, 9, proxy.url());
+        let child = {
+            // Held while the child starts, so no answer passes unwatched.
+            let mut rules = proxy.rules.lock().unwrap();
+            let child = env
+                .command(&["up", "--yes"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let child = Arc::new(Mutex::new(child));
+            rules.kill_at_action = Some(("RunInstances", proxy.answered("RunInstances") + kill_at));
+            rules.victim = Some(child.clone());
+            child
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.lock().unwrap().try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "round {round}: up never ended");
+            thread::sleep(Duration::from_millis(20));
+        };
+        *proxy.rules.lock().unwrap() = ProxyRules::default();
+        assert!(
+            status.code().is_none(),
+            "round {round}: up was not killed at RunInstances answer {kill_at}: {status:?}"
+        );
+        proxy.wait_idle();
+        let made = instance_ids(&moto.url(), &name);
+        assert!(
+            made.len() >= kill_at,
+            "round {round}: only {} instances made",
+            made.len()
+        );
+        let state = env.state(&name);
+        let unrecorded = made
+            .iter()
+            .filter(|(address, id)| {
+                !state["resources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["address"] == address.as_str() && r["id"] == id.as_str())
+            })
+            .count();
+        assert!(
+            unrecorded > 0,
+            "round {round}: the kill left nothing unrecorded"
+        );
+
+        if round == 3 {
+            // Not what the stack wants any more: replaced, and said why.
+            let file = env.path().join("stack.yaml");
+            let yaml = std::fs::read_to_string(&file).unwrap();
+            let changed = yaml
+                .replace("    count: 9\n", "    count: 9\n    runcmd: [\"true\"]\n")
+                .replace(
+                    "    disk: 30GiB\n",
+                    "    disk: 30GiB\n    runcmd: [\"true\"]\n",
+                );
+            std::fs::write(&file, changed).unwrap();
+            let plan = env.run(&["plan"]);
+            expect_code(&plan, 0);
+            let shown = text(&plan.stdout);
+            assert!(
+                shown.contains("found by its tags but not recorded, and unlike what the stack wants: userDataSha256"),
+                "{shown}"
+            );
+            std::fs::write(&file, yaml).unwrap();
+        }
+
+        let before = proxy.actions().len();
+        let rerun = env.run(&["up", "--yes"]);
+        expect_code(&rerun, 0);
+        let actions = proxy.actions()[before..].to_vec();
+        assert!(
+            !actions.iter().any(|a| a == "TerminateInstances"),
+            "round {round}: the rerun terminated instances: {actions:?}\n{}",
+            text(&rerun.stdout)
+        );
+        let launched = actions.iter().filter(|a| *a == "RunInstances").count();
+        assert_eq!(launched, 10 - made.len(), "round {round}: {actions:?}");
+        let now = instance_ids(&moto.url(), &name);
+        for pair in &made {
+            assert!(
+                now.contains(pair),
+                "round {round}: {pair:?} is gone: {now:?}"
+            );
+        }
+        assert_eq!(
+            tagged(&moto.url(), &name),
+            Tagged::nodes(9),
+            "round {round}"
+        );
+        for (address, id) in &now {
+            assert_eq!(&env.id_of(&name, address), id, "round {round}");
+        }
+        expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+        expect_code(&env.run(&["down", "--yes"]), 0);
+        assert_eq!(
+            tagged(&moto.url(), &name),
+            Tagged::nothing(),
+            "round {round}"
+        );
+    }
+}
+
+/// A create whose answer was lost (made, then a 500) is retried by the SDK
+/// and answered "duplicate"; what the first attempt made is the stack's.
+#[test]
+fn a_create_whose_answer_was_lost_finds_what_it_made() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    proxy.rules.lock().unwrap().lose_answer = vec!["ImportKeyPair", "CreateSecurityGroup"];
+    let env = Env::new("lost", 1, proxy.url());
+    let up = env.run(&["up", "--yes"]);
+    expect_code(&up, 0);
+    assert!(proxy.rules.lock().unwrap().lose_answer.is_empty());
+    assert!(
+        text(&up.stdout).contains("(calls retried after transient errors: EC2 2 times)"),
+        "{}",
+        text(&up.stdout)
+    );
+    assert_eq!(tagged(&moto.url(), "lost"), Tagged::nodes(1));
+    expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+    expect_code(&env.run(&["down", "--yes"]), 0);
+    assert_eq!(tagged(&moto.url(), "lost"), Tagged::nothing());
 }

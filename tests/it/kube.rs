@@ -1,10 +1,10 @@
 //! Kubernetes objects on an existing cluster (the API test double): staged
 //! apply, exact drift, readiness gates, a lost state file, immutable fields,
-//! objects the API refuses.
+//! objects the API refuses, transient API errors retried.
 
 use std::process::Command;
 
-use crate::support::kube::{change_lines, kube_env, APP_MANIFESTS};
+use crate::support::kube::{change_lines, faulty_kube_env, kube_env, APP_MANIFESTS};
 use crate::support::{expect_code, text};
 
 #[test]
@@ -353,4 +353,31 @@ fn an_object_the_api_refuses_stops_its_stage_before_anything_in_it_changes() {
     std::fs::write(env.path().join("app/web.yaml"), APP_MANIFESTS).unwrap();
     expect_code(&env.run(&["up", "--yes"]), 0);
     expect_code(&env.run(&["down", "--yes"]), 0);
+}
+
+/// With a fifth of stack's API calls answered 429 (Retry-After: 1), 500,
+/// 502, 503, 504 or with a reset connection, `up`, `plan` and `down` each
+/// succeed in one run, and the summary counts exactly those retries.
+#[test]
+fn transient_api_errors_are_retried_so_up_plan_and_down_succeed_in_one_run() {
+    for seed in 0..3 {
+        let name = format!("flaky{seed}");
+        let faults = format!("{seed}:20");
+        let (env, double) = faulty_kube_env(&name, APP_MANIFESTS, "30s", Some(&faults));
+        let up = env.run(&["up", "--yes"]);
+        expect_code(&up, 0);
+        let injected = double.faults();
+        assert!(injected > 0, "seed {seed}: the double failed no call");
+        let times = if injected == 1 { "time" } else { "times" };
+        let counted =
+            format!("(calls retried after transient errors: Kubernetes {injected} {times})");
+        assert!(
+            text(&up.stdout).contains(&counted),
+            "seed {seed}: {counted} missing:\n{}",
+            text(&up.stdout)
+        );
+        expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
+        expect_code(&env.run(&["down", "--yes"]), 0);
+        assert_eq!(double.labelled(&name), Vec::<String>::new(), "seed {seed}");
+    }
 }

@@ -50,9 +50,16 @@ inconvenient parts included:
   template replace one pod every N seconds (maxSurge 1, maxUnavailable 0),
   their status computed whenever they are read.
 
-Run: kube_api_double.py --port PORT [--log FILE]
+Run: kube_api_double.py --port PORT [--log FILE] [--faults SEED:PERCENT]
 Every request is appended to --log as one line,
 `METHOD PATH?QUERY user-agent=VALUE` (`-` when no User-Agent was sent).
+
+With --faults, about PERCENT of stack's requests (picked from the request's
+number and SEED, so a run can be repeated) fail the way an overloaded API
+server or the proxy before it fails: 429 with Retry-After: 1 and a plain
+text body (as the API server's max-in-flight filter answers), a 500, 503 or
+504 Status, a 502 from a proxy, or a connection reset before any answer.
+Such a request changes nothing and is logged as `FAULT KIND METHOD PATH?QUERY`.
 """
 
 import argparse
@@ -60,9 +67,12 @@ import base64
 import copy
 import datetime
 import hashlib
+import io
 import itertools
 import json
 import math
+import socket
+import struct
 import sys
 import threading
 import time
@@ -654,10 +664,32 @@ def field_match(obj, selector):
     return True
 
 
+FAULT_KINDS = ["429", "500", "502", "503", "504", "reset"]
+
+
+class Faults:
+    """Which requests fail, and how: a seeded pick per request number."""
+
+    def __init__(self, spec):
+        seed, percent = spec.split(":")
+        self.seed, self.percent = seed, int(percent)
+        self.count = itertools.count(1)
+        self.lock = threading.Lock()
+
+    def pick(self):
+        with self.lock:
+            n = next(self.count)
+        roll = int.from_bytes(hashlib.sha256(f"{self.seed}:{n}".encode()).digest()[:8], "big")
+        if roll % 100 >= self.percent:
+            return None
+        return FAULT_KINDS[(roll >> 32) % len(FAULT_KINDS)]
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     store = None
     log = None
+    faults = None
 
     def log_message(self, fmt, *args):
         pass
@@ -670,16 +702,45 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def fail(self, kind):
+        """Answers as an overloaded server (or the proxy before it) would."""
+        if kind == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
+            self.wfile = io.BytesIO()
+            return
+        code = int(kind)
+        if code in (429, 502):
+            text = b"Too many requests, please try again later.\n" if code == 429 else b"Bad Gateway\n"
+            self.send_response(code)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            if code == 429:
+                self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+            return
+        reason = {500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}[code]
+        self.reply(code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                          "message": f"injected {reason}", "reason": reason, "code": code})
+
     def handle_any(self, method):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        if self.log:
-            # One line a request, method and path first: tests count lines and grep them.
-            agent = self.headers.get("User-Agent") or "-"
-            with open(self.log, "a") as f:
-                f.write(f"{method} {self.path} user-agent={agent}\n")
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        agent = self.headers.get("User-Agent") or "-"
+        # Only stack's requests fail: the tests' own reads must not.
+        fault = self.faults.pick() if self.faults and agent.startswith("stack/") else None
+        if self.log:
+            # One line a request, method and path first: tests count lines and grep them.
+            line = f"FAULT {fault} {method} {self.path}" if fault else f"{method} {self.path} user-agent={agent}"
+            with open(self.log, "a") as f:
+                f.write(line + "\n")
+        if fault:
+            self.fail(fault)
+            return
         try:
             with self.store.lock:
                 code, out = self.dispatch(method, url.path, query, body)
@@ -880,9 +941,11 @@ def main():
     parser = argparse.ArgumentParser(description="A test double of the Kubernetes API server")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log")
+    parser.add_argument("--faults", help="SEED:PERCENT of requests to fail transiently")
     args = parser.parse_args()
     Handler.store = Store()
     Handler.log = args.log
+    Handler.faults = Faults(args.faults) if args.faults else None
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print(f"kube-api-double listening on 127.0.0.1:{args.port}", flush=True)
     try:

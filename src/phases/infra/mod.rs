@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::artifacts::Artifacts;
 use crate::engine::{
     Action, Change, ChangeInput, Leftovers, Mode, Phase, PhaseError, PlanInput, PlanPart, Resource,
-    StatusPart,
+    Retries, StatusPart,
 };
 use crate::future::BoxFuture;
 use crate::keys::StackKey;
@@ -194,5 +194,9 @@ impl Phase for Infra {
 
     fn status<'a>(&'a self, _state: &'a State) -> BoxFuture<'a, Result<StatusPart, PhaseError>> {
         self.provider.status()
+    }
+
+    fn retries(&self) -> Option<Retries> {
+        self.provider.retries()
     }
 }

@@ -1,7 +1,7 @@
 //! The one trait every infrastructure backend implements, object-safe so
 //! the infrastructure phase holds its provider as a trait object.
 
-use crate::engine::{Change, Leftovers, Observed, Resource, StatusPart};
+use crate::engine::{Change, Leftovers, Observed, Resource, Retries, StatusPart};
 use crate::future::BoxFuture;
 use crate::state::{Record, State};
 
@@ -48,4 +48,9 @@ pub trait Provider: Send + Sync {
 
     /// The nodes with their addresses, from a fresh read, and the SSH user.
     fn status(&self) -> BoxFuture<'_, Result<StatusPart, ProviderError>>;
+
+    /// How often it retried its calls after transient errors so far.
+    fn retries(&self) -> Option<Retries> {
+        None
+    }
 }

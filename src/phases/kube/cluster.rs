@@ -1,7 +1,8 @@
 //! The few API calls stack makes, over kube's client: LIST a kind by label
 //! selector, server-side apply under stack's field manager, GET, DELETE,
-//! and the events of an object. Every call has a timeout; objects travel
-//! as JSON so any kind in the table can be handled the same way.
+//! and the events of an object. Every call has a timeout and is retried
+//! after transient errors (see `retry`); objects travel as JSON so any kind
+//! in the table can be handled the same way.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +15,7 @@ use serde_json::Value;
 
 use super::drift::FIELD_MANAGER;
 use super::kinds::Kind;
+use super::retry::{self, RetryLog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -62,7 +64,12 @@ fn not_found(err: &kube::Error) -> bool {
 }
 
 impl Cluster {
-    pub async fn connect(kubeconfig: &Path, context: &str) -> Result<Cluster, ClusterError> {
+    /// A client for `context`, its retries counted in `retries`.
+    pub async fn connect(
+        kubeconfig: &Path,
+        context: &str,
+        retries: &RetryLog,
+    ) -> Result<Cluster, ClusterError> {
         let config_error = |source| ClusterError::Config {
             path: kubeconfig.to_path_buf(),
             context: context.to_string(),
@@ -83,10 +90,15 @@ impl Cluster {
         config.connect_timeout = Some(Duration::from_secs(10));
         config.read_timeout = Some(Duration::from_secs(60));
         config.write_timeout = Some(Duration::from_secs(60));
-        let client = kube::Client::try_from(config).map_err(|source| ClusterError::Client {
-            context: context.to_string(),
-            source,
-        })?;
+        // Retried by stack's own layer, which logs and counts every retry.
+        config.default_retry = false;
+        let client = kube::client::ClientBuilder::try_from(config)
+            .map_err(|source| ClusterError::Client {
+                context: context.to_string(),
+                source,
+            })?
+            .with_layer(retries)
+            .build();
         Ok(Cluster {
             client,
             context: context.to_string(),
@@ -108,11 +120,17 @@ impl Cluster {
 
     fn failed(&self, verb: &'static str, what: String) -> impl FnOnce(kube::Error) -> ClusterError {
         let context = self.context.clone();
-        move |err| ClusterError::Api {
-            verb,
-            what,
-            context,
-            reason: describe(&err),
+        move |err| {
+            let mut reason = describe(&err);
+            if retry::is_transient(&err) {
+                reason.push_str(&format!(" (a transient error that outlasted {} retries: what finished is recorded in state, and the next run continues from there)", retry::MAX_RETRIES));
+            }
+            ClusterError::Api {
+                verb,
+                what,
+                context,
+                reason,
+            }
         }
     }
 

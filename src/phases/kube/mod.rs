@@ -16,6 +16,7 @@ mod gate;
 pub mod kinds;
 pub mod manifest;
 mod refresh;
+mod retry;
 pub mod schema;
 pub mod tls;
 
@@ -29,7 +30,7 @@ use serde_json::json;
 use crate::artifacts::{Artifact, Artifacts};
 use crate::engine::{
     Action, Change, ChangeInput, EndpointStatus, Leftovers, Mode, Observed, Phase, PhaseError,
-    PlanInput, PlanPart, Prepared, PriorFields, Resource, StageInput, StatusPart,
+    PlanInput, PlanPart, Prepared, PriorFields, Resource, Retries, StageInput, StatusPart,
 };
 use crate::files::FileError;
 use crate::future::BoxFuture;
@@ -153,6 +154,8 @@ pub struct Kube {
     /// The stage of each of them, by address.
     stages: BTreeMap<String, Stage>,
     cluster: tokio::sync::OnceCell<Cluster>,
+    /// The retries of the cluster's calls.
+    retries: retry::RetryLog,
     /// The views of the latest plans, by plan id.
     views: tokio::sync::Mutex<Vec<(u64, Arc<View>)>>,
 }
@@ -246,6 +249,7 @@ impl Kube {
             plain,
             stack: stack.clone(),
             cluster: tokio::sync::OnceCell::new(),
+            retries: retry::RetryLog::default(),
             views: tokio::sync::Mutex::new(Vec::new()),
         })))
     }
@@ -276,7 +280,9 @@ impl Kube {
     async fn cluster(&self) -> Result<&Cluster, KubeError> {
         Ok(self
             .cluster
-            .get_or_try_init(|| Cluster::connect(&self.target.kubeconfig, &self.target.context))
+            .get_or_try_init(|| {
+                Cluster::connect(&self.target.kubeconfig, &self.target.context, &self.retries)
+            })
             .await?)
     }
 
@@ -997,6 +1003,14 @@ impl Phase for KubeStage {
 
     fn status<'a>(&'a self, _state: &'a State) -> BoxFuture<'a, Result<StatusPart, PhaseError>> {
         Box::pin(async move { Ok(self.status().await) })
+    }
+
+    /// The stages share one client: the first stage reports its retries.
+    fn retries(&self) -> Option<Retries> {
+        (self.stage == Stage::Foundation).then(|| Retries {
+            service: "Kubernetes".to_string(),
+            count: self.kube.retries.count(),
+        })
     }
 }
 

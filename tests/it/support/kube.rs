@@ -21,15 +21,21 @@ pub(crate) struct KubeDouble {
 }
 
 impl KubeDouble {
-    fn start(dir: &Path) -> KubeDouble {
+    /// `faults` is `SEED:PERCENT` of stack's requests to fail transiently.
+    fn start(dir: &Path, faults: Option<&str>) -> KubeDouble {
         let port = free_port();
         let log = dir.join("api-requests.log");
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kube-api-double/kube_api_double.py");
-        let child = Command::new("python3")
+        let mut command = Command::new("python3");
+        command
             .arg(script)
             .args(["--port", &port.to_string(), "--log"])
-            .arg(&log)
+            .arg(&log);
+        if let Some(faults) = faults {
+            command.args(["--faults", faults]);
+        }
+        let child = command
             .stdout(Stdio::null())
             .spawn()
             .expect("python3 runs the Kubernetes API double");
@@ -108,6 +114,13 @@ impl KubeDouble {
     pub(crate) fn requests(&self) -> usize {
         std::fs::read_to_string(&self.log).map_or(0, |log| log.lines().count())
     }
+
+    /// How many requests were failed on purpose (see `--faults`).
+    pub(crate) fn faults(&self) -> usize {
+        std::fs::read_to_string(&self.log).map_or(0, |log| {
+            log.lines().filter(|l| l.starts_with("FAULT ")).count()
+        })
+    }
 }
 
 impl Drop for KubeDouble {
@@ -174,8 +187,18 @@ data:
 /// An existing cluster (the API double) with the user's manifests, a TLS
 /// ingress from the stack's CA and a TCP endpoint on a NodePort.
 pub(crate) fn kube_env(name: &str, manifests: &str, healthy: &str) -> (Env, KubeDouble) {
+    faulty_kube_env(name, manifests, healthy, None)
+}
+
+/// A `kube_env` whose API fails some of stack's requests (`SEED:PERCENT`).
+pub(crate) fn faulty_kube_env(
+    name: &str,
+    manifests: &str,
+    healthy: &str,
+    faults: Option<&str>,
+) -> (Env, KubeDouble) {
     let env = Env::new(name, 1, String::new());
-    let double = KubeDouble::start(env.path());
+    let double = KubeDouble::start(env.path(), faults);
     std::fs::create_dir_all(env.path().join("app")).unwrap();
     std::fs::write(env.path().join("app/web.yaml"), manifests).unwrap();
     std::fs::write(
@@ -190,7 +213,7 @@ pub(crate) fn kube_env(name: &str, manifests: &str, healthy: &str) -> (Env, Kube
 /// no ingress, so any objects will do.
 pub(crate) fn plain_kube_env(name: &str, manifests: &str, healthy: &str) -> (Env, KubeDouble) {
     let env = Env::new(name, 1, String::new());
-    let double = KubeDouble::start(env.path());
+    let double = KubeDouble::start(env.path(), None);
     std::fs::create_dir_all(env.path().join("app")).unwrap();
     std::fs::write(env.path().join("app/objects.yaml"), manifests).unwrap();
     std::fs::write(

@@ -1,8 +1,9 @@
 //! The EC2 peer: a real `moto_server` (PyPI `moto[server]`) that each test
 //! starts on a free loopback port, an EC2 client to change the world out of
 //! band, and what moto still holds for a stack. A small loopback proxy between
-//! `stack` and moto counts requests, slows them down, or SIGKILLs `stack` at
-//! an exact request, so interruptions are repeatable.
+//! `stack` and moto counts requests and their EC2 actions, slows them down,
+//! SIGKILLs `stack` at an exact request, or answers a seeded share of them
+//! with EC2's transient errors, so interruptions and faults are repeatable.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -62,14 +63,120 @@ pub(crate) struct ProxyRules {
     /// SIGKILL this process when the n-th request's answer arrives, before
     /// passing it on (the world changed; `stack` never learns it).
     pub(crate) kill_at: Option<usize>,
+    /// The same at the n-th answer to one EC2 action (counted over the
+    /// proxy's life, see [`Proxy::answered`]).
+    pub(crate) kill_at_action: Option<(&'static str, usize)>,
     pub(crate) victim: Option<Arc<Mutex<Child>>>,
     pub(crate) delay: Duration,
+    /// Answer some requests with an EC2 error in moto's place.
+    pub(crate) faults: Option<Faults>,
+    /// Pass the next request of each of these actions on to moto, then
+    /// answer 500 InternalError: the call worked, its answer was lost.
+    pub(crate) lose_answer: Vec<&'static str>,
+}
+
+/// About `percent` of the requests, picked from the request's number and
+/// `seed`, are answered with one of [`FAULTS`] without reaching moto.
+#[derive(Clone, Copy)]
+pub(crate) struct Faults {
+    pub(crate) seed: u64,
+    pub(crate) percent: u64,
+}
+
+/// Transient errors as EC2 answers them: status, code, message.
+const FAULTS: [(u16, &str, &str); 4] = [
+    (500, "InternalError", "An internal error has occurred."),
+    (
+        503,
+        "Unavailable",
+        "The server is overloaded and cannot handle the request.",
+    ),
+    (400, "RequestLimitExceeded", "Request limit exceeded."),
+    (400, "Throttling", "Rate exceeded."),
+];
+
+/// SplitMix64: a well-mixed number from a seed and a counter.
+fn mix(seed: u64, n: u64) -> u64 {
+    let mut z = seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Faults {
+    /// The error answer for request `n`, if it is one to fail.
+    fn answer(&self, n: usize) -> Option<Vec<u8>> {
+        let roll = mix(self.seed, n as u64);
+        if roll % 100 >= self.percent {
+            return None;
+        }
+        Some(error_answer(
+            FAULTS[((roll >> 32) % FAULTS.len() as u64) as usize],
+            n,
+        ))
+    }
+}
+
+/// An EC2 error answer with Connection: close.
+fn error_answer((status, code, message): (u16, &str, &str), n: usize) -> Vec<u8> {
+    let reason = match status {
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Bad Request",
+    };
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>fault-{n}</RequestID></Response>"
+    );
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The EC2 action a request asks for (`Action=RunInstances&…` in its form body).
+fn action_of(request: &[u8]) -> String {
+    let text = String::from_utf8_lossy(request);
+    text.split(['&', '\n'])
+        .find_map(|part| part.trim().strip_prefix("Action="))
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// What the proxy saw, shared with its threads.
+#[derive(Default)]
+struct Seen {
+    /// The action of every request, in the order they came.
+    actions: Vec<String>,
+    /// Answers from moto passed on (or withheld by a kill), by action.
+    answered: std::collections::HashMap<String, usize>,
+    /// Requests answered with an injected error.
+    faults: usize,
+    /// Requests read and not yet answered (or dropped).
+    in_flight: usize,
+}
+
+/// Counts a request as in flight while it lives.
+struct InFlight(Arc<Mutex<Seen>>);
+
+impl InFlight {
+    fn new(seen: &Arc<Mutex<Seen>>) -> InFlight {
+        seen.lock().unwrap().in_flight += 1;
+        InFlight(seen.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().in_flight -= 1;
+    }
 }
 
 /// A loopback HTTP proxy in front of moto.
 pub(crate) struct Proxy {
     port: u16,
     requests: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Seen>>,
     pub(crate) rules: Arc<Mutex<ProxyRules>>,
 }
 
@@ -94,18 +201,30 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(AtomicUsize::new(0));
         let rules = Arc::new(Mutex::new(ProxyRules::default()));
-        let (count, shared) = (requests.clone(), rules.clone());
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (count, shared, witness) = (requests.clone(), rules.clone(), seen.clone());
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(mut client) = client else { continue };
-                let (count, rules) = (count.clone(), shared.clone());
+                let (count, rules, seen) = (count.clone(), shared.clone(), witness.clone());
                 thread::spawn(move || {
                     let Some(request) = read_request(&mut client) else {
                         return;
                     };
+                    let _in_flight = InFlight::new(&seen);
                     let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-                    let delay = rules.lock().unwrap().delay;
+                    let action = action_of(&request);
+                    seen.lock().unwrap().actions.push(action.clone());
+                    let (delay, faults) = {
+                        let rules = rules.lock().unwrap();
+                        (rules.delay, rules.faults)
+                    };
                     thread::sleep(delay);
+                    if let Some(fault) = faults.and_then(|f| f.answer(n)) {
+                        seen.lock().unwrap().faults += 1;
+                        let _ = client.write_all(&fault);
+                        return;
+                    }
                     let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                         return;
                     };
@@ -114,9 +233,25 @@ impl Proxy {
                     }
                     let mut answer = Vec::new();
                     let _ = server.read_to_end(&mut answer);
+                    let nth_of_action = {
+                        let mut seen = seen.lock().unwrap();
+                        let answered = seen.answered.entry(action.clone()).or_default();
+                        *answered += 1;
+                        *answered
+                    };
                     {
-                        let rules = rules.lock().unwrap();
-                        if rules.kill_at == Some(n) {
+                        let mut rules = rules.lock().unwrap();
+                        if let Some(at) = rules.lose_answer.iter().position(|a| *a == action) {
+                            rules.lose_answer.remove(at);
+                            seen.lock().unwrap().faults += 1;
+                            let _ = client.write_all(&error_answer(FAULTS[0], n));
+                            return;
+                        }
+                        let kill = rules.kill_at == Some(n)
+                            || rules.kill_at_action.is_some_and(|(wanted, at)| {
+                                wanted == action && at == nth_of_action
+                            });
+                        if kill {
                             if let Some(victim) = &rules.victim {
                                 let _ = victim.lock().unwrap().kill();
                             }
@@ -131,6 +266,7 @@ impl Proxy {
         Proxy {
             port,
             requests,
+            seen,
             rules,
         }
     }
@@ -141,6 +277,37 @@ impl Proxy {
 
     pub(crate) fn count(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// The action of every request so far, in order.
+    pub(crate) fn actions(&self) -> Vec<String> {
+        self.seen.lock().unwrap().actions.clone()
+    }
+
+    /// How many of moto's answers to `action` arrived so far.
+    pub(crate) fn answered(&self, action: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .answered
+            .get(action)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until every request that reached the proxy is done with (after
+    /// a kill, those already passed on still change moto).
+    pub(crate) fn wait_idle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.seen.lock().unwrap().in_flight > 0 {
+            assert!(Instant::now() < deadline, "requests still in flight");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// How many requests were answered with an injected error so far.
+    pub(crate) fn faults(&self) -> usize {
+        self.seen.lock().unwrap().faults
     }
 }
 
@@ -220,6 +387,41 @@ pub(crate) fn tagged(endpoint: &str, stack: &str) -> Tagged {
     })
 }
 
+/// The live instances tagged with the stack, by their `stack:address` tag.
+pub(crate) fn instance_ids(endpoint: &str, stack: &str) -> Vec<(String, String)> {
+    let client = ec2(endpoint);
+    runtime().block_on(async {
+        let reservations = client
+            .describe_instances()
+            .filters(Filter::builder().name("tag:stack").values(stack).build())
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let mut ids: Vec<(String, String)> = reservations
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| {
+                let address = i
+                    .tags()
+                    .iter()
+                    .find(|t| t.key() == Some("stack:address"))?
+                    .value()?;
+                Some((address.to_string(), i.instance_id()?.to_string()))
+            })
+            .collect();
+        ids.sort();
+        ids
+    })
+}
+
 impl Tagged {
     /// What a `down` must leave.
     pub(crate) fn nothing() -> Tagged {
@@ -227,6 +429,18 @@ impl Tagged {
             instances: vec![],
             groups: 0,
             key_pairs: 0,
+        }
+    }
+
+    /// The key pair, the group and the nodes of `stack_yaml(_, workers)`.
+    pub(crate) fn nodes(workers: u32) -> Tagged {
+        let mut instances = vec!["ec2.instance.control[0]".to_string()];
+        instances.extend((0..workers).map(|i| format!("ec2.instance.worker[{i}]")));
+        instances.sort();
+        Tagged {
+            instances,
+            groups: 1,
+            key_pairs: 1,
         }
     }
 

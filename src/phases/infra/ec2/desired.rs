@@ -27,6 +27,10 @@ pub const STACK_TAG: &str = "stack";
 pub const ADDRESS_TAG: &str = "stack:address";
 /// The tag naming the state that made a resource (its lineage).
 pub const LINEAGE_TAG: &str = "stack:lineage";
+/// The tag with the sha256 of an instance's user data, set at launch: EC2
+/// does not return user data with the instance, so this is how an instance
+/// a stopped run made but did not record is compared with the stack.
+pub const USER_DATA_TAG: &str = "stack:userdata";
 
 pub const SSH_PORT: i32 = 22;
 /// microk8s serves the Kubernetes API here.

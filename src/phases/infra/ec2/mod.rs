@@ -7,13 +7,14 @@
 //! its address, and `create` looks it up by those tags first.
 
 pub mod desired;
+mod retry;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Debug;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
+use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
@@ -29,7 +30,7 @@ use self::desired::*;
 use super::provider::{Provider, ProviderError};
 use crate::artifacts::Artifacts;
 use crate::engine::{
-    Change, Handling, Leftovers, NodeStatus, Observed, Resource, SshAccess, StatusPart,
+    Change, Handling, Leftovers, NodeStatus, Observed, Resource, Retries, SshAccess, StatusPart,
 };
 use crate::files::sha256_hex;
 use crate::future::BoxFuture;
@@ -72,17 +73,18 @@ fn error_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&str> 
     err.as_service_error().and_then(|e| e.code())
 }
 
-fn api<E, R>(
+/// The error of a failed call, naming it; one that was still transient
+/// after every retry says that the next run continues.
+fn api<E>(
     action: &'static str,
     target: impl Into<String>,
-) -> impl FnOnce(SdkError<E, R>) -> Ec2Error
+) -> impl FnOnce(SdkError<E, HttpResponse>) -> Ec2Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: Debug + Send + Sync + 'static,
 {
     let target = target.into();
     move |err| {
-        let message = match err.as_service_error() {
+        let mut message = match err.as_service_error() {
             Some(service) => format!(
                 "{}: {}",
                 service.code().unwrap_or("error"),
@@ -90,6 +92,9 @@ where
             ),
             None => DisplayErrorContext(&err).to_string(),
         };
+        if retry::is_transient(&err) {
+            message.push_str(" (a transient error that outlasted every retry, provider.ec2.maxRetries: what finished is recorded in state, and the next run continues from there)");
+        }
         Ec2Error::Api {
             action,
             target,
@@ -148,6 +153,7 @@ pub struct Ec2Provider {
     root_devices: Mutex<HashMap<String, String>>,
     /// The id of the state this provider works for.
     lineage: String,
+    retries: retry::RetryLog,
 }
 
 impl Ec2Provider {
@@ -182,7 +188,14 @@ impl Ec2Provider {
             .provide_credentials()
             .await
             .map_err(|e| Ec2Error::Credentials(DisplayErrorContext(&e).to_string()))?;
-        let client = Client::new(&config);
+        let retries = retry::RetryLog::default();
+        let client = Client::from_conf(
+            aws_sdk_ec2::config::Builder::from(&config)
+                .retry_config(retry::retry_config(settings.max_retries))
+                .retry_classifier(retry::RefusedIsFinal)
+                .interceptor(retries.clone())
+                .build(),
+        );
         let mut host_keys = desired::HostKeys::new();
         for group in &stack.nodes {
             for index in 0..group.count {
@@ -206,6 +219,7 @@ impl Ec2Provider {
             public_key: public_key.to_string(),
             root_devices: Mutex::new(HashMap::new()),
             lineage: lineage.to_string(),
+            retries,
         })
     }
 
@@ -359,7 +373,9 @@ impl Ec2Provider {
     ) -> Option<Observed> {
         let id = instance.instance_id()?;
         let live_state = instance_state(instance)?;
-        let tags = tag_map(instance.tags());
+        let mut tags = tag_map(instance.tags());
+        // Not one of the stack's tags: what the instance was launched with.
+        let user_data = tags.remove(USER_DATA_TAG);
         let groups: Vec<&str> = instance
             .security_groups()
             .iter()
@@ -383,6 +399,9 @@ impl Ec2Provider {
         });
         if let Some(size) = root_sizes.get(id) {
             attrs["rootVolumeGiB"] = json!(size);
+        }
+        if let Some(sha) = user_data {
+            attrs["userDataSha256"] = json!(sha);
         }
         Some(Observed {
             address: self.address_of(state, INSTANCE, id, &tags),
@@ -696,6 +715,8 @@ impl Ec2Provider {
                 let ami = attrs["ami"].as_str().unwrap_or_default();
                 let device = self.root_device(ami).await?;
                 let user_data = self.user_data.get(address).cloned().unwrap_or_default();
+                let mut tags = attrs["tags"].clone();
+                tags[USER_DATA_TAG] = json!(sha256_hex(user_data.as_bytes()));
                 let volume = EbsBlockDevice::builder()
                     .volume_size(attrs["rootVolumeGiB"].as_i64().unwrap_or(20) as i32)
                     .volume_type(VolumeType::Gp3)
@@ -719,7 +740,7 @@ impl Ec2Provider {
                     .client_token(token)
                     .min_count(1)
                     .max_count(1)
-                    .tag_specifications(tag_spec(ResourceType::Instance, &attrs["tags"]))
+                    .tag_specifications(tag_spec(ResourceType::Instance, &tags))
                     .tag_specifications(tag_spec(ResourceType::Volume, &attrs["tags"]))
                     .send()
                     .await
@@ -783,10 +804,16 @@ impl Ec2Provider {
                 match created {
                     Ok(out) => out.group_id().unwrap_or_default().to_string(),
                     Err(err) if error_code(&err) == Some("InvalidGroup.Duplicate") => {
-                        return Err(Ec2Error::Conflict(format!(
-                            "a security group named {name} exists but is not tagged {STACK_TAG}={}: stack will not take over what it did not make; delete or rename it",
-                            self.stack.name
-                        )))
+                        // An earlier attempt of this call may have made it.
+                        match self.group_named(name, target).await? {
+                            Some(id) => id,
+                            None => {
+                                return Err(Ec2Error::Conflict(format!(
+                                    "a security group named {name} exists but is not tagged {STACK_TAG}={}: stack will not take over what it did not make; delete or rename it",
+                                    self.stack.name
+                                )))
+                            }
+                        }
                     }
                     Err(err) => return Err(api("CreateSecurityGroup", target)(err)),
                 }
@@ -804,6 +831,27 @@ impl Ec2Provider {
             attrs: attrs.clone(),
             pending_token: None,
         })
+    }
+
+    /// The id of the group named `name` if it carries this stack's tags for `address`.
+    async fn group_named(&self, name: &str, address: &str) -> Result<Option<String>, Ec2Error> {
+        let found = self
+            .client
+            .describe_security_groups()
+            .filters(filter("group-name", [name]))
+            .send()
+            .await
+            .map_err(api("DescribeSecurityGroups", address))?;
+        Ok(found
+            .security_groups()
+            .iter()
+            .find(|g| {
+                let tags = tag_map(g.tags());
+                tags.get(STACK_TAG) == Some(&self.stack.name)
+                    && tags.get(ADDRESS_TAG).map(String::as_str) == Some(address)
+            })
+            .and_then(|g| g.group_id())
+            .map(str::to_string))
     }
 
     fn subnet_for_vpc(&self) -> Option<String> {
@@ -871,9 +919,8 @@ impl Ec2Provider {
         Ok(())
     }
 
-    async fn create_key_pair(&self, resource: &Resource) -> Result<Record, Ec2Error> {
-        let attrs = &resource.attrs;
-        let name = attrs["name"].as_str().unwrap_or_default();
+    /// The key pair named `name`: its id when it is this stack's, an error when it is not.
+    async fn key_pair_named(&self, name: &str) -> Result<Option<String>, Ec2Error> {
         let existing = self
             .client
             .describe_key_pairs()
@@ -881,28 +928,42 @@ impl Ec2Provider {
             .send()
             .await
             .map_err(api("DescribeKeyPairs", name))?;
-        let id = match existing.key_pairs().first() {
+        match existing.key_pairs().first() {
             Some(pair) if tag_map(pair.tags()).get(STACK_TAG) == Some(&self.stack.name) => {
-                pair.key_pair_id().unwrap_or_default().to_string()
+                Ok(Some(pair.key_pair_id().unwrap_or_default().to_string()))
             }
-            Some(_) => {
-                return Err(Ec2Error::Conflict(format!(
-                    "a key pair named {name} exists but is not tagged {STACK_TAG}={}: stack will not take over what it did not make; delete it",
-                    self.stack.name
-                )))
+            Some(_) => Err(Ec2Error::Conflict(format!(
+                "a key pair named {name} exists but is not tagged {STACK_TAG}={}: stack will not take over what it did not make; delete it",
+                self.stack.name
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    async fn create_key_pair(&self, resource: &Resource) -> Result<Record, Ec2Error> {
+        let attrs = &resource.attrs;
+        let name = attrs["name"].as_str().unwrap_or_default();
+        let id = match self.key_pair_named(name).await? {
+            Some(id) => id,
+            None => {
+                let imported = self
+                    .client
+                    .import_key_pair()
+                    .key_name(name)
+                    .public_key_material(Blob::new(self.public_key.trim().as_bytes()))
+                    .tag_specifications(tag_spec(ResourceType::KeyPair, &attrs["tags"]))
+                    .send()
+                    .await;
+                match imported {
+                    Ok(out) => out.key_pair_id().unwrap_or_default().to_string(),
+                    // An earlier attempt of this call may have made it.
+                    Err(err) if error_code(&err) == Some("InvalidKeyPair.Duplicate") => self
+                        .key_pair_named(name)
+                        .await?
+                        .ok_or_else(|| api("ImportKeyPair", name)(err))?,
+                    Err(err) => return Err(api("ImportKeyPair", name)(err)),
+                }
             }
-            None => self
-                .client
-                .import_key_pair()
-                .key_name(name)
-                .public_key_material(Blob::new(self.public_key.trim().as_bytes()))
-                .tag_specifications(tag_spec(ResourceType::KeyPair, &attrs["tags"]))
-                .send()
-                .await
-                .map_err(api("ImportKeyPair", name))?
-                .key_pair_id()
-                .unwrap_or_default()
-                .to_string(),
         };
         Ok(Record {
             address: resource.address.clone(),
@@ -1292,6 +1353,13 @@ impl Provider for Ec2Provider {
 
     fn status(&self) -> BoxFuture<'_, Result<StatusPart, ProviderError>> {
         Box::pin(async move { Ok(self.status().await?) })
+    }
+
+    fn retries(&self) -> Option<Retries> {
+        Some(Retries {
+            service: "EC2".to_string(),
+            count: self.retries.count(),
+        })
     }
 }
 
