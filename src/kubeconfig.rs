@@ -4,12 +4,12 @@
 //! (like k3sup's `--merge`).
 
 use serde_json::{json, Map, Value};
-use yaml_rust2::{YamlEmitter, YamlLoader};
+use yaml_rust2::YamlEmitter;
 
 use std::path::{Path, PathBuf};
 
 use crate::files::{failed, write_private, FileError};
-use crate::yamljson::{to_json, to_yaml};
+use crate::yamljson::{self, to_json, to_yaml};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeconfigError {
@@ -66,7 +66,7 @@ pub fn parse(text: &str, what: &str) -> Result<Value, KubeconfigError> {
         what: what.to_string(),
         reason,
     };
-    let docs = YamlLoader::load_from_str(text).map_err(|e| invalid(e.to_string()))?;
+    let docs = yamljson::load(text).map_err(|e| invalid(e.to_string()))?;
     let config = docs.first().map(to_json).unwrap_or(Value::Null);
     if config.is_null() {
         return Ok(json!({"apiVersion": "v1", "kind": "Config"}));

@@ -9,7 +9,6 @@
 pub mod artifacts;
 pub mod cli;
 pub mod cloudinit;
-pub mod diag;
 pub mod engine;
 pub mod error_chain;
 pub mod files;
@@ -17,10 +16,12 @@ pub mod future;
 pub mod keys;
 pub mod kubeconfig;
 pub mod microk8s;
-pub mod model;
 pub mod nodes;
 pub mod phases;
 pub mod ssh;
 pub mod state;
 pub mod templates;
 pub mod yamljson;
+
+// The stack file's model and its diagnostics live in crates/stack-model.
+pub use stack_model::{diag, model};

@@ -1,7 +1,9 @@
-//! The shape of `src/`, checked: data flows one way (no file reaches, by
-//! `crate::`, `super::` or `self::` paths, a file that reaches it back), and
-//! only the command-line layer reads stdin, prints, draws progress or
-//! handles signals.
+//! The shape of the library's source, checked: data flows one way (no file
+//! reaches, by `crate::`, `super::` or `self::` paths, a file that reaches it
+//! back), and only the command-line layer reads stdin, prints, draws progress
+//! or handles signals. The source is `src/` and the model crate's
+//! `crates/stack-model/src/`, whose modules `src/lib.rs` re-exports at the
+//! same paths (`model`, `diag`), so both are one module tree here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -10,39 +12,56 @@ fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
-/// Every `.rs` file under `src/` by its module path (`engine::plan`).
-fn modules() -> BTreeMap<Vec<String>, PathBuf> {
+fn model_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/stack-model/src")
+}
+
+/// Every `.rs` file of the library by its module path (`engine::plan`), and
+/// the model crate's root, which has no module path of its own.
+fn modules() -> (BTreeMap<Vec<String>, PathBuf>, Vec<PathBuf>) {
     let mut out = BTreeMap::new();
-    let mut stack = vec![src()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
+    let mut roots = Vec::new();
+    for root in [src(), model_src()] {
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|e| e != "rs") {
+                    continue;
+                }
+                let relative = path.strip_prefix(&root).unwrap();
+                let mut segments: Vec<String> = relative
+                    .iter()
+                    .map(|s| s.to_string_lossy().trim_end_matches(".rs").to_string())
+                    .collect();
+                if matches!(
+                    segments.last().map(String::as_str),
+                    Some("mod" | "lib" | "main")
+                ) {
+                    segments.pop();
+                }
+                if root == src() && relative == Path::new("main.rs") {
+                    // The binary is a crate of its own.
+                    continue;
+                }
+                if root == model_src() && relative == Path::new("lib.rs") {
+                    // Its modules are re-exported under `stack`'s own root.
+                    roots.push(path);
+                    continue;
+                }
+                assert!(
+                    out.insert(segments, path.clone()).is_none(),
+                    "{} has a module path another file has",
+                    path.display()
+                );
             }
-            if path.extension().is_none_or(|e| e != "rs") {
-                continue;
-            }
-            let relative = path.strip_prefix(src()).unwrap();
-            let mut segments: Vec<String> = relative
-                .iter()
-                .map(|s| s.to_string_lossy().trim_end_matches(".rs").to_string())
-                .collect();
-            if matches!(
-                segments.last().map(String::as_str),
-                Some("mod" | "lib" | "main")
-            ) {
-                segments.pop();
-            }
-            if relative == Path::new("main.rs") {
-                // The binary is a crate of its own.
-                continue;
-            }
-            out.insert(segments, path);
         }
     }
-    out
+    (out, roots)
 }
 
 /// The text without comments and string literals, so that neither counts as a path.
@@ -233,7 +252,7 @@ fn resolve(
 
 #[test]
 fn no_file_in_src_reaches_back_to_a_file_that_reaches_it() {
-    let files = modules();
+    let (files, _) = modules();
     let mut edges: BTreeMap<Vec<String>, BTreeSet<Vec<String>>> = BTreeMap::new();
     for (module, file) in &files {
         let text = std::fs::read_to_string(file).unwrap();
@@ -251,6 +270,12 @@ fn no_file_in_src_reaches_back_to_a_file_that_reaches_it() {
             .get(&module("engine::session"))
             .is_some_and(|to| to.contains(&module("engine::plan"))),
         "the checker reads paths: {edges:#?}"
+    );
+    assert!(
+        edges
+            .get(&module("model::decode"))
+            .is_some_and(|to| to.contains(&module("diag"))),
+        "the checker reads the model crate's paths: {edges:#?}"
     );
     // Depth-first search for a way back.
     fn visit(
@@ -285,7 +310,7 @@ fn no_file_in_src_reaches_back_to_a_file_that_reaches_it() {
     }
     assert!(
         cycles.is_empty(),
-        "import circles in src/:\n{}",
+        "import circles in the library's source:\n{}",
         cycles.join("\n")
     );
 }
@@ -293,10 +318,13 @@ fn no_file_in_src_reaches_back_to_a_file_that_reaches_it() {
 #[test]
 fn only_the_command_line_layer_reads_stdin_prints_draws_progress_or_handles_signals() {
     let mut found = Vec::new();
-    for (module, file) in modules() {
-        if module.first().is_some_and(|m| m == "cli") {
-            continue;
-        }
+    let (files, roots) = modules();
+    let library = files
+        .into_iter()
+        .filter(|(module, _)| module.first().is_none_or(|m| m != "cli"))
+        .map(|(_, file)| file)
+        .chain(roots);
+    for file in library {
         let code = code(&std::fs::read_to_string(&file).unwrap());
         for needle in [
             "io::stdin",

@@ -11,13 +11,12 @@ use base64::Engine as _;
 use handlebars::Handlebars;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
-use yaml_rust2::YamlLoader;
 
 use super::kinds::{self, Kind, Stage};
 use super::schema;
 use super::tls::Material;
 use crate::model::{Database, DatabaseKind, Endpoint, Protocol, Stack, TlsSource};
-use crate::yamljson::to_json;
+use crate::yamljson::{self, to_json};
 
 /// The label every object of every stack carries.
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -380,7 +379,7 @@ impl Renderer {
 }
 
 fn parse_documents(text: &str, origin: &str) -> Result<Vec<Value>, ManifestError> {
-    let docs = YamlLoader::load_from_str(text).map_err(|e| ManifestError::Invalid {
+    let docs = yamljson::load(text).map_err(|e| ManifestError::Invalid {
         origin: origin.to_string(),
         problem: format!("not YAML: {e}"),
     })?;

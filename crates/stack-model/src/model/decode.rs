@@ -2,18 +2,26 @@
 //! every type error (unknown keys, wrong types, missing fields, bad formats)
 //! instead of stopping at the first.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use super::file::*;
 use super::stack::{Accel, Addon, BaseImage, DatabaseKind, Protocol, Role, StorageKind};
 use super::stack::{TcpExposure, UpgradePolicy};
+use super::text::control_name;
 use super::values::{self, ByteSize, Checksum, HashAlgorithm, ImageRef};
-use super::yaml::{Node, Pos, Value};
+use super::yaml::{shown, Node, Pos, Value};
 use crate::diag::Diagnostics;
 
 /// The only stack file version this build reads.
 pub const VERSION: u32 = 1;
+
+/// The longest tag name and value EC2 takes, in characters.
+const TAG_NAME_MAX: usize = 128;
+const TAG_VALUE_MAX: usize = 256;
+/// The characters besides letters, digits and spaces that tags may hold
+/// everywhere on AWS.
+const TAG_PUNCTUATION: &str = "+-=._:/@";
 
 pub fn decode(root: &Node, diags: &mut Diagnostics) -> Option<StackFile> {
     Decoder { diags }.stack(root)
@@ -106,6 +114,7 @@ impl Decoder<'_> {
                     .iter()
                     .filter(|k| edit_distance(k, text) <= 2)
                     .min_by_key(|k| edit_distance(k, text));
+                let text = shown(text);
                 let found = match suggestion {
                     Some(s) => format!("unknown field `{text}` (did you mean `{s}`?)"),
                     None => format!("unknown field `{text}`"),
@@ -141,12 +150,20 @@ impl Decoder<'_> {
     ) -> Option<&'n Node> {
         let node = fields.get(key);
         if node.is_none() {
-            self.diags.push(
-                fields.pos,
-                &join(path, key),
-                format!("a required field `{key}` ({what})"),
-                format!("no `{key}`"),
-            );
+            match fields.key_pos(key) {
+                Some(pos) => self.diags.push(
+                    pos,
+                    &join(path, key),
+                    format!("a value for `{key}` ({what})"),
+                    "nothing",
+                ),
+                None => self.diags.push(
+                    fields.pos,
+                    &join(path, key),
+                    format!("a required field `{key}` ({what})"),
+                    format!("no `{key}`"),
+                ),
+            }
         }
         node
     }
@@ -156,6 +173,20 @@ impl Decoder<'_> {
             Value::Scalar { text, quoted } => {
                 if !quoted && matches!(text.as_str(), "true" | "false") {
                     self.error(node, path, "a string (quote it to mean the word)");
+                    return None;
+                }
+                // Written as escapes in quoted strings; the file itself holds none.
+                if let Some((i, c)) = text
+                    .chars()
+                    .enumerate()
+                    .find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\n'))
+                {
+                    self.diags.push(
+                        node.pos,
+                        path,
+                        "a string without control characters (tab and newline are the only ones allowed)",
+                        format!("{} as character {} of {}", control_name(c), i + 1, node.kind_name()),
+                    );
                     return None;
                 }
                 Some(Spanned {
@@ -375,7 +406,15 @@ impl Decoder<'_> {
                 pos: f.key_pos("provider").unwrap_or(p.pos),
                 value: p.value,
             });
-        let provider_failed = f.get("provider").is_some() && provider.is_none();
+        let provider_failed = f.key_pos("provider").is_some() && provider.is_none();
+        for (key, needs) in [
+            ("provider", "the provider's settings, `ec2: …` or `kvm: …`"),
+            ("nodes", "the node groups, a list"),
+        ] {
+            if let (Some(pos), None) = (f.key_pos(key), f.get(key)) {
+                self.diags.push(pos, key, needs, "nothing");
+            }
+        }
         let network = self.opt(&f, "", "network", Self::network);
         let nodes = self.section(&f, "nodes", |d, n, p| {
             d.list(n, p, |d, child, p| d.node_group(child, p))
@@ -388,7 +427,7 @@ impl Decoder<'_> {
         let monitoring = self.section(&f, "monitoring", Self::monitoring);
         let upgrades = self.section(&f, "upgrades", Self::upgrades);
         let timeouts = self.opt(&f, "", "timeouts", Self::timeouts);
-        let tags = self.opt(&f, "", "tags", Self::tags);
+        let tags = self.section(&f, "tags", Self::tags);
         if provider_failed {
             return None;
         }
@@ -428,11 +467,16 @@ impl Decoder<'_> {
                     Some(("ec2", _, _)) => ProviderFile::Ec2(Box::default()),
                     Some(("kvm", _, _)) => ProviderFile::Kvm(KvmFile::default()),
                     _ => {
+                        let empty = matches!(&node.value, Value::Map(m) if m.is_empty());
                         self.diags.push(
                             node.pos,
                             "provider",
                             "one provider, `ec2` or `kvm`",
-                            "no provider",
+                            if empty {
+                                "an empty mapping"
+                            } else {
+                                "no provider"
+                            },
                         );
                         return None;
                     }
@@ -1006,32 +1050,116 @@ impl Decoder<'_> {
             return None;
         };
         let mut tags = BTreeMap::new();
+        let mut seen: HashMap<String, Pos> = HashMap::new();
         for (key, value) in entries {
             let Some(key) = self.string(key, path) else {
                 continue;
             };
-            let key_path = join(path, &key.value);
-            let reserved = key.value == "Name"
-                || key.value.starts_with("stack")
-                || key.value.to_lowercase().starts_with("aws:");
-            if reserved || key.value.is_empty() || key.value.len() > 128 {
+            let key_path = join(path, &shown(&key.value));
+            if let Some(first) = seen.get(&key.value) {
                 self.diags.push(
                     key.pos,
                     &key_path,
-                    "a tag name of 1 to 128 characters, not `Name`, `stack…` or `aws:…` (stack sets those)",
-                    format!("`{}`", key.value),
+                    "each tag once",
+                    format!(
+                        "`{}` again (first at {}:{})",
+                        shown(&key.value),
+                        first.line,
+                        first.column
+                    ),
                 );
                 continue;
             }
-            if let Some(value) = self.string(value, &key_path) {
-                tags.insert(key.value, value);
+            seen.insert(key.value.clone(), key.pos);
+            if let Some((expected, found)) = tag_name_problem(&key.value) {
+                self.diags.push(key.pos, &key_path, expected, found);
+                continue;
             }
+            let Some(value) = self.string(value, &key_path) else {
+                continue;
+            };
+            if let Some((expected, found)) = tag_value_problem(&value.value) {
+                self.diags.push(value.pos, &key_path, expected, found);
+                continue;
+            }
+            tags.insert(key.value, value);
         }
         Some(Spanned {
             value: tags,
             pos: node.pos,
         })
     }
+}
+
+/// The first character of a tag outside what AWS takes everywhere.
+fn tag_character_problem(text: &str) -> Option<char> {
+    text.chars().find(|c| {
+        !(c.is_alphanumeric()
+            || (c.is_whitespace() && !c.is_control())
+            || TAG_PUNCTUATION.contains(*c))
+    })
+}
+
+fn tag_characters() -> String {
+    let punctuation: Vec<String> = TAG_PUNCTUATION.chars().map(String::from).collect();
+    format!("letters, digits, spaces and `{}`", punctuation.join(" "))
+}
+
+fn aws_prefixed(text: &str) -> bool {
+    text.get(..4)
+        .is_some_and(|p| p.eq_ignore_ascii_case("aws:"))
+}
+
+/// What is wrong with a tag name, as (expected, found).
+fn tag_name_problem(name: &str) -> Option<(String, String)> {
+    let length = name.chars().count();
+    if length == 0 || length > TAG_NAME_MAX {
+        return Some((
+            format!("a tag name of 1 to {TAG_NAME_MAX} characters"),
+            format!("{length} characters"),
+        ));
+    }
+    if name == "Name" || name.starts_with("stack") {
+        return Some((
+            "a tag name of your own, not `Name` or `stack…` (stack sets those)".to_string(),
+            format!("`{name}`"),
+        ));
+    }
+    if aws_prefixed(name) {
+        return Some((
+            "a tag name that does not start with `aws:` (AWS reserves those)".to_string(),
+            format!("`{name}`"),
+        ));
+    }
+    tag_character_problem(name).map(|c| {
+        (
+            format!("a tag name of {}", tag_characters()),
+            format!("`{}` in `{}`", shown(&c.to_string()), shown(name)),
+        )
+    })
+}
+
+/// What is wrong with a tag value, as (expected, found).
+fn tag_value_problem(value: &str) -> Option<(String, String)> {
+    let length = value.chars().count();
+    if length > TAG_VALUE_MAX {
+        return Some((
+            format!("a tag value of at most {TAG_VALUE_MAX} characters"),
+            format!("{length} characters"),
+        ));
+    }
+    if aws_prefixed(value) {
+        return Some((
+            "a tag value that does not start with `aws:` (AWS reserves those)".to_string(),
+            format!("`{value}`"),
+        ));
+    }
+    tag_character_problem(value).map(|c| {
+        (
+            format!("a tag value of {}", tag_characters()),
+            format!("`{}` in `{}`", shown(&c.to_string()), shown(value)),
+        )
+    })
 }
 
 #[cfg(test)]

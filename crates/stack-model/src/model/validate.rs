@@ -13,6 +13,12 @@ use crate::diag::Diagnostics;
 /// Namespaces a cluster (or a microk8s addon) has of its own.
 const RESERVED_NAMESPACES: &[&str] = &["default", "ingress", "observability", "cert-manager"];
 
+/// The tags EC2 allows on one resource, and how many of them stack sets on
+/// its own (`Name`, `stack`, `stack:address`, `stack:lineage`,
+/// `stack:userdata`).
+const EC2_TAGS: usize = 50;
+const STACK_TAGS: usize = 5;
+
 pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
     let provider = stack.provider.as_ref().map(|p| &p.value);
     let is_ec2 = matches!(provider, Some(ProviderFile::Ec2(_)));
@@ -37,7 +43,7 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
             "no `nodes` when `kubernetes.kubeconfig` names an existing cluster",
             format!("both (kubeconfig at {}:{})", kubeconfig.pos.line, kubeconfig.pos.column),
         ),
-        (None, None) => diags.push(
+        (None, None) if !diags.mentions("nodes") => diags.push(
             stack.name.pos,
             "nodes",
             "a required field `nodes` (the node groups), or `kubernetes.kubeconfig` for an existing cluster",
@@ -331,6 +337,21 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
                 }
             }
         }
+    }
+    if let Some(tags) = stack
+        .tags
+        .as_ref()
+        .filter(|t| t.value.len() > EC2_TAGS - STACK_TAGS)
+    {
+        diags.push(
+            tags.pos,
+            "tags",
+            format!(
+                "at most {} tags (EC2 allows {EC2_TAGS} on a resource and stack sets {STACK_TAGS} of its own)",
+                EC2_TAGS - STACK_TAGS
+            ),
+            format!("{} tags", tags.value.len()),
+        );
     }
     if let Some(monitoring) = &stack.monitoring {
         needs_kubernetes(diags, monitoring.pos, "monitoring");
