@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
     AttributeValue, BlockDeviceMapping, EbsBlockDevice, Filter, Instance, InstanceStateName,
@@ -31,6 +31,7 @@ use crate::artifacts::Artifacts;
 use crate::engine::{
     Change, Handling, Leftovers, NodeStatus, Observed, Resource, SshAccess, StatusPart,
 };
+use crate::error_chain::error_chain;
 use crate::files::sha256_hex;
 use crate::future::BoxFuture;
 use crate::keys::key_material;
@@ -88,7 +89,7 @@ where
                 service.code().unwrap_or("error"),
                 service.message().unwrap_or("(no message)")
             ),
-            None => DisplayErrorContext(&err).to_string(),
+            None => error_chain(&err),
         };
         Ec2Error::Api {
             action,
@@ -181,7 +182,7 @@ impl Ec2Provider {
         credentials
             .provide_credentials()
             .await
-            .map_err(|e| Ec2Error::Credentials(DisplayErrorContext(&e).to_string()))?;
+            .map_err(|e| Ec2Error::Credentials(error_chain(&e)))?;
         let client = Client::new(&config);
         let mut host_keys = desired::HostKeys::new();
         for group in &stack.nodes {
