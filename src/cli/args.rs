@@ -13,8 +13,9 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 
-    /// How results are printed on stdout.
-    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    /// How results are printed on stdout; with `json` every outcome, errors
+    /// included, is JSON on stdout.
+    #[arg(short, long, global = true, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 
     /// More logs on stderr: -v info, -vv debug, -vvv trace (RUST_LOG also works).
@@ -44,6 +45,11 @@ pub enum Command {
     Kubeconfig(KubeconfigArgs),
     /// Open a shell on a node (or run a command) with OpenSSH, trusting only its pinned host key.
     Ssh(SshArgs),
+    /// Print a completion script for SHELL on stdout (see the README for where it goes).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Run the frame switch of a stack's private network (started by `up`).
     #[command(name = "__switch", hide = true)]
     Switch { socket: PathBuf },

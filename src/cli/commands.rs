@@ -10,16 +10,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde_json::json;
 
-use super::args::{ApplyArgs, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, SshArgs};
+use super::args::{ApplyArgs, Cli, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, SshArgs};
+use super::outcome::{print_document, EXIT_CHANGES};
 use super::progress::Progress;
 use super::{prompt, view};
 use crate::artifacts::Artifact;
 use crate::engine::{plan, Access, Applied, ApplyOptions, Cancel, Events, Mode, Plan, PlanRequest};
 use crate::model::{self, LoadError};
 use crate::phases;
-
-/// Exit code of `plan --detailed-exitcode` when there is something to do.
-const EXIT_CHANGES: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -41,17 +39,12 @@ pub enum CommandError {
 }
 
 fn print_json(value: &serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("JSON serialises")
-    );
+    print_document(value, false);
 }
 
 /// One JSON line on stdout (the stream of `up` and `down`).
 fn print_line(value: &serde_json::Value) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{value}");
-    let _ = out.flush();
+    print_document(value, true);
 }
 
 fn show_plan(plan: &Plan, json: bool) {
@@ -233,7 +226,7 @@ pub async fn status(
 }
 
 /// Prints the stack's kubeconfig path, or merges it into the user's.
-pub fn kubeconfig(args: &KubeconfigArgs) -> anyhow::Result<ExitCode> {
+pub fn kubeconfig(args: &KubeconfigArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
     let stack = model::load(&args.file.file)?;
     let (path, _) =
         phases::kubeconfig(&stack)?.ok_or_else(|| CommandError::NoCluster(stack.name.clone()))?;
@@ -244,17 +237,41 @@ pub fn kubeconfig(args: &KubeconfigArgs) -> anyhow::Result<ExitCode> {
         }
         .into());
     }
+    let json = output == OutputFormat::Json;
     if !args.merge {
-        println!("{}", path.display());
+        match json {
+            true => print_json(&json!({"kubeconfig": path})),
+            false => println!("{}", path.display()),
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let target = crate::kubeconfig::merge_into_users(&path)?;
-    println!(
-        "merged context `{}` into {} and made it current",
-        target.context,
-        target.file.display()
-    );
+    match json {
+        true => print_json(&json!({
+            "kubeconfig": path,
+            "merged": {"file": target.file, "context": target.context},
+        })),
+        false => println!(
+            "merged context `{}` into {} and made it current",
+            target.context,
+            target.file.display()
+        ),
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the completion script of `stack` for `shell` on stdout; hidden
+/// subcommands (the switch `up` starts) are not offered.
+pub fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory as _;
+    let full = Cli::command();
+    let mut shown = clap::Command::new("stack")
+        .version(env!("CARGO_PKG_VERSION"))
+        .propagate_version(true)
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    clap_complete::generate(shell, &mut shown, "stack", &mut std::io::stdout());
+    ExitCode::SUCCESS
 }
 
 /// Opens a shell (or runs a command) on a node with OpenSSH, trusting only

@@ -1,11 +1,13 @@
 //! The command-line layer: the clap definitions (`args`), one thin function
 //! per subcommand over the library (`commands`), what they print (`view`),
-//! the progress renderer (`progress`), the confirmation prompt (`prompt`)
-//! and the signals that feed the cancellation token (`signals`). Nothing
-//! below this layer reads stdin, draws progress or handles signals.
+//! the progress renderer (`progress`), the confirmation prompt (`prompt`),
+//! the signals that feed the cancellation token (`signals`), and how a run
+//! ends: exit codes and errors for people and for JSON readers (`outcome`).
+//! Nothing below this layer reads stdin, draws progress or handles signals.
 
 pub mod args;
 mod commands;
+mod outcome;
 mod progress;
 mod prompt;
 mod signals;
@@ -17,11 +19,15 @@ use anyhow::Context;
 
 use crate::engine::Cancel;
 pub use args::{Cli, Command, OutputFormat};
+pub use outcome::{colour_on_stderr, parse, Failure};
 
 /// Runs the command; `cancel` is the run's token, which SIGINT and SIGTERM feed.
 pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
     let output = cli.output;
-    if !matches!(cli.command, Command::Switch { .. }) {
+    if !matches!(
+        cli.command,
+        Command::Switch { .. } | Command::Completions { .. }
+    ) {
         signals::watch(cancel).context("cannot listen for SIGINT and SIGTERM")?;
     }
     match cli.command {
@@ -30,7 +36,8 @@ pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
         Command::Up(args) => commands::up(&args, output, cancel).await,
         Command::Down(args) => commands::down(&args, output, cancel).await,
         Command::Status(args) => commands::status(&args, output, cancel).await,
-        Command::Kubeconfig(args) => commands::kubeconfig(&args),
+        Command::Kubeconfig(args) => commands::kubeconfig(&args, output),
+        Command::Completions { shell } => Ok(commands::completions(shell)),
         Command::Ssh(args) => commands::ssh(&args, cancel).await,
         Command::Switch { socket } => {
             crate::phases::infra::kvm::switch::serve(&socket)
@@ -42,7 +49,7 @@ pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
 }
 
 /// The exit code of a run that failed: 130 or 143 when a signal stopped
-/// it, else 1.
+/// it, else 1 (a refusal to act without `--yes` included).
 pub fn failure_code(cancel: &Cancel) -> u8 {
     cancel.reason().map_or(1, signals::exit_code)
 }

@@ -7,6 +7,7 @@
 
 mod architecture;
 mod bootstrap;
+mod cli;
 mod ec2;
 mod kube;
 mod kube_server;

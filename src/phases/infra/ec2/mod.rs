@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
 use aws_sdk_ec2::config::http::HttpResponse;
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::primitives::Blob;
 use aws_sdk_ec2::types::{
     AttributeValue, BlockDeviceMapping, EbsBlockDevice, Filter, Instance, InstanceStateName,
@@ -32,6 +32,7 @@ use crate::artifacts::Artifacts;
 use crate::engine::{
     Change, Handling, Leftovers, NodeStatus, Observed, Resource, Retries, SshAccess, StatusPart,
 };
+use crate::error_chain::error_chain;
 use crate::files::sha256_hex;
 use crate::future::BoxFuture;
 use crate::keys::key_material;
@@ -90,7 +91,7 @@ where
                 service.code().unwrap_or("error"),
                 service.message().unwrap_or("(no message)")
             ),
-            None => DisplayErrorContext(&err).to_string(),
+            None => error_chain(&err),
         };
         if retry::is_transient(&err) {
             message.push_str(" (a transient error that outlasted every retry, provider.ec2.maxRetries: what finished is recorded in state, and the next run continues from there)");
@@ -187,7 +188,7 @@ impl Ec2Provider {
         credentials
             .provide_credentials()
             .await
-            .map_err(|e| Ec2Error::Credentials(DisplayErrorContext(&e).to_string()))?;
+            .map_err(|e| Ec2Error::Credentials(error_chain(&e)))?;
         let retries = retry::RetryLog::default();
         let client = Client::from_conf(
             aws_sdk_ec2::config::Builder::from(&config)
