@@ -1,12 +1,14 @@
 //! The command-line layer: the clap definitions (`args`), one thin function
 //! per subcommand over the library (`commands`), what they print (`view`),
-//! the progress renderer (`progress`), the confirmation prompt (`prompt`),
-//! the signals that feed the cancellation token (`signals`), and how a run
-//! ends: exit codes and errors for people and for JSON readers (`outcome`).
-//! Nothing below this layer reads stdin, draws progress or handles signals.
+//! the progress renderer (`progress`) and its heartbeat off a terminal
+//! (`heartbeat`), the confirmation prompt (`prompt`), the signals that feed
+//! the cancellation token (`signals`), and how a run ends: exit codes and
+//! errors for people and for JSON readers (`outcome`). Nothing below this
+//! layer reads stdin, draws progress or handles signals.
 
 pub mod args;
 mod commands;
+mod heartbeat;
 mod outcome;
 mod progress;
 mod prompt;

@@ -1,6 +1,7 @@
 //! How the engine's events reach the user: progress bars on a terminal,
 //! plain lines elsewhere (both on stderr, stdout carries plans and
-//! results), or JSON lines on stdout with `--output json`.
+//! results) with a heartbeat for long waits, or JSON lines on stdout with
+//! `--output json`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{IsTerminal, Write};
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::heartbeat::{self, Heartbeat};
 use crate::engine::{Event, EventSink, Level};
 
 enum Draw {
@@ -16,7 +18,7 @@ enum Draw {
         multi: MultiProgress,
         bars: Mutex<HashMap<String, ProgressBar>>,
     },
-    Plain,
+    Plain(Heartbeat),
     Json,
 }
 
@@ -38,7 +40,11 @@ impl Progress {
                 bars: Mutex::new(HashMap::new()),
             }
         } else {
-            Draw::Plain
+            let (every, warning) = heartbeat::interval();
+            if let Some(warning) = warning {
+                eprintln!("{warning}");
+            }
+            Draw::Plain(Heartbeat::start(every))
         };
         Progress {
             draw,
@@ -52,7 +58,7 @@ impl Progress {
             Draw::Bars { multi, .. } => {
                 let _ = multi.println(message);
             }
-            Draw::Plain | Draw::Json => eprintln!("{message}"),
+            Draw::Plain(_) | Draw::Json => eprintln!("{message}"),
         }
     }
 
@@ -117,11 +123,32 @@ impl Progress {
                     ));
                 }
             }
+            Event::WaitStarted {
+                address,
+                what,
+                limit,
+                ..
+            } => {
+                let line = format!(
+                    "{address}: waiting for {what} (at most {})",
+                    heartbeat::short(limit)
+                );
+                match &self.draw {
+                    Draw::Bars { bars, .. } => {
+                        match bars.lock().expect("progress lock").get(&address) {
+                            Some(bar) => bar.set_message(line),
+                            None => self.line(&line),
+                        }
+                    }
+                    _ => self.line(&line),
+                }
+            }
             Event::GateWaiting {
                 stage,
                 ready,
                 total,
                 waiting,
+                ..
             } => {
                 let plural = if total == 1 { "" } else { "s" };
                 if waiting.is_empty() {
@@ -187,7 +214,11 @@ impl EventSink for Progress {
                 let _ = writeln!(out, "{line}");
                 let _ = out.flush();
             }
-            _ => self.text(event),
+            Draw::Plain(heartbeat) => {
+                heartbeat.observe(&event);
+                self.text(event);
+            }
+            Draw::Bars { .. } => self.text(event),
         }
     }
 }

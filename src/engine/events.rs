@@ -4,8 +4,9 @@
 //! caller (a daemon, a test) does what it likes with them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use super::cancel::{Level, StopReason};
 use super::plan::{Action, StageRef, Summary};
@@ -42,6 +43,17 @@ pub enum Event {
         /// Whether the failure stops the run (else it is left for the next run).
         stops_run: bool,
     },
+    /// A change began a wait that may be long (SSH to answer, cloud-init
+    /// to finish); it lasts until the change ends or its next wait begins.
+    WaitStarted {
+        stage: StageRef,
+        address: String,
+        /// What it waits for: `SSH on control-0`.
+        what: String,
+        /// How long it waits at most.
+        #[serde(rename = "limit_seconds", serialize_with = "seconds")]
+        limit: Duration,
+    },
     /// A stage's health gate read its objects: `ready` of `total` are
     /// ready (told at the first read and whenever the count changes).
     GateWaiting {
@@ -50,6 +62,9 @@ pub enum Event {
         total: usize,
         /// What is not ready yet, and why, one line each.
         waiting: Vec<String>,
+        /// How long the gate waits at most.
+        #[serde(rename = "limit_seconds", serialize_with = "seconds")]
+        limit: Duration,
     },
     GatePassed {
         stage: StageRef,
@@ -70,6 +85,11 @@ pub enum Event {
         /// Changes still under way.
         running: usize,
     },
+}
+
+/// A duration in JSON: seconds, as the events' other times are.
+fn seconds<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(duration.as_secs_f64())
 }
 
 /// Where events go.

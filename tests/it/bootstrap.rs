@@ -34,6 +34,14 @@ fn bootstrap_runs_its_steps_in_order_over_pinned_ssh_and_resumes_after_a_failure
         message.contains("hint: microk8s enables one addon at a time"),
         "{message}"
     );
+    // Each long wait is told with its limit (the heartbeat repeats it off a terminal).
+    for wait in [
+        "microk8s.ssh.control[0]: waiting for SSH on boot-control-0 (at most 8m)",
+        "microk8s.cloud-init.control[0]: waiting for cloud-init on boot-control-0 (at most 8m30s)",
+        "microk8s.addon.ingress: waiting for step 10 of 11 to enable addon ingress on boot-control-0 (at most 8m30s)",
+    ] {
+        assert!(message.contains(wait), "{wait} missing from:\n{message}");
+    }
 
     // The re-run does only what is left.
     let plan = env.run(&["plan"]);

@@ -1,7 +1,8 @@
 //! The output contract of the `stack` binary: with `--output json` every
 //! outcome, errors included, is JSON on stdout and nothing else; errors
 //! are short cause lines, never Debug dumps; colour only on a terminal and
-//! never with `NO_COLOR`; the exit codes; shell completions.
+//! never with `NO_COLOR`; the exit codes; shell completions; and the
+//! heartbeat that tells a long wait off a terminal.
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -371,4 +372,24 @@ fn an_apply_stack_cannot_ask_for_ends_its_json_stream_with_the_error() {
         "{last}"
     );
     assert_eq!(double.labelled("refused"), Vec::<String>::new());
+}
+
+#[test]
+fn a_long_wait_off_a_terminal_is_told_with_its_elapsed_time_and_limit() {
+    let (env, _double) = plain_kube_env("beat", NEVER_READY, "4s");
+    let mut command = env.command(&["up", "--yes"]);
+    command.env("STACK_HEARTBEAT", "1");
+    let output = command.output().unwrap();
+    expect_code(&output, 1);
+    let stderr = text(&output.stderr);
+    let beats: Vec<&str> = stderr.lines().filter(|l| l.starts_with("… ")).collect();
+    assert!(
+        beats.iter().any(|l| l
+            .contains("stage 2 of 4 (workloads): still waiting for 1 of 1 object to be ready (")
+            && l.ends_with(" of 4s)")),
+        "no heartbeat of the gate:\n{stderr}"
+    );
+    // The wait is over once the run failed: no heartbeat after the error.
+    let error_at = stderr.find("error: ").unwrap();
+    assert!(!stderr[error_at..].contains("\n… "), "{stderr}");
 }

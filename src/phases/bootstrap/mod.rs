@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use self::steps::{Action, Run, Step, Vars};
 use crate::artifacts::{Artifact, Artifacts};
 use crate::engine::{
-    Action as ChangeAction, Cancel, Change, ChangeInput, Handling, Level, Mode, Observed, Phase,
+    Action as ChangeAction, Change, ChangeInput, Event, Handling, Level, Mode, Observed, Phase,
     PhaseError, PlanInput, PlanPart, Resource, StatusPart, StepRef,
 };
 use crate::error_chain::error_chain;
@@ -156,6 +156,24 @@ fn parse_cluster(output: &str) -> ClusterView {
         }
     }
     view
+}
+
+/// Tells that `step` begins a wait of at most `limit`: `SSH on control-0`
+/// for a step that waits for something, else the step itself.
+fn waiting(input: &ChangeInput<'_>, step: &Step, limit: Duration) {
+    let what = match step.description.strip_prefix("wait for ") {
+        Some(what) => what.to_string(),
+        None => format!(
+            "step {} of {} to {}",
+            step.number, step.of, step.description
+        ),
+    };
+    input.events.emit(Event::WaitStarted {
+        stage: input.stage.clone(),
+        address: step.address.clone(),
+        what,
+        limit,
+    });
 }
 
 pub struct Bootstrap {
@@ -419,13 +437,14 @@ impl Bootstrap {
     }
 
     /// Runs one of a step's commands on its node, failing the step when it
-    /// exits non-zero.
+    /// exits non-zero; a long one is told as a wait.
     async fn run(
         &self,
         step: &Step,
         run: &Run,
         nodes: &BTreeMap<String, SshNode>,
         vars: &Vars,
+        input: &ChangeInput<'_>,
     ) -> Result<String, BootstrapError> {
         let node = nodes.get(&run.node).ok_or_else(|| BootstrapError::NoNode {
             node: run.node.clone(),
@@ -435,7 +454,9 @@ impl Bootstrap {
         let shown = run.command.filled(&vars.hidden());
         let timeout = if run.long {
             // The stack's own bound on a wait, a little past the remote one.
-            self.wait + Duration::from_secs(30)
+            let timeout = self.wait + Duration::from_secs(30);
+            waiting(input, step, timeout);
+            timeout
         } else {
             COMMAND_TIMEOUT
         };
@@ -459,9 +480,10 @@ impl Bootstrap {
         &self,
         step: &Step,
         nodes: &BTreeMap<String, SshNode>,
-        cancel: &Cancel,
+        input: &ChangeInput<'_>,
     ) -> Result<(), BootstrapError> {
         let start = Instant::now();
+        waiting(input, step, self.wait);
         for run in &step.runs {
             let node = nodes.get(&run.node).ok_or_else(|| BootstrapError::NoNode {
                 node: run.node.clone(),
@@ -483,7 +505,7 @@ impl Bootstrap {
                             &err.to_string(),
                         ))
                     }
-                    Err(err) if cancel.level() != Level::Running => {
+                    Err(err) if input.cancel.level() != Level::Running => {
                         return Err(self.failure(
                             step,
                             &node.hostname,
@@ -505,10 +527,10 @@ impl Bootstrap {
         &self,
         step: &Step,
         nodes: &BTreeMap<String, SshNode>,
-        cancel: &Cancel,
+        input: &ChangeInput<'_>,
     ) -> Result<Value, BootstrapError> {
         if step.action == Action::Connect {
-            self.wait_for_ssh(step, nodes, cancel).await?;
+            self.wait_for_ssh(step, nodes, input).await?;
             return Ok(json!({}));
         }
         let first = nodes
@@ -533,7 +555,7 @@ impl Bootstrap {
         let mut output = String::new();
         let mut last = None;
         for run in &step.runs {
-            output = self.run(step, run, nodes, &vars).await?;
+            output = self.run(step, run, nodes, &vars, input).await?;
             last = Some(run);
         }
         if let (Some(expect), Some(run)) = (step.expect, last) {
@@ -572,7 +594,7 @@ impl Bootstrap {
         let mut attempt = 1;
         loop {
             let nodes = self.ssh_nodes(input.state).await?;
-            match self.attempt(step, &nodes, input.cancel).await {
+            match self.attempt(step, &nodes, input).await {
                 Ok(extra) => {
                     let node = nodes
                         .get(&step.node)
@@ -635,7 +657,7 @@ impl Bootstrap {
                 .any(|f| f.path.to_string() == repair.field)
             {
                 let nodes = self.ssh_nodes(input.state).await?;
-                self.run(step, &repair.run, &nodes, &Vars::default())
+                self.run(step, &repair.run, &nodes, &Vars::default(), input)
                     .await?;
             }
         }

@@ -232,6 +232,7 @@ pub async fn wait_ready(
                     .iter()
                     .map(|(o, why)| format!("{} {}: {why}", o.kind.kind, o.id()))
                     .collect(),
+                limit: timeout,
             });
         }
         if waiting.is_empty() {
