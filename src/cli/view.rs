@@ -136,6 +136,12 @@ pub fn plan(plan: &Plan) -> String {
     for note in &plan.notes {
         let _ = writeln!(out, "Note: {note}");
     }
+    if !plan.blocked.is_empty() {
+        let _ = writeln!(out, "Cannot be applied as the stack stands (`up` refuses it):");
+        for reason in &plan.blocked {
+            let _ = writeln!(out, "  {reason}");
+        }
+    }
     let s = plan.summary;
     match (plan.is_empty(), plan.mode) {
         (true, Mode::RefreshOnly) => {

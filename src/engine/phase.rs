@@ -137,6 +137,8 @@ pub struct StatusPart {
     pub kubeconfig: Option<(PathBuf, String)>,
     pub ca_certificate: Option<PathBuf>,
     pub grafana: Option<String>,
+    /// The database clusters, as the database phase reads them.
+    pub databases: Vec<crate::phases::databases::DatabaseStatus>,
 }
 
 pub trait Phase: Send + Sync {

@@ -326,7 +326,8 @@ pub struct Change {
 }
 
 impl Change {
-    fn new(
+    /// A change as a phase plans it itself (most come from [`diff`]).
+    pub fn new(
         address: &str,
         kind: &str,
         action: Action,
@@ -413,6 +414,8 @@ pub struct PlanPart {
     pub notes: Vec<String>,
     /// Live things of the stack's that another state made.
     pub foreign: Vec<Observed>,
+    /// Why the plan cannot be applied as it stands (the stack must change first).
+    pub blocked: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -440,6 +443,9 @@ pub struct Plan {
     pub foreign: Vec<Observed>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Why `up` refuses this plan: what the stack must change first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<String>,
 }
 
 /// Stage by stage, then step by step; removals after everything else, the
@@ -475,6 +481,7 @@ impl Plan {
             forget: Vec::new(),
             foreign: Vec::new(),
             notes: Vec::new(),
+            blocked: Vec::new(),
         };
         for (stage, part) in parts {
             for mut change in part.changes {
@@ -484,6 +491,8 @@ impl Plan {
             plan.adopt.extend(part.adopt);
             plan.forget.extend(part.forget);
             plan.foreign.extend(part.foreign);
+            plan.blocked
+                .extend(part.blocked.into_iter().map(|n| format!("{stage}: {n}")));
             plan.notes
                 .extend(part.notes.into_iter().map(|n| format!("{stage}: {n}")));
         }
@@ -525,7 +534,7 @@ impl Plan {
     /// Nothing to change in the world (adopting or forgetting records is
     /// bookkeeping), and nothing in the way.
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.foreign.is_empty()
+        self.changes.is_empty() && self.foreign.is_empty() && self.blocked.is_empty()
     }
 
     pub fn has_bookkeeping(&self) -> bool {

@@ -79,6 +79,8 @@ pub enum EngineError {
     RefreshOnly,
     #[error("not applied: {} of stack {stack} were made by another state of it (another checkout, or a lost state file):\n{}\nuse another stack name, or take them over into a new state with --adopt", if things.len() == 1 { "this one" } else { "these" }, things.join("\n"))]
     Foreign { stack: String, things: Vec<String> },
+    #[error("not applied: the plan of stack {stack} cannot be applied as the stack stands; nothing was changed:\n{}", reasons.iter().map(|r| format!("  {r}")).collect::<Vec<_>>().join("\n"))]
+    Blocked { stack: String, reasons: Vec<String> },
     #[error("--adopt takes things over only into a new state; the state of stack {0} already records resources")]
     AdoptIntoUsedState(String),
     #[error("the state of stack {0} was opened without its lock: it cannot be changed")]
@@ -365,6 +367,12 @@ impl Session {
                         )
                     })
                     .collect(),
+            });
+        }
+        if !plan.blocked.is_empty() {
+            return Err(EngineError::Blocked {
+                stack: self.stack.clone(),
+                reasons: plan.blocked.clone(),
             });
         }
         if plan.state_serial != self.handle.state.serial {

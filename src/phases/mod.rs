@@ -4,6 +4,7 @@
 //! stages from it. Adding a phase is a folder and one line below.
 
 pub mod bootstrap;
+pub mod databases;
 pub mod infra;
 pub mod kube;
 
@@ -87,6 +88,9 @@ async fn stage_list(
     if let Some(kube) = kube {
         phases.push(kube.stage(Stage::Foundation));
         phases.push(kube.stage(Stage::Workloads));
+        if let Some(databases) = databases::Databases::for_stack(stack, &kube) {
+            phases.push(Arc::new(databases));
+        }
         phases.push(kube.stage(Stage::Ingress));
         phases.push(kube.stage(Stage::Monitoring));
     }

@@ -44,6 +44,10 @@ pub enum ClusterError {
 /// A connected cluster.
 pub struct Cluster {
     client: kube::Client,
+    /// The same connection without the retry layer, for requests that go
+    /// through the API server's proxy to a pod: what an answer means there
+    /// (a 500 from a database) is the caller's to judge.
+    direct: kube::Client,
     context: String,
     /// How many requests this run sent (`plan` reports it with `-v`).
     requests: AtomicUsize,
@@ -92,15 +96,20 @@ impl Cluster {
         config.write_timeout = Some(Duration::from_secs(60));
         // Retried by stack's own layer, which logs and counts every retry.
         config.default_retry = false;
+        let client_error = |source| ClusterError::Client {
+            context: context.to_string(),
+            source,
+        };
+        let direct = kube::client::ClientBuilder::try_from(config.clone())
+            .map_err(client_error)?
+            .build();
         let client = kube::client::ClientBuilder::try_from(config)
-            .map_err(|source| ClusterError::Client {
-                context: context.to_string(),
-                source,
-            })?
+            .map_err(client_error)?
             .with_layer(retries)
             .build();
         Ok(Cluster {
             client,
+            direct,
             context: context.to_string(),
             requests: AtomicUsize::new(0),
         })
@@ -108,6 +117,37 @@ impl Cluster {
 
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The client for proxied requests (no retry layer).
+    pub fn direct(&self) -> kube::Client {
+        self.direct.clone()
+    }
+
+    /// The context, as errors name the cluster.
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
+    /// The pods in `namespace` matching `selector`, with one request.
+    pub async fn pods(&self, namespace: &str, selector: &str) -> Result<Vec<Value>, ClusterError> {
+        let pods = ApiResource {
+            group: String::new(),
+            version: "v1".into(),
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            plural: "pods".into(),
+        };
+        let list = self
+            .api(&pods, Some(namespace))
+            .list(&ListParams::default().labels(selector))
+            .await
+            .map_err(self.failed("listing", format!("pods {selector} in {namespace}")))?;
+        Ok(list
+            .items
+            .into_iter()
+            .map(|item| serde_json::to_value(item).expect("an object serialises"))
+            .collect())
     }
 
     fn api(&self, resource: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {

@@ -15,6 +15,8 @@ use crate::engine::ReplaceRule;
 pub enum Stage {
     Foundation,
     Workloads,
+    /// The database clusters' own objects, applied by the database phase.
+    Databases,
     Ingress,
     Monitoring,
 }
@@ -24,6 +26,7 @@ impl Stage {
         match self {
             Stage::Foundation => "namespaces and secrets",
             Stage::Workloads => "workloads",
+            Stage::Databases => "databases",
             Stage::Ingress => "ingress",
             Stage::Monitoring => "monitoring",
         }
@@ -115,6 +118,7 @@ pub const KINDS: &[Kind] = &[
     kind("apps/v1", "Deployment", "deployments", true, Workloads, Rollout, SELECTOR),
     kind("apps/v1", "DaemonSet", "daemonsets", true, Workloads, Rollout, SELECTOR),
     kind("batch/v1", "Job", "jobs", true, Workloads, Job, JOB),
+    kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", true, Workloads, Exists, NONE),
     kind("networking.k8s.io/v1", "Ingress", "ingresses", true, Ingress, Address, NONE),
     kind("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors", true, Monitoring, Exists, NONE),
 ];

@@ -16,6 +16,7 @@ use super::kinds::{self, Kind, Stage};
 use super::schema;
 use super::tls::Material;
 use crate::model::{Database, DatabaseKind, Endpoint, Protocol, Stack, TlsSource};
+use crate::phases::databases::{couchdb, DatabaseCredentials};
 use crate::yamljson::{self, to_json};
 
 /// The label every object of every stack carries.
@@ -155,6 +156,8 @@ pub fn material_from_secrets(ca: &Value, tls: &Value) -> Option<Material> {
 /// its Service, its pods' labels and its ports.
 struct DatabaseService {
     selector: BTreeMap<String, String>,
+    /// The labels of the one Service to scrape, when they are not `selector`.
+    monitor_selector: Option<BTreeMap<String, String>>,
     endpoints: Vec<Endpoint>,
     metrics_port: &'static str,
     metrics_path: &'static str,
@@ -177,19 +180,26 @@ fn database_service(db: &Database) -> DatabaseService {
     };
     let n = &db.name;
     match db.kind {
-        DatabaseKind::Couchdb => DatabaseService {
-            selector,
-            endpoints: vec![http(5984)],
-            metrics_port: "metrics",
-            metrics_path: "/_node/_local/_prometheus",
-            metrics_auth: None,
-            panels: vec![
-                ("HTTP requests", format!("sum(rate(couchdb_httpd_requests_total{{namespace=\"$ns\",service=\"{n}\"}}[5m]))"), "reqps"),
-                ("Document reads and writes", format!("sum(rate(couchdb_database_reads_total{{service=\"{n}\"}}[5m])) + sum(rate(couchdb_database_writes_total{{service=\"{n}\"}}[5m]))"), "ops"),
-            ],
-        },
+        DatabaseKind::Couchdb => {
+            let names = couchdb::objects::Names::new(&db.name, "");
+            DatabaseService {
+                selector,
+                monitor_selector: Some(names.client_labels()),
+                endpoints: vec![http(couchdb::objects::PORT)],
+                metrics_port: "http",
+                metrics_path: "/_node/_local/_prometheus",
+                metrics_auth: Some(names.admin_secret()),
+                panels: vec![
+                    ("HTTP requests", format!("sum(rate(couchdb_httpd_requests_total{{namespace=\"$ns\",service=\"{n}\"}}[5m]))"), "reqps"),
+                    ("Document writes", format!("sum(rate(couchdb_database_writes_total{{namespace=\"$ns\",service=\"{n}\"}}[5m]))"), "ops"),
+                    ("Replication jobs running", format!("sum(couchdb_couch_replicator_jobs_running{{namespace=\"$ns\",service=\"{n}\"}})"), "none"),
+                    ("Replication jobs crashing", format!("sum(couchdb_couch_replicator_jobs_crashing{{namespace=\"$ns\",service=\"{n}\"}})"), "none"),
+                ],
+            }
+        }
         DatabaseKind::Immudb => DatabaseService {
             selector,
+            monitor_selector: None,
             endpoints: vec![
                 http(8080),
                 Endpoint {
@@ -209,6 +219,7 @@ fn database_service(db: &Database) -> DatabaseService {
         },
         DatabaseKind::Allegrograph => DatabaseService {
             selector,
+            monitor_selector: None,
             endpoints: vec![http(10035)],
             metrics_port: "http",
             metrics_path: "/metrics",
@@ -332,18 +343,20 @@ const TEMPLATES: &[(&str, &str)] = &[
         "dashboard",
         include_str!("../../../manifests/dashboard.yaml.hbs"),
     ),
+    ("couchdb", include_str!("../../../manifests/couchdb.yaml.hbs")),
     (
         "dashboard-json",
         include_str!("../../../manifests/dashboard.json.hbs"),
     ),
 ];
 
-struct Renderer {
+/// The built-in templates, compiled once per render.
+pub struct Renderer {
     registry: Handlebars<'static>,
 }
 
 impl Renderer {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let mut registry = Handlebars::new();
         registry.set_strict_mode(true);
         registry.register_escape_fn(handlebars::no_escape);
@@ -375,6 +388,27 @@ impl Renderer {
         let mut docs = parse_documents(&text, &origin)?;
         let body = docs.pop().expect("a built-in template renders one object");
         object_of(body, &origin, None, Some(stage))
+    }
+
+    /// The objects of a template that renders several documents.
+    pub fn objects(
+        &self,
+        name: &str,
+        args: &impl Serialize,
+        stage: Stage,
+    ) -> Result<Vec<Object>, ManifestError> {
+        let origin = format!("built-in manifests/{name}.yaml.hbs");
+        let text = self.text(name, args)?;
+        parse_documents(&text, &origin)?
+            .into_iter()
+            .map(|body| object_of(body, &origin, None, Some(stage)))
+            .collect()
+    }
+}
+
+impl Default for Renderer {
+    fn default() -> Self {
+        Renderer::new()
     }
 }
 
@@ -561,7 +595,14 @@ fn service_target(
 
 /// Every object the stack wants, in stage order, labelled and type-checked.
 /// `tls` is the stack CA's material when the stack's ingress uses it.
-pub fn render(stack: &Stack, tls: Option<&Material>) -> Result<Vec<Object>, ManifestError> {
+/// `credentials` are the generated secrets of the stack's database
+/// clusters; a cluster without them gets Secrets without data (to be checked or
+/// destroyed, never applied).
+pub fn render(
+    stack: &Stack,
+    tls: Option<&Material>,
+    credentials: &DatabaseCredentials,
+) -> Result<Vec<Object>, ManifestError> {
     let Some(kubernetes) = &stack.kubernetes else {
         return Ok(Vec::new());
     };
@@ -573,6 +614,16 @@ pub fn render(stack: &Stack, tls: Option<&Material>) -> Result<Vec<Object>, Mani
         Stage::Foundation,
     )?];
     objects.extend(user_objects(stack, ns)?);
+    for db in &stack.databases {
+        if db.kind == DatabaseKind::Couchdb {
+            objects.extend(couchdb::objects::objects(
+                &renderer,
+                db,
+                ns,
+                credentials.get(&db.name),
+            )?);
+        }
+    }
 
     let databases: Vec<(String, DatabaseService)> = stack
         .databases
@@ -668,7 +719,11 @@ pub fn render(stack: &Stack, tls: Option<&Material>) -> Result<Vec<Object>, Mani
                     &ServiceMonitorArgs {
                         name,
                         namespace: ns,
-                        selector: json!(service.selector).to_string(),
+                        selector: json!(service
+                            .monitor_selector
+                            .as_ref()
+                            .unwrap_or(&service.selector))
+                        .to_string(),
                         port: service.metrics_port,
                         path: service.metrics_path,
                         basic_auth_secret: service.metrics_auth.as_deref(),
@@ -801,7 +856,7 @@ mod tests {
         for file in ["local.yaml", "aws.yaml", "reference.yaml"] {
             let stack = example(file);
             let domain = stack.ingress.as_ref().map(|i| i.domain.clone()).unwrap();
-            let objects = render(&stack, Some(&material(&domain))).unwrap();
+            let objects = render(&stack, Some(&material(&domain)), &Default::default()).unwrap();
             assert!(objects.len() > 1, "{file} renders objects");
             for object in &objects {
                 assert_eq!(
@@ -830,7 +885,7 @@ mod tests {
     #[test]
     fn the_reference_stack_exposes_and_monitors_every_database() {
         let stack = example("reference.yaml");
-        let objects = render(&stack, Some(&material("db.example.test"))).unwrap();
+        let objects = render(&stack, Some(&material("db.example.test")), &Default::default()).unwrap();
         let addresses: Vec<String> = objects.iter().map(Object::address).collect();
         for wanted in [
             "k8s.demo/Ingress/docs",
@@ -902,7 +957,7 @@ mod tests {
         ];
         for (text, expected) in cases {
             std::fs::write(&file, text).unwrap();
-            let err = render(&stack, None).unwrap_err().to_string();
+            let err = render(&stack, None, &Default::default()).unwrap_err().to_string();
             assert!(err.contains(&file.display().to_string()), "{err}");
             assert!(err.contains(expected), "{expected} not in {err}");
         }

@@ -35,6 +35,7 @@ use crate::engine::{
 use crate::files::FileError;
 use crate::future::BoxFuture;
 use crate::model::{Stack, TlsSource};
+use crate::phases::databases::DatabaseCredentials;
 use crate::state::{Record, State};
 pub use cluster::{Cluster, ClusterError};
 use gate::GateError;
@@ -76,6 +77,8 @@ pub enum KubeError {
     Kubeconfig(#[from] crate::kubeconfig::KubeconfigError),
     #[error("the plan being applied is not one of this session's latest: plan again")]
     NotPlanned,
+    #[error(transparent)]
+    Credentials(#[from] crate::phases::databases::CredentialsError),
 }
 
 /// Where the cluster is.
@@ -130,13 +133,21 @@ fn existing_cluster(stack: &Stack) -> Result<Option<Target>, KubeError> {
     }))
 }
 
-/// What one plan read and rendered, shared by the four stages.
+/// What one plan read and rendered, shared by the stages.
 struct View {
     objects: Vec<Object>,
     ca: Option<Material>,
     /// `None` when the cluster was not read.
     refreshed: Option<Refreshed>,
     reachable: bool,
+    /// The database clusters' secrets the objects were rendered with.
+    credentials: DatabaseCredentials,
+}
+
+/// What a plan knows of the cluster (see [`Kube::planned`]).
+pub struct Planned {
+    pub credentials: DatabaseCredentials,
+    pub read: bool,
 }
 
 /// The stack's Kubernetes objects and the cluster they go to.
@@ -192,7 +203,7 @@ pub fn check(stack: &Stack, diags: &mut crate::diag::Diagnostics) {
             crate::error_chain::error_chain(&err),
         );
     }
-    let Err(err) = manifest::render(stack, None) else {
+    let Err(err) = manifest::render(stack, None, &Default::default()) else {
         return;
     };
     let source = match &err {
@@ -235,7 +246,7 @@ impl Kube {
         // Objects that cannot be rendered (a manifest folder gone) do not
         // keep a stack from being destroyed: `check` and a normal plan
         // report them.
-        let plain = manifest::render(stack, None).unwrap_or_default();
+        let plain = manifest::render(stack, None, &Default::default()).unwrap_or_default();
         Ok(Some(Arc::new(Kube {
             namespace: stack
                 .kubernetes
@@ -252,6 +263,32 @@ impl Kube {
             retries: retry::RetryLog::default(),
             views: tokio::sync::Mutex::new(Vec::new()),
         })))
+    }
+
+    /// The client of the stack's cluster (connected on first use).
+    pub async fn client(&self) -> Result<&Cluster, KubeError> {
+        self.cluster().await
+    }
+
+    /// What a plan knows of the cluster, for the database phase: the
+    /// database clusters' secrets the objects were rendered with, and
+    /// whether the cluster was read (it is not while the stack makes it).
+    pub async fn planned(&self, input: &PlanInput<'_>) -> Result<Planned, KubeError> {
+        let view = self.view(input).await?;
+        Ok(Planned {
+            credentials: view.credentials.clone(),
+            read: view.refreshed.is_some(),
+        })
+    }
+
+    /// The secrets a plan's objects were rendered with, when applying it.
+    pub async fn planned_credentials(&self, plan_id: u64) -> Result<DatabaseCredentials, KubeError> {
+        Ok(self.view_of(plan_id).await?.credentials.clone())
+    }
+
+    /// The kubeconfig of the stack's cluster.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.target.kubeconfig
     }
 
     /// One of the stages, as a phase of the stage list.
@@ -340,7 +377,19 @@ impl Kube {
         } else {
             None
         };
-        let objects = match manifest::render(&self.stack, ca.as_ref()) {
+        // The database clusters' secrets: as recorded, else as the cluster
+        // keeps them (a machine without the state), else new.
+        let credentials = crate::phases::databases::credentials(
+            &self.stack,
+            input.state,
+            if reachable && !destroy {
+                Some(self.cluster().await?)
+            } else {
+                None
+            },
+        )
+        .await?;
+        let objects = match manifest::render(&self.stack, ca.as_ref(), &credentials) {
             Err(_) if destroy => Vec::new(),
             rendered => rendered?,
         };
@@ -367,6 +416,7 @@ impl Kube {
             ca,
             refreshed,
             reachable,
+            credentials,
         });
         views.push((input.plan_id, view.clone()));
         if views.len() > VIEWS_KEPT {
@@ -1141,12 +1191,13 @@ mod tests {
     fn without_the_prometheus_operator_the_monitoring_stage_wants_nothing_and_says_so() {
         let kube = reference();
         let state = State::new("reference", "kvm");
-        let objects = manifest::render(&kube.stack, None).unwrap();
+        let objects = manifest::render(&kube.stack, None, &Default::default()).unwrap();
         let unread = View {
             objects: objects.clone(),
             ca: None,
             refreshed: None,
             reachable: true,
+            credentials: Default::default(),
         };
         assert!(kube
             .desired(&unread, Stage::Monitoring, &state)
@@ -1157,6 +1208,7 @@ mod tests {
             ca: None,
             refreshed: Some(Refreshed::default()),
             reachable: true,
+            credentials: Default::default(),
         };
         assert!(kube.desired(&without, Stage::Monitoring, &state).is_empty());
         let mut part = crate::engine::plan::diff(&[], &state, &[]);

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolumeClaim, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::de::DeserializeOwned;
@@ -116,6 +117,7 @@ pub fn check(kind: &Kind, body: &Value) -> Result<(), String> {
         "Deployment" => round_trip::<Deployment>(body),
         "DaemonSet" => round_trip::<DaemonSet>(body),
         "Job" => round_trip::<Job>(body),
+        "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(body),
         "Ingress" => round_trip::<Ingress>(body),
         "ServiceMonitor" => round_trip::<ServiceMonitor>(body),
         other => Err(format!("no type known for kind {other}")),

@@ -847,9 +847,14 @@ impl Decoder<'_> {
                 "image",
                 "replicas",
                 "storage",
+                "storageClass",
                 "upgrade",
                 "shmSize",
                 "repository",
+                "q",
+                "n",
+                "rebalance",
+                "databases",
                 "replications",
             ],
         )?;
@@ -872,6 +877,15 @@ impl Decoder<'_> {
         let image = self.opt(&f, path, "image", |d, n, p| d.parsed(n, p, ImageRef::parse));
         let replicas = self.opt(&f, path, "replicas", |d, n, p| d.integer(n, p, 0, 100));
         let storage = self.opt(&f, path, "storage", Self::size);
+        let storage_class = self.opt(&f, path, "storageClass", |d, n, p| {
+            d.parsed(n, p, |text| {
+                if values::is_dns_subdomain(text) {
+                    Ok(text.to_string())
+                } else {
+                    Err("a StorageClass name (lowercase letters, digits, '-' and '.', at most 253 characters)".to_string())
+                }
+            })
+        });
         let upgrade = self.opt(&f, path, "upgrade", |d, n, p| {
             d.choice(
                 n,
@@ -886,18 +900,28 @@ impl Decoder<'_> {
         });
         let shm_size = self.opt(&f, path, "shmSize", Self::size);
         let repository = self.opt(&f, path, "repository", |d, n, p| d.dns_label(n, p, 63));
-        let replications = self.opt(&f, path, "replications", |d, n, p| {
+        let shards = self.opt(&f, path, "q", |d, n, p| d.integer(n, p, 1, 64));
+        let copies = self.opt(&f, path, "n", |d, n, p| d.integer(n, p, 1, 9));
+        let rebalance = self.opt(&f, path, "rebalance", Self::boolean);
+        let databases = self.opt(&f, path, "databases", |d, n, p| {
             d.list(n, p, |d, n, p| {
-                let f = d.mapping(n, p, &["source", "target"])?;
-                let source = d.required(&f, p, "source", "a database name or URL");
-                let source = source.and_then(|n| d.string(n, &join(p, "source")));
-                let target = d.required(&f, p, "target", "a database name or URL");
-                let target = target.and_then(|n| d.string(n, &join(p, "target")));
-                Some(ReplicationFile {
-                    source: source?,
-                    target: target?,
+                let f = d.mapping(n, p, &["name", "q", "n", "partitioned"])?;
+                let name = d
+                    .required(&f, p, "name", "the CouchDB database's name")
+                    .and_then(|n| d.couch_name(n, &join(p, "name")));
+                let shards = d.opt(&f, p, "q", |d, n, p| d.integer(n, p, 1, 64));
+                let copies = d.opt(&f, p, "n", |d, n, p| d.integer(n, p, 1, 9));
+                let partitioned = d.opt(&f, p, "partitioned", Self::boolean);
+                Some(CouchDatabaseFile {
+                    name: name?,
+                    shards,
+                    copies,
+                    partitioned,
                 })
             })
+        });
+        let replications = self.opt(&f, path, "replications", |d, n, p| {
+            d.list(n, p, |d, n, p| d.replication(n, p))
         });
         let database = DatabaseFile {
             pos: node.pos,
@@ -906,12 +930,119 @@ impl Decoder<'_> {
             image,
             replicas,
             storage,
+            storage_class,
             upgrade,
             shm_size,
             repository,
+            shards,
+            copies,
+            rebalance,
+            databases,
             replications,
         };
         Some(database)
+    }
+
+    /// A CouchDB database name as CouchDB takes it: a lowercase letter,
+    /// then lowercase letters, digits and `_$()+-/`; system databases
+    /// (`_users`, `_replicator`) are stack's to manage.
+    fn couch_name(&mut self, node: &Node, path: &str) -> Option<Spanned<String>> {
+        self.parsed(node, path, |text| {
+            if values::is_couch_database_name(text) {
+                Ok(text.to_string())
+            } else {
+                Err(format!(
+                    "a CouchDB database name: a lowercase letter, then lowercase letters, digits and _$()+-/, at most {} characters",
+                    values::COUCH_NAME_MAX
+                ))
+            }
+        })
+    }
+
+    fn replication(&mut self, node: &Node, path: &str) -> Option<ReplicationFile> {
+        let f = self.mapping(node, path, &["name", "source", "target"])?;
+        let name = self
+            .required(&f, path, "name", "the replication's name, unique in the cluster")
+            .and_then(|n| self.dns_label(n, &join(path, "name"), 63));
+        let source = self
+            .required(&f, path, "source", "a database of this cluster")
+            .and_then(|n| self.couch_name(n, &join(path, "source")));
+        let target = self
+            .required(
+                &f,
+                path,
+                "target",
+                "`{cluster, database}` or `{url, credentials}`",
+            )
+            .and_then(|n| {
+                let p = join(path, "target");
+                let t = self.mapping(n, &p, &["cluster", "database", "url", "credentials"])?;
+                let value = match (t.get("cluster"), t.get("url")) {
+                    (Some(cluster), None) => {
+                        if let Some(pos) = t.key_pos("credentials") {
+                            self.diags.push(
+                                pos,
+                                &join(&p, "credentials"),
+                                "`credentials` only with `url` (a cluster of the stack uses its own admin Secret)",
+                                "`credentials` with `cluster`",
+                            );
+                        }
+                        let cluster = self.dns_label(cluster, &join(&p, "cluster"), 30);
+                        let database = self
+                            .required(&t, &p, "database", "a database of that cluster")
+                            .and_then(|n| self.couch_name(n, &join(&p, "database")));
+                        ReplicationTargetFile::Cluster {
+                            cluster: cluster?,
+                            database: database?,
+                        }
+                    }
+                    (None, Some(url)) => {
+                        if let Some(pos) = t.key_pos("database") {
+                            self.diags.push(
+                                pos,
+                                &join(&p, "database"),
+                                "`database` only with `cluster` (a URL names its database)",
+                                "`database` with `url`",
+                            );
+                        }
+                        let url = self.parsed(url, &join(&p, "url"), |text| {
+                            values::check_couch_url(text).map(|()| text.to_string())
+                        });
+                        let credentials = self.opt(&t, &p, "credentials", |d, n, p| {
+                            d.parsed(n, p, |text| {
+                                if values::is_dns_subdomain(text) {
+                                    Ok(text.to_string())
+                                } else {
+                                    Err("the name of a Secret (with keys `username` and `password`) in the stack's namespace".to_string())
+                                }
+                            })
+                        });
+                        ReplicationTargetFile::Url {
+                            url: url?,
+                            credentials,
+                        }
+                    }
+                    _ => {
+                        self.diags.push(
+                            n.pos,
+                            &p,
+                            "exactly one of `cluster` (with `database`) or `url` (with `credentials`)",
+                            if t.get("cluster").is_some() {
+                                "both `cluster` and `url`"
+                            } else {
+                                "neither `cluster` nor `url`"
+                            },
+                        );
+                        return None;
+                    }
+                };
+                Some(Spanned { value, pos: n.pos })
+            });
+        Some(ReplicationFile {
+            name: name?,
+            source: source?,
+            target: target?,
+        })
     }
 
     fn ingress(&mut self, node: &Node, path: &str) -> Option<Spanned<IngressFile>> {

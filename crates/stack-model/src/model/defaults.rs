@@ -20,6 +20,8 @@ pub const KVM_MEMORY_GIB: u64 = 4;
 pub const KVM_CIDR: &str = "10.42.0.0/24";
 pub const MICROK8S_CHANNEL: &str = "1.32/stable";
 pub const DATABASE_STORAGE_GIB: u64 = 10;
+/// CouchDB's own default of shard ranges, `[cluster] q`.
+pub const COUCHDB_SHARDS: u32 = 2;
 pub const RUNNING_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DELETE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
@@ -50,8 +52,13 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             what: what.to_string(),
         })
     };
-    if let Some(d) = stack.databases.as_ref().filter(|d| !d.value.is_empty()) {
-        mark("databases", d.pos, "database clusters");
+    for (i, d) in stack.databases.iter().flat_map(|d| &d.value).enumerate() {
+        let what = match d.kind.value {
+            DatabaseKind::Couchdb => continue,
+            DatabaseKind::Allegrograph => "AllegroGraph clusters",
+            DatabaseKind::Immudb => "immudb primaries and replicas",
+        };
+        mark(&format!("databases[{i}].kind"), d.kind.pos, what);
     }
     if let Some(tcp) = stack.ingress.as_ref().and_then(|i| i.value.tcp.as_ref()) {
         if tcp.value == TcpExposure::EntryPoint {
@@ -176,29 +183,80 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
     let databases = val(stack.databases)
         .unwrap_or_default()
         .into_iter()
-        .map(|d| {
+        .enumerate()
+        .map(|(i, d)| {
             let kind = d.kind.value;
+            let path = format!("databases[{i}]");
+            positions.insert(path.clone(), d.pos);
+            if let Some(replicas) = &d.replicas {
+                positions.insert(format!("{path}.replicas"), replicas.pos);
+            }
+            if let Some(copies) = &d.copies {
+                positions.insert(format!("{path}.n"), copies.pos);
+            }
             let is_agraph = kind == DatabaseKind::Allegrograph;
+            let replicas = val(d.replicas).unwrap_or(kind.default_replicas());
+            let couchdb = (kind == DatabaseKind::Couchdb).then(|| {
+                let shards = val(d.shards).unwrap_or(COUCHDB_SHARDS);
+                let copies = val(d.copies);
+                let databases = val(d.databases).unwrap_or_default();
+                for (j, db) in databases.iter().enumerate() {
+                    positions.insert(format!("{path}.databases[{j}]"), db.name.pos);
+                    if let Some(n) = &db.copies {
+                        positions.insert(format!("{path}.databases[{j}].n"), n.pos);
+                    }
+                }
+                CouchdbSettings {
+                    shards,
+                    copies,
+                    rebalance: val(d.rebalance).unwrap_or(true),
+                    databases: databases
+                        .into_iter()
+                        .map(|db| CouchDatabase {
+                            name: db.name.value,
+                            shards: val(db.shards).unwrap_or(shards),
+                            copies: val(db.copies).or(copies),
+                            partitioned: val(db.partitioned).unwrap_or(false),
+                        })
+                        .collect(),
+                    replications: val(d.replications)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|r| Replication {
+                            name: r.name.value,
+                            source: r.source.value,
+                            target: match r.target.value {
+                                ReplicationTargetFile::Cluster { cluster, database } => {
+                                    ReplicationTarget::Cluster {
+                                        cluster: cluster.value,
+                                        database: database.value,
+                                    }
+                                }
+                                ReplicationTargetFile::Url { url, credentials } => {
+                                    ReplicationTarget::Url {
+                                        url: url.value,
+                                        credentials: val(credentials),
+                                    }
+                                }
+                            },
+                        })
+                        .collect(),
+                }
+            });
             Database {
                 kind,
                 name: d.name.value,
                 image: val(d.image).unwrap_or_else(|| {
                     ImageRef::parse(kind.default_image()).expect("default image parses")
                 }),
-                replicas: val(d.replicas).unwrap_or(kind.default_replicas()),
+                replicas,
                 storage: val(d.storage).unwrap_or(ByteSize::gib(DATABASE_STORAGE_GIB)),
+                storage_class: val(d.storage_class),
                 upgrade: val(d.upgrade).unwrap_or(UpgradePolicy::Patch),
                 shm_size: is_agraph.then(|| val(d.shm_size).unwrap_or(ByteSize::gib(1))),
                 repository: is_agraph
                     .then(|| val(d.repository).unwrap_or_else(|| "main".to_string())),
-                replications: val(d.replications)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|r| Replication {
-                        source: r.source.value,
-                        target: r.target.value,
-                    })
-                    .collect(),
+                couchdb,
             }
         })
         .collect();

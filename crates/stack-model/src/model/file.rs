@@ -106,15 +106,44 @@ pub struct DatabaseFile {
     pub replicas: Opt<u32>,
     pub storage: Opt<ByteSize>,
     pub upgrade: Opt<UpgradePolicy>,
+    pub storage_class: Opt<String>,
     pub shm_size: Opt<ByteSize>,
     pub repository: Opt<String>,
+    pub shards: Opt<u32>,
+    pub copies: Opt<u32>,
+    pub rebalance: Opt<bool>,
+    pub databases: Opt<Vec<CouchDatabaseFile>>,
     pub replications: Opt<Vec<ReplicationFile>>,
+}
+
+/// A database a CouchDB cluster holds (`databases[i].databases[j]`).
+#[derive(Debug, Clone)]
+pub struct CouchDatabaseFile {
+    pub name: Spanned<String>,
+    pub shards: Opt<u32>,
+    pub copies: Opt<u32>,
+    pub partitioned: Opt<bool>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ReplicationFile {
+    pub name: Spanned<String>,
     pub source: Spanned<String>,
-    pub target: Spanned<String>,
+    pub target: Spanned<ReplicationTargetFile>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ReplicationTargetFile {
+    /// A database of a CouchDB cluster of the same stack.
+    Cluster {
+        cluster: Spanned<String>,
+        database: Spanned<String>,
+    },
+    /// A CouchDB database anywhere, its credentials in a Secret.
+    Url {
+        url: Spanned<String>,
+        credentials: Opt<String>,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -243,19 +243,62 @@ pub struct Database {
     /// CouchDB and AllegroGraph: cluster members; immudb: read replicas.
     pub replicas: u32,
     pub storage: ByteSize,
+    /// The StorageClass of the members' volumes; `None`: the cluster's default.
+    pub storage_class: Option<String>,
     pub upgrade: UpgradePolicy,
     /// AllegroGraph only.
     pub shm_size: Option<ByteSize>,
     /// AllegroGraph only.
     pub repository: Option<String>,
-    /// CouchDB only: continuous replications to set up.
+    /// CouchDB only.
+    pub couchdb: Option<CouchdbSettings>,
+}
+
+/// What a CouchDB cluster holds and how it spreads it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CouchdbSettings {
+    /// `q`: shard ranges of a database made without its own.
+    pub shards: u32,
+    /// `n` as the stack gives it: copies of each shard range of every
+    /// database not declared with its own (system databases and those
+    /// clients make). Without it databases keep the copies they have, and
+    /// new ones get CouchDB's 3 (at most one a member).
+    pub copies: Option<u32>,
+    /// Give new members shard copies when the cluster grows.
+    pub rebalance: bool,
+    pub databases: Vec<CouchDatabase>,
     pub replications: Vec<Replication>,
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CouchDatabase {
+    pub name: String,
+    pub shards: u32,
+    /// Its own `n`, else the cluster's.
+    pub copies: Option<u32>,
+    pub partitioned: bool,
+}
+
+/// A continuous replication of one database of the cluster.
+#[derive(Debug, Clone, Serialize)]
 pub struct Replication {
+    pub name: String,
     pub source: String,
-    pub target: String,
+    pub target: ReplicationTarget,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ReplicationTarget {
+    /// A database of a CouchDB cluster of the same stack.
+    Cluster { cluster: String, database: String },
+    /// A database anywhere; `credentials` names a Secret with `username` and `password`.
+    Url {
+        url: String,
+        credentials: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -289,6 +289,7 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
         for (i, db) in databases.value.iter().enumerate() {
             database(db, &format!("databases[{i}]"), diags);
         }
+        replication_targets(&databases.value, diags);
     }
     if let Some(ingress) = &stack.ingress {
         needs_kubernetes(diags, ingress.pos, "ingress");
@@ -427,12 +428,18 @@ fn database(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
         db.repository.as_ref().map(|s| s.pos),
         DatabaseKind::Allegrograph,
     );
-    only(
-        diags,
-        "replications",
-        db.replications.as_ref().map(|s| s.pos),
-        DatabaseKind::Couchdb,
-    );
+    for (field, pos) in [
+        ("q", db.shards.as_ref().map(|s| s.pos)),
+        ("n", db.copies.as_ref().map(|s| s.pos)),
+        ("rebalance", db.rebalance.as_ref().map(|s| s.pos)),
+        ("databases", db.databases.as_ref().map(|s| s.pos)),
+        ("replications", db.replications.as_ref().map(|s| s.pos)),
+    ] {
+        only(diags, field, pos, DatabaseKind::Couchdb);
+    }
+    if kind == DatabaseKind::Couchdb {
+        couchdb(db, path, diags);
+    }
     if let Some(shm) = &db.shm_size {
         if kind == DatabaseKind::Allegrograph && shm.value < ByteSize(1 << 30) {
             diags.push(
@@ -441,6 +448,81 @@ fn database(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
                 "at least 1GiB of /dev/shm (AllegroGraph needs it)",
                 shm.value.to_string(),
             );
+        }
+    }
+}
+
+/// A CouchDB cluster's own checks: no more copies than members, names unique.
+fn couchdb(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
+    let members = db
+        .replicas
+        .as_ref()
+        .map_or(DatabaseKind::Couchdb.default_replicas(), |r| r.value);
+    let mut copies = |n: &Option<super::file::Spanned<u32>>, field: String| {
+        if let Some(n) = n.as_ref().filter(|n| n.value > members) {
+            diags.push(
+                n.pos,
+                &field,
+                format!("at most {members} copies of each shard range (one a member: `replicas` is {members})"),
+                n.value.to_string(),
+            );
+        }
+    };
+    copies(&db.copies, format!("{path}.n"));
+    let databases = db.databases.as_ref().map_or(&[][..], |d| &d.value[..]);
+    for (j, d) in databases.iter().enumerate() {
+        copies(&d.copies, format!("{path}.databases[{j}].n"));
+    }
+    unique(
+        diags,
+        &format!("{path}.databases"),
+        databases.iter().map(|d| (&d.name.value, d.name.pos)),
+        "name",
+        "database name in the cluster",
+    );
+    if let Some(replications) = &db.replications {
+        unique(
+            diags,
+            &format!("{path}.replications"),
+            replications.value.iter().map(|r| (&r.name.value, r.name.pos)),
+            "name",
+            "replication name in the cluster",
+        );
+    }
+}
+
+/// Replications that name a cluster: it is a CouchDB cluster of this
+/// stack, and a replication into the same cluster goes to another database.
+fn replication_targets(databases: &[DatabaseFile], diags: &mut Diagnostics) {
+    let couch: Vec<&str> = databases
+        .iter()
+        .filter(|d| d.kind.value == DatabaseKind::Couchdb)
+        .map(|d| d.name.value.as_str())
+        .collect();
+    for (i, db) in databases.iter().enumerate() {
+        let Some(replications) = &db.replications else {
+            continue;
+        };
+        for (j, r) in replications.value.iter().enumerate() {
+            let ReplicationTargetFile::Cluster { cluster, database } = &r.target.value else {
+                continue;
+            };
+            let field = format!("databases[{i}].replications[{j}].target");
+            if !couch.contains(&cluster.value.as_str()) {
+                diags.push(
+                    cluster.pos,
+                    &format!("{field}.cluster"),
+                    format!("a CouchDB cluster of this stack ({})", couch.join(", ")),
+                    format!("`{}`", cluster.value),
+                );
+            } else if cluster.value == db.name.value && database.value == r.source.value {
+                diags.push(
+                    database.pos,
+                    &format!("{field}.database"),
+                    "another database than the source (a replication into itself does nothing)",
+                    format!("`{}`, the source", database.value),
+                );
+            }
         }
     }
 }

@@ -222,6 +222,56 @@ pub fn is_dns_name(text: &str) -> bool {
         })
 }
 
+/// A Kubernetes object name (DNS-1123 subdomain): lowercase letters,
+/// digits, '-' and '.', at most 253 characters.
+pub fn is_dns_subdomain(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 253
+        && text.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
+/// The longest CouchDB database name.
+pub const COUCH_NAME_MAX: usize = 238;
+
+/// A user database name as CouchDB accepts it (`^[a-z][a-z0-9_$()+/-]*$`).
+pub fn is_couch_database_name(text: &str) -> bool {
+    text.len() <= COUCH_NAME_MAX
+        && text.starts_with(|c: char| c.is_ascii_lowercase())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_$()+-/".contains(c))
+}
+
+/// A replication target URL: `http` or `https`, a host, a database path,
+/// and no credentials in it (they belong in a Secret).
+pub fn check_couch_url(text: &str) -> Result<(), String> {
+    const EXPECTED: &str = "an http:// or https:// URL of a CouchDB database, such as https://backup.example.com/orders";
+    let rest = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+        .ok_or_else(|| EXPECTED.to_string())?;
+    let (authority, database) = rest.split_once('/').ok_or_else(|| EXPECTED.to_string())?;
+    if authority.contains('@') {
+        return Err(
+            "a URL without credentials (name a Secret in `credentials` instead)".to_string(),
+        );
+    }
+    if authority.is_empty()
+        || database.trim_end_matches('/').is_empty()
+        || text.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(EXPECTED.to_string());
+    }
+    Ok(())
+}
+
 /// The checksum a downloaded image must have: `sha256` or `sha512` (the
 /// one Debian publishes), as lowercase hex.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -1,0 +1,1079 @@
+//! The database phase: the stack's database clusters, after the workloads
+//! and before the ingress. Each kind (CouchDB now) brings its Kubernetes
+//! objects (a pure builder the Kubernetes layer renders and applies with
+//! server-side apply), and the operations on its own HTTP API that make a
+//! cluster of them: formation, membership, shard placement, databases and
+//! replications, each a `Change` of the same plan, applied in order
+//! (copies move off departing members before the StatefulSet shrinks; new
+//! members get copies once they joined). Its gate waits until every
+//! cluster is healthy by the database's own account.
+//!
+//! Every database pod is reached through the Kubernetes API server's proxy
+//! with the kubeconfig's credentials.
+
+pub mod couchdb;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::engine::{
+    Action, Change, ChangeInput, FieldChange, FieldPath, Mode, Observed, Phase, PhaseError,
+    PlanInput, PlanPart, Prepared, Resource, StageInput, StatusPart, StepRef,
+};
+use crate::future::BoxFuture;
+use crate::model::{DatabaseKind, Stack};
+use crate::phases::kube::{kinds, Cluster, Kube, KubeError};
+use crate::state::{Record, State};
+use couchdb::api::Api;
+use couchdb::credentials::{Credentials, RandomError};
+use couchdb::{CouchError, Couchdb, Live};
+
+/// The generated secrets of the stack's CouchDB clusters, by cluster name.
+pub type DatabaseCredentials = BTreeMap<String, Credentials>;
+
+/// Change kinds of the phase's own resources.
+const CREDENTIALS: &str = "couchdb:credentials";
+const FORMATION: &str = "couchdb:cluster";
+const MEMBERSHIP: &str = "couchdb:membership";
+const PLACEMENT: &str = "couchdb:placement";
+const DATABASE: &str = "couchdb:database";
+const REPLICATION: &str = "couchdb:replication";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error(transparent)]
+    Random(#[from] RandomError),
+    #[error("the state's record of the secrets of CouchDB cluster {cluster} cannot be read")]
+    Record {
+        cluster: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Cluster(#[from] crate::phases::kube::ClusterError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatabasesError {
+    #[error(transparent)]
+    Couch(#[from] CouchError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    #[error("{0}")]
+    Objects(PhaseError),
+    #[error("CouchDB cluster {cluster}: the state has no record of its secrets (plan again)")]
+    NoCredentials { cluster: String },
+    #[error("{0} is not a change of the database phase")]
+    Unknown(String),
+}
+
+fn record_address(cluster: &str, what: &str) -> String {
+    format!("couchdb.{cluster}.{what}")
+}
+
+/// The secrets of every CouchDB cluster: as the state recorded them, else
+/// as the cluster's Secrets hold them (a machine without the state), else new.
+pub async fn credentials(
+    stack: &Stack,
+    state: &State,
+    cluster: Option<&Cluster>,
+) -> Result<DatabaseCredentials, CredentialsError> {
+    let namespace = stack
+        .kubernetes
+        .as_ref()
+        .map_or(stack.name.as_str(), |k| k.namespace.as_str());
+    let mut out = BTreeMap::new();
+    for db in stack.databases.iter().filter(|d| d.kind == DatabaseKind::Couchdb) {
+        let address = record_address(&db.name, "credentials");
+        if let Some(record) = state.get(&address).filter(|r| r.id.is_some()) {
+            let credentials = serde_json::from_value(record.attrs.clone()).map_err(|source| {
+                CredentialsError::Record {
+                    cluster: db.name.clone(),
+                    source,
+                }
+            })?;
+            out.insert(db.name.clone(), credentials);
+            continue;
+        }
+        let names = couchdb::objects::Names::new(&db.name, namespace);
+        let mut found = None;
+        if let Some(cluster) = cluster {
+            let secret = kinds::find("v1", "Secret").expect("Secret is a known kind");
+            let config = kinds::find("v1", "ConfigMap").expect("ConfigMap is a known kind");
+            let admin = cluster.get(secret, Some(namespace), &names.admin_secret()).await?;
+            let internal = cluster
+                .get(secret, Some(namespace), &names.internal_secret())
+                .await?;
+            let ini = cluster.get(config, Some(namespace), &names.config_map()).await?;
+            if let (Some(admin), Some(internal), Some(ini)) = (admin, internal, ini) {
+                found = Credentials::from_cluster(&admin, &internal, &ini);
+            }
+        }
+        let credentials = match found {
+            Some(found) => found,
+            None => Credentials::generate(&db.name)?,
+        };
+        out.insert(db.name.clone(), credentials);
+    }
+    Ok(out)
+}
+
+/// A database cluster as `stack status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseStatus {
+    pub name: String,
+    pub kind: String,
+    /// Where clients reach it.
+    pub endpoints: Vec<String>,
+    /// The Secret with the admin's `username` and `password`.
+    pub credentials_secret: String,
+    /// The command that prints the admin password.
+    pub credentials_command: String,
+    /// Members in the cluster and connected, of those wanted (`3 of 3`).
+    pub membership: String,
+    pub problems: Vec<String>,
+    pub replications: Vec<ReplicationStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationStatus {
+    pub name: String,
+    pub state: String,
+    pub error: Option<String>,
+}
+
+/// The database phase.
+pub struct Databases {
+    kube: Arc<Kube>,
+    /// The clusters' Kubernetes objects, as the Kubernetes layer applies them.
+    objects: Arc<dyn Phase>,
+    clusters: Vec<Couchdb>,
+    stack: Stack,
+    /// One API client per cluster and password.
+    apis: tokio::sync::Mutex<BTreeMap<String, Arc<Api>>>,
+}
+
+/// Whether a record is one of the phase's own (not a Kubernetes object).
+fn is_own(record: &Record) -> bool {
+    record.kind.starts_with("couchdb:")
+}
+
+/// A cluster's plan, before steps are numbered.
+#[derive(Default)]
+struct ClusterPlan {
+    /// Before the Kubernetes objects change (copies off departing members).
+    before: Vec<Change>,
+    /// After them, in order.
+    after: Vec<Change>,
+    resources: Vec<Resource>,
+    observed: Vec<Observed>,
+    notes: Vec<String>,
+    blocked: Vec<String>,
+}
+
+fn operation(address: &str, kind: &str, action: Action, reason: String) -> Change {
+    let mut change = Change::new(address, kind, action, reason, &Default::default());
+    if kind == FORMATION {
+        change.after = Some(json!({"systemDatabases": couchdb::SYSTEM_DATABASES}));
+    }
+    change
+}
+
+/// A field of an operation's change, for the plan to show.
+fn field(path: &str, observed: Option<Value>, after: Option<Value>, drift: bool) -> FieldChange {
+    FieldChange {
+        path: FieldPath::parse(path),
+        before: None,
+        observed,
+        after,
+        drift,
+    }
+}
+
+impl Databases {
+    /// The phase of a stack with database clusters; `None` without any.
+    pub fn for_stack(stack: &Stack, kube: &Arc<Kube>) -> Option<Databases> {
+        let namespace = stack.kubernetes.as_ref()?.namespace.clone();
+        let clusters: Vec<Couchdb> = stack
+            .databases
+            .iter()
+            .filter(|d| d.kind == DatabaseKind::Couchdb)
+            .map(|d| Couchdb::new(d, &namespace, &stack.name, stack.timeouts.healthy))
+            .collect();
+        if clusters.is_empty() {
+            return None;
+        }
+        Some(Databases {
+            objects: kube.stage(kinds::Stage::Databases),
+            kube: kube.clone(),
+            clusters,
+            stack: stack.clone(),
+            apis: tokio::sync::Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    async fn api(&self, couch: &Couchdb, credentials: &Credentials) -> Result<Arc<Api>, KubeError> {
+        let key = format!("{}\u{0}{}", couch.db.name, credentials.password);
+        let mut apis = self.apis.lock().await;
+        if let Some(api) = apis.get(&key) {
+            return Ok(api.clone());
+        }
+        let client = self.kube.client().await?.direct();
+        let api = Arc::new(Api::new(
+            client,
+            &couch.db.name,
+            &couch.names.namespace,
+            credentials.clone(),
+        ));
+        apis.insert(key, api.clone());
+        Ok(api)
+    }
+
+    /// How many requests the phase sent to database pods this session.
+    pub async fn requests(&self) -> usize {
+        self.apis.lock().await.values().map(|a| a.requests()).sum()
+    }
+
+    /// The user's Secrets that replication targets name: name → (username, password).
+    async fn user_secrets(&self) -> Result<BTreeMap<String, (String, String)>, KubeError> {
+        let mut out = BTreeMap::new();
+        let wanted: Vec<&String> = self
+            .clusters
+            .iter()
+            .flat_map(|c| c.db.couchdb.iter().flat_map(|s| &s.replications))
+            .filter_map(|r| match &r.target {
+                crate::model::ReplicationTarget::Url { credentials, .. } => credentials.as_ref(),
+                _ => None,
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let cluster = self.kube.client().await?;
+        let secret = kinds::find("v1", "Secret").expect("Secret is a known kind");
+        let namespace = &self.clusters[0].names.namespace;
+        for name in wanted {
+            if let Some(found) = cluster.get(secret, Some(namespace), name).await? {
+                let field = |key: &str| {
+                    found["data"][key]
+                        .as_str()
+                        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+                        .and_then(|b| String::from_utf8(b).ok())
+                };
+                if let (Some(user), Some(password)) = (field("username"), field("password")) {
+                    out.insert(name.clone(), (user, password));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn plan(&self, input: PlanInput<'_>) -> Result<PlanPart, DatabasesError> {
+        let kube_records = input.records.only(|r| !is_own(r));
+        let own_records = input.records.only(is_own);
+        let inner_input = PlanInput {
+            mode: input.mode,
+            stage: input.stage,
+            state: input.state,
+            records: &kube_records,
+            upstream: input.upstream,
+            plan_id: input.plan_id,
+            adopt: input.adopt,
+            cancel: input.cancel,
+            events: input.events,
+        };
+        let mut objects = self
+            .objects
+            .plan(inner_input)
+            .await
+            .map_err(DatabasesError::Objects)?;
+        if input.mode == Mode::Destroy {
+            // The data goes with the StatefulSet's volumes (or the nodes):
+            // the phase's own records are only forgotten.
+            objects
+                .forget
+                .extend(own_records.resources.iter().map(|r| r.address.clone()));
+            return Ok(objects);
+        }
+        let planned = self.kube.planned(&input).await?;
+        let secrets = if planned.read {
+            self.user_secrets().await?
+        } else {
+            BTreeMap::new()
+        };
+        let mut plans = Vec::new();
+        for couch in &self.clusters {
+            let credentials = planned
+                .credentials
+                .get(&couch.db.name)
+                .cloned()
+                .ok_or_else(|| DatabasesError::NoCredentials {
+                    cluster: couch.db.name.clone(),
+                })?;
+            let live = if planned.read {
+                let api = self.api(couch, &credentials).await?;
+                let cluster = self.kube.client().await?;
+                match couch
+                    .read(cluster, &api, input.cancel, crate::engine::Level::Soon)
+                    .await
+                {
+                    Ok(live) => Some(live),
+                    Err(err @ CouchError::Pods { .. }) => return Err(err.into()),
+                    Err(err) => {
+                        let mut plan = ClusterPlan::default();
+                        plan.notes.push(format!(
+                            "CouchDB cluster {} could not be read ({}): planned against the state",
+                            couch.db.name,
+                            crate::error_chain::error_chain(&err)
+                        ));
+                        plans.push((couch, credentials, plan));
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            let plan = self.plan_cluster(
+                couch,
+                &credentials,
+                &planned.credentials,
+                &secrets,
+                live.as_ref(),
+                &own_records,
+                &objects.changes,
+            );
+            plans.push((couch, credentials, plan));
+        }
+        let mut resources = Vec::new();
+        let mut observed = Vec::new();
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        let mut notes = Vec::new();
+        let mut blocked = Vec::new();
+        for (couch, credentials, plan) in plans {
+            let address = record_address(&couch.db.name, "credentials");
+            resources.push(Resource {
+                address: address.clone(),
+                kind: CREDENTIALS.to_string(),
+                attrs: serde_json::to_value(&credentials).expect("credentials serialise"),
+                handling: Default::default(),
+            });
+            if let Some(record) = own_records.get(&address).filter(|r| r.id.is_some()) {
+                observed.push(Observed {
+                    address,
+                    kind: CREDENTIALS.to_string(),
+                    id: couch.db.name.clone(),
+                    attrs: record.attrs.clone(),
+                    handling: Default::default(),
+                });
+            }
+            resources.extend(plan.resources);
+            observed.extend(plan.observed);
+            before.extend(plan.before);
+            after.extend(plan.after);
+            notes.extend(plan.notes);
+            blocked.extend(plan.blocked);
+        }
+        // Operations are planned from what is read, not diffed: only a
+        // finished formation is kept (so a cluster that does not answer is
+        // not finished again); a record left by a stopped run is dropped.
+        let operations: Vec<String> = own_records
+            .resources
+            .iter()
+            .filter(|r| [FORMATION, MEMBERSHIP, PLACEMENT].contains(&r.kind.as_str()))
+            .map(|r| r.address.clone())
+            .collect();
+        let finished = |address: &String| {
+            own_records
+                .get(address)
+                .is_some_and(|r| r.kind == FORMATION && r.id.is_some())
+        };
+        let declared = own_records.only(|r| !operations.contains(&r.address));
+        let mut part = crate::engine::plan::diff(&resources, &declared, &observed);
+        part.forget.extend(operations.iter().filter(|a| {
+            !finished(a) && !before.iter().chain(&after).any(|c| c.address == **a)
+        }).cloned());
+        // A database left out of the stack keeps its documents: forgotten, not deleted.
+        let (kept, changes): (Vec<Change>, Vec<Change>) = part
+            .changes
+            .into_iter()
+            .partition(|c| c.kind == DATABASE && c.action == Action::Delete);
+        part.changes = changes;
+        for change in kept {
+            notes.push(format!(
+                "{} is no longer in the stack: it is left in the cluster with its documents and dropped from the state (delete it with CouchDB's API to remove it)",
+                change.address
+            ));
+            part.forget.push(change.address);
+        }
+        self.annotate(&mut part.changes);
+        Ok(self.sequence(objects, before, part, after, notes, blocked))
+    }
+
+    /// Reasons a user can act on, for the changes `diff` made.
+    fn annotate(&self, changes: &mut [Change]) {
+        for change in changes.iter_mut() {
+            match (change.kind.as_str(), change.action) {
+                (CREDENTIALS, Action::Create) => {
+                    change.reason = "generated for the cluster (admin password, Erlang cookie, COUCHDB_SECRET): kept in the state and in its Secrets".into();
+                }
+                (DATABASE, Action::Create) if change.before.is_some() => {
+                    change.reason = "declared in the stack and missing from the cluster: made again".into();
+                }
+                (DATABASE, Action::Create) => {
+                    change.reason = "declared in the stack: made with its q, n and partitioned".into();
+                }
+                (REPLICATION, Action::Create) if change.before.is_some() => {
+                    change.reason = "its _replicator document is missing: written again".into();
+                }
+                (REPLICATION, Action::Create) => {
+                    change.reason = "new in the stack: one _replicator document, continuous, create_target".into();
+                }
+                (REPLICATION, Action::Delete) => {
+                    change.reason = "no longer in the stack: its _replicator document is deleted (the job stops)".into();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The phase's part, in the order it is applied: the secrets, copies
+    /// moved before the objects change, the objects, then formation,
+    /// membership, copies for new members, databases and replications.
+    fn sequence(
+        &self,
+        mut objects: PlanPart,
+        before: Vec<Change>,
+        declared: PlanPart,
+        after: Vec<Change>,
+        notes: Vec<String>,
+        blocked: Vec<String>,
+    ) -> PlanPart {
+        let (credentials, rest): (Vec<Change>, Vec<Change>) = declared
+            .changes
+            .into_iter()
+            .partition(|c| c.kind == CREDENTIALS);
+        let (removals, rest): (Vec<Change>, Vec<Change>) =
+            rest.into_iter().partition(|c| c.action == Action::Delete);
+        let (object_removals, object_changes): (Vec<Change>, Vec<Change>) = objects
+            .changes
+            .drain(..)
+            .partition(|c| c.action == Action::Delete);
+        let ordered: Vec<Change> = credentials
+            .into_iter()
+            .chain(before)
+            .chain(object_changes)
+            .chain(after)
+            .chain(rest)
+            .collect();
+        let of = ordered.len();
+        let mut changes: Vec<Change> = ordered
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut change)| {
+                change.waits_for.clear();
+                change.step = Some(StepRef {
+                    number: i + 1,
+                    of,
+                    description: step_description(&change),
+                });
+                change
+            })
+            .collect();
+        changes.extend(object_removals);
+        changes.extend(removals);
+        objects.changes = changes;
+        objects.adopt.extend(declared.adopt);
+        objects.forget.extend(declared.forget);
+        objects.foreign.extend(declared.foreign);
+        objects.notes.extend(notes);
+        objects.blocked.extend(blocked);
+        objects
+    }
+
+    /// One cluster's operations and declared resources.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_cluster(
+        &self,
+        couch: &Couchdb,
+        credentials: &Credentials,
+        every: &DatabaseCredentials,
+        secrets: &BTreeMap<String, (String, String)>,
+        live: Option<&Live>,
+        records: &State,
+        object_changes: &[Change],
+    ) -> ClusterPlan {
+        let mut plan = ClusterPlan::default();
+        let name = &couch.db.name;
+        let answering = live.filter(|l| l.answering());
+        // Formation: planned when the cluster was never finished, or its
+        // StatefulSet is made (again); a finished cluster that does not
+        // answer now is left to the health gate.
+        let formation = record_address(name, "cluster");
+        let formed = records.get(&formation).is_some_and(|r| r.id.is_some());
+        let statefulset = format!("/StatefulSet/{name}");
+        let made_again = object_changes
+            .iter()
+            .any(|c| c.action == Action::Create && c.address.ends_with(&statefulset));
+        match answering {
+            None if !formed || made_again => {
+                plan.after.push(operation(
+                    &formation,
+                    FORMATION,
+                    Action::Create,
+                    "finish_cluster once every member is ready (makes _users and _replicator)".into(),
+                ));
+            }
+            None => plan.notes.push(format!(
+                "CouchDB cluster {name} did not answer (no ready pod): its formation, membership and shard placement are checked by the health gate"
+            )),
+            Some(live) => {
+                let missing: Vec<&str> = couchdb::SYSTEM_DATABASES
+                    .iter()
+                    .copied()
+                    .filter(|db| !live.maps.contains_key(*db))
+                    .collect();
+                if missing.len() == couchdb::SYSTEM_DATABASES.len() {
+                    plan.after.push(operation(
+                        &formation,
+                        FORMATION,
+                        Action::Create,
+                        "the cluster was never finished: finish_cluster (makes _users and _replicator)".into(),
+                    ));
+                } else if !missing.is_empty() {
+                    let mut change = operation(
+                        &formation,
+                        FORMATION,
+                        Action::Update,
+                        format!("changed out of band: system database {} is missing: made again", missing.join(", ")),
+                    );
+                    change.drift = true;
+                    change.fields.push(field(
+                        "systemDatabases",
+                        Some(json!(couchdb::SYSTEM_DATABASES.iter().filter(|d| !missing.contains(d)).collect::<Vec<_>>())),
+                        Some(json!(couchdb::SYSTEM_DATABASES)),
+                        true,
+                    ));
+                    plan.after.push(change);
+                }
+            }
+        }
+        if let Some(live) = answering {
+            self.plan_membership(couch, live, &mut plan);
+            self.plan_placement(couch, live, &mut plan);
+        }
+        // Declared databases.
+        let settings = couch.db.couchdb.as_ref();
+        for db in settings.into_iter().flat_map(|s| &s.databases) {
+            let address = format!("couchdb.{name}.database[{}]", db.name);
+            let mut attrs = json!({"q": db.shards, "partitioned": db.partitioned});
+            match answering {
+                Some(live) => {
+                    if let Some(map) = live.maps.get(&db.name) {
+                        let q = map["by_range"].as_object().map_or(0, |r| r.len());
+                        let partitioned = map["props"]["partitioned"].as_bool().unwrap_or(false);
+                        let there = json!({"q": q, "partitioned": partitioned});
+                        if there != attrs {
+                            plan.notes.push(format!(
+                                "database {} of CouchDB cluster {name} has q={q}, partitioned={partitioned}; the stack says q={}, partitioned={}: these are fixed when a database is made, so it is left as it is",
+                                db.name, db.shards, db.partitioned
+                            ));
+                            attrs = there.clone();
+                        }
+                        plan.observed.push(Observed {
+                            address: address.clone(),
+                            kind: DATABASE.into(),
+                            id: db.name.clone(),
+                            attrs: there,
+                            handling: Default::default(),
+                        });
+                    }
+                }
+                None => assume(records, &address, &mut plan.observed),
+            }
+            plan.resources.push(Resource {
+                address,
+                kind: DATABASE.into(),
+                attrs,
+                handling: Default::default(),
+            });
+        }
+        // Replications.
+        match couch.replication_docs(credentials, every, secrets) {
+            Err(problem) => plan.blocked.push(problem),
+            Ok(docs) => {
+                for (id, (rname, doc)) in &docs {
+                    let address = format!("couchdb.{name}.replication[{rname}]");
+                    plan.resources.push(Resource {
+                        address: address.clone(),
+                        kind: REPLICATION.into(),
+                        attrs: doc.clone(),
+                        handling: Default::default(),
+                    });
+                    if answering.is_none() {
+                        assume(records, &address, &mut plan.observed);
+                    }
+                    let Some(live) = answering else { continue };
+                    let Some(found) = live.replicator.get(id) else { continue };
+                    let kept: serde_json::Map<String, Value> = ["source", "target", "continuous", "create_target"]
+                        .iter()
+                        .filter_map(|k| found.get(*k).map(|v| (k.to_string(), v.clone())))
+                        .collect();
+                    plan.observed.push(Observed {
+                        address: address.clone(),
+                        kind: REPLICATION.into(),
+                        id: id.clone(),
+                        attrs: Value::Object(kept.clone()),
+                        handling: Default::default(),
+                    });
+                    let job = live.scheduler.get(id);
+                    let state = job.and_then(|j| j["state"].as_str()).unwrap_or("");
+                    if Value::Object(kept) == *doc && matches!(state, "crashing" | "failed") {
+                        let job = job.expect("a state comes from a job");
+                        let error = job["info"]["error"].as_str().unwrap_or("no error given");
+                        let mut change = operation(
+                            &address,
+                            REPLICATION,
+                            Action::Update,
+                            format!(
+                                "drift: the job is {state} on {} ({error}; {} errors): its document is written again, which restarts the job",
+                                job["node"].as_str().map(|n| couch.short(n)).unwrap_or_else(|| "no node".into()),
+                                job["error_count"].as_u64().unwrap_or(0)
+                            ),
+                        );
+                        change.drift = true;
+                        change.id = Some(id.clone());
+                        change.before = records.get(&address).map(|r| r.attrs.clone());
+                        change.observed = Some(doc.clone());
+                        change.after = Some(doc.clone());
+                        change.fields.push(field("state", Some(json!(state)), Some(json!("running")), true));
+                        plan.after.push(change);
+                    }
+                }
+                // Documents of this cluster's replications the stack no longer declares.
+                if let Some(live) = answering {
+                    for (id, doc) in &live.replicator {
+                        if docs.contains_key(id) {
+                            continue;
+                        }
+                        let rname = id.trim_start_matches(&couch.replication_prefix()).to_string();
+                        plan.observed.push(Observed {
+                            address: format!("couchdb.{name}.replication[{rname}]"),
+                            kind: REPLICATION.into(),
+                            id: id.clone(),
+                            attrs: doc.clone(),
+                            handling: Default::default(),
+                        });
+                    }
+                }
+            }
+        }
+        plan
+    }
+
+    fn plan_membership(&self, couch: &Couchdb, live: &Live, plan: &mut ClusterPlan) {
+        let wanted = couch.wanted_nodes();
+        let joining: Vec<String> = wanted
+            .iter()
+            .filter(|n| !live.cluster_nodes.contains(n))
+            .map(|n| couch.short(n))
+            .collect();
+        let leaving: Vec<String> = live
+            .cluster_nodes
+            .iter()
+            .filter(|n| !wanted.contains(n))
+            .map(|n| couch.short(n))
+            .collect();
+        if joining.is_empty() && leaving.is_empty() {
+            return;
+        }
+        let existing: Vec<String> = live
+            .members
+            .iter()
+            .filter(|m| m.ordinal < couch.db.replicas)
+            .map(|m| m.pod.clone())
+            .collect();
+        let mut parts = Vec::new();
+        let out_of_band: Vec<&String> = joining.iter().filter(|p| existing.contains(p)).collect();
+        let new: Vec<&String> = joining.iter().filter(|p| !existing.contains(p)).collect();
+        if !out_of_band.is_empty() {
+            parts.push(format!(
+                "drift: {} run but are not in cluster_nodes: added back",
+                list(&out_of_band)
+            ));
+        }
+        if !new.is_empty() {
+            parts.push(format!("{} join (through the seedlist)", list(&new)));
+        }
+        if !leaving.is_empty() {
+            parts.push(format!(
+                "{} leave: deleted from /_node/_local/_nodes once their pods are gone",
+                list(&leaving.iter().collect::<Vec<_>>())
+            ));
+        }
+        let short = |nodes: &[String]| -> Value {
+            json!(nodes.iter().map(|n| couch.short(n)).collect::<Vec<_>>())
+        };
+        let drift = !out_of_band.is_empty()
+            || live
+                .cluster_nodes
+                .iter()
+                .any(|n| !wanted.contains(n) && couch.names.pod_of(n).is_none_or(|p| {
+                    p.rsplit('-').next().and_then(|o| o.parse::<u32>().ok()).is_some_and(|o| o < couch.db.replicas)
+                }));
+        let mut change = operation(
+            &record_address(&couch.db.name, "membership"),
+            MEMBERSHIP,
+            Action::Update,
+            parts.join("; "),
+        );
+        change.drift = drift;
+        change.fields.push(field(
+            "clusterNodes",
+            Some(short(&live.cluster_nodes)),
+            Some(short(&wanted)),
+            drift,
+        ));
+        plan.after.push(change);
+    }
+
+    fn plan_placement(&self, couch: &Couchdb, live: &Live, plan: &mut ClusterPlan) {
+        let wanted = couch.wanted_nodes();
+        let placed = couch.placement(live, &wanted);
+        for s in &placed.shortfalls {
+            plan.blocked.push(format!(
+                "CouchDB cluster {}: database {} range {} has {} copies and {} members would be left: lower `n` for it (databases[].databases[].n, or the cluster's n) or keep more replicas",
+                couch.db.name, s.database, s.range, s.copies, s.members
+            ));
+        }
+        let current = live.layout();
+        if placed.layout == current {
+            return;
+        }
+        let (add, drop) = couchdb::placement::moves(&current, &placed.layout);
+        let departing: Vec<&String> = live.cluster_nodes.iter().filter(|n| !wanted.contains(n)).collect();
+        let all_connected = wanted.iter().all(|n| live.all_nodes.contains(n));
+        let short_layout = |layout: &couchdb::placement::Layout| -> Value {
+            json!(layout
+                .iter()
+                .map(|(db, ranges)| {
+                    (
+                        db.clone(),
+                        json!(ranges
+                            .iter()
+                            .map(|(r, nodes)| (r.clone(), json!(nodes.iter().map(|n| couch.short(n)).collect::<Vec<_>>())))
+                            .collect::<serde_json::Map<_, _>>()),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>())
+        };
+        let reason = if !departing.is_empty() || drop.iter().any(|(_, _, n)| !wanted.contains(n)) {
+            format!(
+                "{} shard copies move off members that leave, before the StatefulSet shrinks ({} added, filled by internal replication, then {} dropped)",
+                add.len().max(drop.len()), add.len(), drop.len()
+            )
+        } else if !all_connected {
+            format!(
+                "new members get shard copies once they joined (rebalance): {} added, filled by internal replication, then {} dropped",
+                add.len(), drop.len()
+            )
+        } else {
+            format!(
+                "shard copies are spread evenly (rebalance) or to the copies the stack asks for: {} added, filled by internal replication, then {} dropped",
+                add.len(), drop.len()
+            )
+        };
+        let mut change = operation(
+            &record_address(&couch.db.name, "placement"),
+            PLACEMENT,
+            Action::Update,
+            reason,
+        );
+        let before = short_layout(&current);
+        let after = short_layout(&placed.layout);
+        for (db, ranges) in &placed.layout {
+            for (range, nodes) in ranges {
+                let had = current.get(db).and_then(|r| r.get(range));
+                if had != Some(nodes) {
+                    change.fields.push(field(
+                        &format!("{db}.{range}"),
+                        had.map(|h| json!(h.iter().map(|n| couch.short(n)).collect::<Vec<_>>())),
+                        Some(json!(nodes.iter().map(|n| couch.short(n)).collect::<Vec<_>>())),
+                        false,
+                    ));
+                }
+            }
+        }
+        change.observed = Some(before);
+        change.after = Some(json!({"layout": after, "nodes": placed.layout}));
+        if all_connected {
+            plan.before.push(change);
+        } else {
+            plan.after.push(change);
+        }
+    }
+
+    async fn apply(&self, change: &Change, input: ChangeInput<'_>) -> Result<Option<Record>, DatabasesError> {
+        if change.kind.starts_with(kinds::CHANGE_KIND_PREFIX) {
+            return self
+                .objects
+                .apply(change, input)
+                .await
+                .map_err(DatabasesError::Objects);
+        }
+        let couch = self
+            .clusters
+            .iter()
+            .find(|c| change.address.starts_with(&format!("couchdb.{}.", c.db.name)))
+            .ok_or_else(|| DatabasesError::Unknown(change.address.clone()))?;
+        let record = |id: &str| Record {
+            address: change.address.clone(),
+            kind: change.kind.clone(),
+            id: Some(id.to_string()),
+            attrs: change.after.clone().unwrap_or_default(),
+            pending_token: None,
+        };
+        if change.kind == CREDENTIALS {
+            return Ok(Some(record(&couch.db.name)));
+        }
+        let credentials: Credentials = input
+            .state
+            .get(&record_address(&couch.db.name, "credentials"))
+            .and_then(|r| serde_json::from_value(r.attrs.clone()).ok())
+            .ok_or_else(|| DatabasesError::NoCredentials {
+                cluster: couch.db.name.clone(),
+            })?;
+        let api = self.api(couch, &credentials).await?;
+        let cluster = self.kube.client().await?;
+        let cancel = input.cancel;
+        match (change.kind.as_str(), change.action) {
+            (FORMATION, Action::Create) => {
+                couch.form(cluster, &api, cancel).await?;
+                return Ok(Some(record(&couch.db.name)));
+            }
+            (FORMATION, _) => {
+                couch.create_system_databases(cluster, &api, cancel).await?;
+                return Ok(Some(record(&couch.db.name)));
+            }
+            (MEMBERSHIP, _) => couch.set_membership(cluster, &api, cancel).await?,
+            (PLACEMENT, _) => {
+                let target = change
+                    .after
+                    .as_ref()
+                    .and_then(|a| serde_json::from_value(a["nodes"].clone()).ok())
+                    .ok_or_else(|| DatabasesError::Unknown(change.address.clone()))?;
+                couch.move_shards(cluster, &api, cancel, &target).await?;
+            }
+            (DATABASE, Action::Create | Action::Update | Action::Replace) => {
+                let id = change.id.clone().unwrap_or_else(|| database_of(&change.address));
+                couch.create_database(cluster, &api, cancel, &id).await?;
+                return Ok(Some(record(&id)));
+            }
+            (REPLICATION, Action::Delete) => {
+                let id = change.id.clone().unwrap_or_default();
+                couch.delete_replication(cluster, &api, cancel, &id).await?;
+            }
+            (REPLICATION, _) => {
+                let name = database_of(&change.address);
+                let id = couchdb::replication_id(&self.stack.name, &couch.db.name, &name);
+                let doc = change.after.clone().unwrap_or_default();
+                couch.put_replication(cluster, &api, cancel, &id, &doc).await?;
+                return Ok(Some(record(&id)));
+            }
+            _ => return Err(DatabasesError::Unknown(change.address.clone())),
+        }
+        Ok(None)
+    }
+
+    async fn gate(&self, input: StageInput<'_>) -> Result<(), DatabasesError> {
+        self.objects
+            .gate(StageInput {
+                stage: input.stage,
+                mode: input.mode,
+                changes: input.changes,
+                plan: input.plan,
+                plan_id: input.plan_id,
+                state: input.state,
+                cancel: input.cancel,
+                events: input.events,
+            })
+            .await
+            .map_err(DatabasesError::Objects)?;
+        if input.mode == Mode::Destroy {
+            return Ok(());
+        }
+        let credentials = self.kube.planned_credentials(input.plan_id).await?;
+        let cluster = self.kube.client().await?;
+        for couch in &self.clusters {
+            let Some(credentials) = credentials.get(&couch.db.name) else {
+                continue;
+            };
+            let api = self.api(couch, credentials).await?;
+            couch.gate(cluster, &api, input.cancel).await?;
+        }
+        Ok(())
+    }
+
+    async fn status(&self, state: &State) -> Vec<DatabaseStatus> {
+        let mut out = Vec::new();
+        let ingress = self.stack.ingress.as_ref().map(|i| i.domain.clone());
+        for couch in &self.clusters {
+            let names = &couch.names;
+            let mut endpoints = vec![names.service_url("").trim_end_matches('/').to_string()];
+            if let Some(domain) = &ingress {
+                endpoints.insert(0, format!("https://{}.{domain}", couch.db.name));
+            }
+            let mut status = DatabaseStatus {
+                name: couch.db.name.clone(),
+                kind: "couchdb".into(),
+                endpoints,
+                credentials_secret: format!("{}/{}", names.namespace, names.admin_secret()),
+                credentials_command: format!(
+                    "kubectl --kubeconfig {} -n {} get secret {} -o jsonpath='{{.data.password}}' | base64 -d",
+                    self.kube.kubeconfig().display(),
+                    names.namespace,
+                    names.admin_secret()
+                ),
+                membership: format!("unknown of {}", couch.db.replicas),
+                problems: Vec::new(),
+                replications: Vec::new(),
+            };
+            let credentials: Option<Credentials> = state
+                .get(&record_address(&couch.db.name, "credentials"))
+                .and_then(|r| serde_json::from_value(r.attrs.clone()).ok());
+            let read = async {
+                let credentials = credentials.ok_or(DatabasesError::NoCredentials {
+                    cluster: couch.db.name.clone(),
+                })?;
+                let api = self.api(couch, &credentials).await?;
+                let cluster = self.kube.client().await?;
+                let cancel = crate::engine::Cancel::new();
+                Ok::<Live, DatabasesError>(couch.read(cluster, &api, &cancel, crate::engine::Level::Soon).await?)
+            };
+            match read.await {
+                Err(err) => status.problems.push(crate::error_chain::error_chain(&err)),
+                Ok(live) => {
+                    let wanted = couch.wanted_nodes();
+                    let good = wanted
+                        .iter()
+                        .filter(|n| live.cluster_nodes.contains(n) && live.all_nodes.contains(n))
+                        .count();
+                    status.membership = format!("{good} of {}", couch.db.replicas);
+                    status.problems = couch.unhealthy(&live);
+                    for r in couch.db.couchdb.iter().flat_map(|s| &s.replications) {
+                        let id = couchdb::replication_id(&self.stack.name, &couch.db.name, &r.name);
+                        let job = live.scheduler.get(&id);
+                        status.replications.push(ReplicationStatus {
+                            name: r.name.clone(),
+                            state: match (live.replicator.contains_key(&id), job) {
+                                (false, _) => "no document".into(),
+                                (true, None) => "unknown".into(),
+                                (true, Some(job)) => job["state"].as_str().unwrap_or("unknown").to_string(),
+                            },
+                            error: job.and_then(|j| j["info"]["error"].as_str()).map(str::to_string),
+                        });
+                    }
+                }
+            }
+            out.push(status);
+        }
+        out
+    }
+}
+
+fn list(items: &[&String]) -> String {
+    items.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// `couchdb.C.database[NAME]` → `NAME`.
+fn database_of(address: &str) -> String {
+    address
+        .rsplit_once('[')
+        .map(|(_, rest)| rest.trim_end_matches(']').to_string())
+        .unwrap_or_default()
+}
+
+/// What was recorded stands for what is there (the cluster not read).
+fn assume(records: &State, address: &str, observed: &mut Vec<Observed>) {
+    if let Some(record) = records.get(address) {
+        if let Some(id) = &record.id {
+            observed.push(Observed {
+                address: address.to_string(),
+                kind: record.kind.clone(),
+                id: id.clone(),
+                attrs: record.attrs.clone(),
+                handling: Default::default(),
+            });
+        }
+    }
+}
+
+fn step_description(change: &Change) -> String {
+    match change.kind.as_str() {
+        CREDENTIALS => "the cluster's secrets".into(),
+        FORMATION => "formation".into(),
+        MEMBERSHIP => "membership".into(),
+        PLACEMENT => "shard placement".into(),
+        DATABASE => "declared database".into(),
+        REPLICATION => "replication".into(),
+        _ => "Kubernetes object".into(),
+    }
+}
+
+impl Phase for Databases {
+    fn name(&self) -> &str {
+        "databases"
+    }
+
+    fn owns(&self, record: &Record) -> bool {
+        is_own(record) || self.objects.owns(record)
+    }
+
+    fn plan<'a>(&'a self, input: PlanInput<'a>) -> BoxFuture<'a, Result<PlanPart, PhaseError>> {
+        Box::pin(async move { Ok(self.plan(input).await?) })
+    }
+
+    fn prepare<'a>(&'a self, input: StageInput<'a>) -> BoxFuture<'a, Result<Prepared, PhaseError>> {
+        Box::pin(async move {
+            let objects: Vec<Change> = input
+                .changes
+                .iter()
+                .filter(|c| c.kind.starts_with(kinds::CHANGE_KIND_PREFIX))
+                .cloned()
+                .collect();
+            self.objects
+                .prepare(StageInput {
+                    changes: &objects,
+                    ..input
+                })
+                .await
+        })
+    }
+
+    fn apply<'a>(
+        &'a self,
+        change: &'a Change,
+        input: ChangeInput<'a>,
+    ) -> BoxFuture<'a, Result<Option<Record>, PhaseError>> {
+        Box::pin(async move { Ok(self.apply(change, input).await?) })
+    }
+
+    fn gate<'a>(&'a self, input: StageInput<'a>) -> BoxFuture<'a, Result<(), PhaseError>> {
+        Box::pin(async move { Ok(self.gate(input).await?) })
+    }
+
+    fn status<'a>(&'a self, state: &'a State) -> BoxFuture<'a, Result<StatusPart, PhaseError>> {
+        Box::pin(async move {
+            Ok(StatusPart {
+                databases: self.status(state).await,
+                ..StatusPart::default()
+            })
+        })
+    }
+}
