@@ -255,6 +255,27 @@ pub fn status(status: &Status) -> String {
     if let Some(grafana) = &status.grafana {
         let _ = writeln!(out, "grafana: {grafana}");
     }
+    for db in &status.databases {
+        let _ = writeln!(out, "database {} ({}): membership {}", db.name, db.kind, db.membership);
+        for endpoint in &db.endpoints {
+            let _ = writeln!(out, "  endpoint: {endpoint}");
+        }
+        let _ = writeln!(out, "  credentials: Secret {} (username, password)", db.credentials_secret);
+        let _ = writeln!(out, "    {}", db.credentials_command);
+        for r in &db.replications {
+            match &r.error {
+                Some(error) => {
+                    let _ = writeln!(out, "  replication {}: {} ({error})", r.name, r.state);
+                }
+                None => {
+                    let _ = writeln!(out, "  replication {}: {}", r.name, r.state);
+                }
+            }
+        }
+        for problem in &db.problems {
+            let _ = writeln!(out, "  problem: {problem}");
+        }
+    }
     if status.nodes.is_empty() {
         let _ = writeln!(out, "no nodes");
     } else {

@@ -125,6 +125,33 @@ pub struct EndpointStatus {
     pub url: String,
 }
 
+/// A database cluster as `stack status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseStatus {
+    pub name: String,
+    pub kind: String,
+    /// Where clients reach it.
+    pub endpoints: Vec<String>,
+    /// The Secret (`NAMESPACE/NAME`) with the admin's `username` and `password`.
+    pub credentials_secret: String,
+    /// The command that prints the admin password.
+    pub credentials_command: String,
+    /// Members in the cluster and connected, of those wanted (`3 of 3`).
+    pub membership: String,
+    pub problems: Vec<String>,
+    pub replications: Vec<ReplicationStatus>,
+}
+
+/// A replication as `stack status` shows it: its scheduler state.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationStatus {
+    pub name: String,
+    pub state: String,
+    pub error: Option<String>,
+}
+
 /// A phase's part of `stack status`; the engine puts the parts together.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StatusPart {
@@ -138,7 +165,7 @@ pub struct StatusPart {
     pub ca_certificate: Option<PathBuf>,
     pub grafana: Option<String>,
     /// The database clusters, as the database phase reads them.
-    pub databases: Vec<crate::phases::databases::DatabaseStatus>,
+    pub databases: Vec<DatabaseStatus>,
 }
 
 pub trait Phase: Send + Sync {

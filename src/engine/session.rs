@@ -201,6 +201,7 @@ pub struct Status {
     pub endpoints: Vec<EndpointStatus>,
     pub ca_certificate: Option<PathBuf>,
     pub grafana: Option<String>,
+    pub databases: Vec<super::phase::DatabaseStatus>,
     pub stages: Vec<StageRef>,
 }
 
@@ -498,6 +499,7 @@ impl Session {
             endpoints: Vec::new(),
             ca_certificate: None,
             grafana: None,
+            databases: Vec::new(),
             stages: self.stages.clone(),
         };
         for (phase, stage) in self.phases.iter().zip(&self.stages) {
@@ -519,6 +521,7 @@ impl Session {
             }
             status.ca_certificate = status.ca_certificate.or(part.ca_certificate);
             status.grafana = status.grafana.or(part.grafana);
+            status.databases.extend(part.databases);
         }
         Ok(status)
     }

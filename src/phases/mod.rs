@@ -51,7 +51,7 @@ pub fn check(stack: &Stack) -> Result<(), LoadError> {
         );
     }
     infra::check(stack, &mut diags);
-    kube::check(stack, &mut diags);
+    kube::check(stack, databases::contribution(stack).as_ref(), &mut diags);
     if diags.is_empty() {
         return Ok(());
     }
@@ -81,7 +81,8 @@ async fn stage_list(
             phases.push(Arc::new(bootstrap));
         }
     }
-    let kube = kube::Kube::for_stack(stack, artifacts).map_err(|source| OpenError::Kube {
+    let contribution = databases::contribution(stack);
+    let kube = kube::Kube::for_stack(stack, artifacts, contribution).map_err(|source| OpenError::Kube {
         stack: stack.name.clone(),
         source: Box::new(source),
     })?;

@@ -17,16 +17,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::engine::{
-    Action, Change, ChangeInput, FieldChange, FieldPath, Mode, Observed, Phase, PhaseError,
-    PlanInput, PlanPart, Prepared, Resource, StageInput, StatusPart, StepRef,
+    Action, Change, ChangeInput, DatabaseStatus, FieldChange, FieldPath, Mode, Observed, Phase,
+    PhaseError, PlanInput, PlanPart, Prepared, ReplicationStatus, Resource, StageInput,
+    StatusPart, StepRef,
 };
 use crate::future::BoxFuture;
 use crate::model::{DatabaseKind, Stack};
-use crate::phases::kube::{kinds, Cluster, Kube, KubeError};
+use crate::phases::kube::manifest::{ManifestError, Object, Renderer};
+use crate::phases::kube::{self, kinds, Cluster, Kube, KubeError};
 use crate::state::{Record, State};
 use couchdb::api::Api;
 use couchdb::credentials::{Credentials, RandomError};
@@ -77,75 +78,108 @@ fn record_address(cluster: &str, what: &str) -> String {
 
 /// The secrets of every CouchDB cluster: as the state recorded them, else
 /// as the cluster's Secrets hold them (a machine without the state), else new.
-pub async fn credentials(
-    stack: &Stack,
+async fn credentials(
+    clusters: &[Couchdb],
     state: &State,
     cluster: Option<&Cluster>,
 ) -> Result<DatabaseCredentials, CredentialsError> {
-    let namespace = stack
-        .kubernetes
-        .as_ref()
-        .map_or(stack.name.as_str(), |k| k.namespace.as_str());
     let mut out = BTreeMap::new();
-    for db in stack.databases.iter().filter(|d| d.kind == DatabaseKind::Couchdb) {
-        let address = record_address(&db.name, "credentials");
+    for couch in clusters {
+        let name = &couch.db.name;
+        let address = record_address(name, "credentials");
         if let Some(record) = state.get(&address).filter(|r| r.id.is_some()) {
             let credentials = serde_json::from_value(record.attrs.clone()).map_err(|source| {
                 CredentialsError::Record {
-                    cluster: db.name.clone(),
+                    cluster: name.clone(),
                     source,
                 }
             })?;
-            out.insert(db.name.clone(), credentials);
+            out.insert(name.clone(), credentials);
             continue;
         }
-        let names = couchdb::objects::Names::new(&db.name, namespace);
+        let names = &couch.names;
+        let namespace = Some(names.namespace.as_str());
         let mut found = None;
         if let Some(cluster) = cluster {
             let secret = kinds::find("v1", "Secret").expect("Secret is a known kind");
             let config = kinds::find("v1", "ConfigMap").expect("ConfigMap is a known kind");
-            let admin = cluster.get(secret, Some(namespace), &names.admin_secret()).await?;
-            let internal = cluster
-                .get(secret, Some(namespace), &names.internal_secret())
-                .await?;
-            let ini = cluster.get(config, Some(namespace), &names.config_map()).await?;
-            if let (Some(admin), Some(internal), Some(ini)) = (admin, internal, ini) {
-                found = Credentials::from_cluster(&admin, &internal, &ini);
+            let admin = cluster.get(secret, namespace, &names.admin_secret()).await?;
+            let internal = cluster.get(secret, namespace, &names.internal_secret()).await?;
+            let ini = cluster.get(config, namespace, &names.config_map()).await?;
+            if let (Some(admin), Some(internal), Some(uuid)) =
+                (admin, internal, ini.as_ref().and_then(couchdb::objects::uuid_of))
+            {
+                found = Credentials::from_cluster(&admin, &internal, uuid);
             }
         }
         let credentials = match found {
             Some(found) => found,
-            None => Credentials::generate(&db.name)?,
+            None => Credentials::generate(name)?,
         };
-        out.insert(db.name.clone(), credentials);
+        out.insert(name.clone(), credentials);
     }
     Ok(out)
 }
 
-/// A database cluster as `stack status` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DatabaseStatus {
-    pub name: String,
-    pub kind: String,
-    /// Where clients reach it.
-    pub endpoints: Vec<String>,
-    /// The Secret with the admin's `username` and `password`.
-    pub credentials_secret: String,
-    /// The command that prints the admin password.
-    pub credentials_command: String,
-    /// Members in the cluster and connected, of those wanted (`3 of 3`).
-    pub membership: String,
-    pub problems: Vec<String>,
-    pub replications: Vec<ReplicationStatus>,
+/// The clusters of a stack with a `kubernetes` section.
+fn clusters(stack: &Stack) -> Vec<Couchdb> {
+    let Some(kubernetes) = &stack.kubernetes else {
+        return Vec::new();
+    };
+    stack
+        .databases
+        .iter()
+        .filter(|d| d.kind == DatabaseKind::Couchdb)
+        .map(|d| Couchdb::new(d, &kubernetes.namespace, &stack.name, stack.timeouts.healthy))
+        .collect()
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReplicationStatus {
-    pub name: String,
-    pub state: String,
-    pub error: Option<String>,
+/// The database clusters' Kubernetes objects, as the Kubernetes layer
+/// renders, applies and diffs them.
+struct Objects {
+    clusters: Vec<Couchdb>,
+}
+
+impl kube::Contribution for Objects {
+    fn secrets<'a>(
+        &'a self,
+        state: &'a State,
+        cluster: Option<&'a Cluster>,
+    ) -> BoxFuture<'a, Result<Value, PhaseError>> {
+        Box::pin(async move {
+            let credentials = credentials(&self.clusters, state, cluster).await?;
+            Ok(serde_json::to_value(credentials).expect("credentials serialise"))
+        })
+    }
+
+    fn objects(
+        &self,
+        renderer: &Renderer,
+        secrets: Option<&Value>,
+    ) -> Result<Vec<Object>, ManifestError> {
+        let credentials: DatabaseCredentials = secrets
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for couch in &self.clusters {
+            out.extend(couchdb::objects::objects(
+                renderer,
+                &couch.db,
+                &couch.names.namespace,
+                credentials.get(&couch.db.name),
+            )?);
+        }
+        Ok(out)
+    }
+}
+
+/// What the database clusters bring to the Kubernetes layer; `None` without any.
+pub fn contribution(stack: &Stack) -> Option<Arc<dyn kube::Contribution>> {
+    let clusters = clusters(stack);
+    if clusters.is_empty() {
+        return None;
+    }
+    Some(Arc::new(Objects { clusters }))
 }
 
 /// The database phase.
@@ -199,13 +233,7 @@ fn field(path: &str, observed: Option<Value>, after: Option<Value>, drift: bool)
 impl Databases {
     /// The phase of a stack with database clusters; `None` without any.
     pub fn for_stack(stack: &Stack, kube: &Arc<Kube>) -> Option<Databases> {
-        let namespace = stack.kubernetes.as_ref()?.namespace.clone();
-        let clusters: Vec<Couchdb> = stack
-            .databases
-            .iter()
-            .filter(|d| d.kind == DatabaseKind::Couchdb)
-            .map(|d| Couchdb::new(d, &namespace, &stack.name, stack.timeouts.healthy))
-            .collect();
+        let clusters = clusters(stack);
         if clusters.is_empty() {
             return None;
         }
@@ -302,6 +330,8 @@ impl Databases {
             return Ok(objects);
         }
         let planned = self.kube.planned(&input).await?;
+        let every: DatabaseCredentials =
+            serde_json::from_value(planned.secrets.clone()).unwrap_or_default();
         let secrets = if planned.read {
             self.user_secrets().await?
         } else {
@@ -309,8 +339,7 @@ impl Databases {
         };
         let mut plans = Vec::new();
         for couch in &self.clusters {
-            let credentials = planned
-                .credentials
+            let credentials = every
                 .get(&couch.db.name)
                 .cloned()
                 .ok_or_else(|| DatabasesError::NoCredentials {
@@ -342,7 +371,7 @@ impl Databases {
             let plan = self.plan_cluster(
                 couch,
                 &credentials,
-                &planned.credentials,
+                &every,
                 &secrets,
                 live.as_ref(),
                 &own_records,
@@ -908,7 +937,9 @@ impl Databases {
         if input.mode == Mode::Destroy {
             return Ok(());
         }
-        let credentials = self.kube.planned_credentials(input.plan_id).await?;
+        let credentials: DatabaseCredentials =
+            serde_json::from_value(self.kube.planned_secrets(input.plan_id).await?)
+                .unwrap_or_default();
         let cluster = self.kube.client().await?;
         for couch in &self.clusters {
             let Some(credentials) = credentials.get(&couch.db.name) else {

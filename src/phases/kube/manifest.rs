@@ -16,7 +16,6 @@ use super::kinds::{self, Kind, Stage};
 use super::schema;
 use super::tls::Material;
 use crate::model::{Database, DatabaseKind, Endpoint, Protocol, Stack, TlsSource};
-use crate::phases::databases::{couchdb, DatabaseCredentials};
 use crate::yamljson::{self, to_json};
 
 /// The label every object of every stack carries.
@@ -181,14 +180,16 @@ fn database_service(db: &Database) -> DatabaseService {
     let n = &db.name;
     match db.kind {
         DatabaseKind::Couchdb => {
-            let names = couchdb::objects::Names::new(&db.name, "");
+            // The names the database phase gives its client Service and admin Secret.
+            let mut client = selector.clone();
+            client.insert("app.kubernetes.io/component".into(), "client".into());
             DatabaseService {
                 selector,
-                monitor_selector: Some(names.client_labels()),
-                endpoints: vec![http(couchdb::objects::PORT)],
+                monitor_selector: Some(client),
+                endpoints: vec![http(5984)],
                 metrics_port: "http",
                 metrics_path: "/_node/_local/_prometheus",
-                metrics_auth: Some(names.admin_secret()),
+                metrics_auth: Some(format!("{n}-admin")),
                 panels: vec![
                     ("HTTP requests", format!("sum(rate(couchdb_httpd_requests_total{{namespace=\"$ns\",service=\"{n}\"}}[5m]))"), "reqps"),
                     ("Document writes", format!("sum(rate(couchdb_database_writes_total{{namespace=\"$ns\",service=\"{n}\"}}[5m]))"), "ops"),
@@ -595,13 +596,12 @@ fn service_target(
 
 /// Every object the stack wants, in stage order, labelled and type-checked.
 /// `tls` is the stack CA's material when the stack's ingress uses it.
-/// `credentials` are the generated secrets of the stack's database
-/// clusters; a cluster without them gets Secrets without data (to be checked or
-/// destroyed, never applied).
+/// `contributed` renders the objects other phases bring (the database
+/// clusters'), placed in their own stages.
 pub fn render(
     stack: &Stack,
     tls: Option<&Material>,
-    credentials: &DatabaseCredentials,
+    contributed: &dyn Fn(&Renderer) -> Result<Vec<Object>, ManifestError>,
 ) -> Result<Vec<Object>, ManifestError> {
     let Some(kubernetes) = &stack.kubernetes else {
         return Ok(Vec::new());
@@ -614,16 +614,7 @@ pub fn render(
         Stage::Foundation,
     )?];
     objects.extend(user_objects(stack, ns)?);
-    for db in &stack.databases {
-        if db.kind == DatabaseKind::Couchdb {
-            objects.extend(couchdb::objects::objects(
-                &renderer,
-                db,
-                ns,
-                credentials.get(&db.name),
-            )?);
-        }
-    }
+    objects.extend(contributed(&renderer)?);
 
     let databases: Vec<(String, DatabaseService)> = stack
         .databases
@@ -832,6 +823,11 @@ mod tests {
     use super::*;
     use crate::model;
 
+    /// No objects of other phases.
+    fn nothing(_: &Renderer) -> Result<Vec<Object>, ManifestError> {
+        Ok(Vec::new())
+    }
+
     /// Stand-in PEM text, so snapshots do not change with every run.
     fn material(domain: &str) -> Material {
         Material {
@@ -856,7 +852,7 @@ mod tests {
         for file in ["local.yaml", "aws.yaml", "reference.yaml"] {
             let stack = example(file);
             let domain = stack.ingress.as_ref().map(|i| i.domain.clone()).unwrap();
-            let objects = render(&stack, Some(&material(&domain)), &Default::default()).unwrap();
+            let objects = render(&stack, Some(&material(&domain)), &nothing).unwrap();
             assert!(objects.len() > 1, "{file} renders objects");
             for object in &objects {
                 assert_eq!(
@@ -885,7 +881,7 @@ mod tests {
     #[test]
     fn the_reference_stack_exposes_and_monitors_every_database() {
         let stack = example("reference.yaml");
-        let objects = render(&stack, Some(&material("db.example.test")), &Default::default()).unwrap();
+        let objects = render(&stack, Some(&material("db.example.test")), &nothing).unwrap();
         let addresses: Vec<String> = objects.iter().map(Object::address).collect();
         for wanted in [
             "k8s.demo/Ingress/docs",
@@ -957,7 +953,7 @@ mod tests {
         ];
         for (text, expected) in cases {
             std::fs::write(&file, text).unwrap();
-            let err = render(&stack, None, &Default::default()).unwrap_err().to_string();
+            let err = render(&stack, None, &nothing).unwrap_err().to_string();
             assert!(err.contains(&file.display().to_string()), "{err}");
             assert!(err.contains(expected), "{expected} not in {err}");
         }

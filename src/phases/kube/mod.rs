@@ -35,7 +35,6 @@ use crate::engine::{
 use crate::files::FileError;
 use crate::future::BoxFuture;
 use crate::model::{Stack, TlsSource};
-use crate::phases::databases::DatabaseCredentials;
 use crate::state::{Record, State};
 pub use cluster::{Cluster, ClusterError};
 use gate::GateError;
@@ -77,8 +76,40 @@ pub enum KubeError {
     Kubeconfig(#[from] crate::kubeconfig::KubeconfigError),
     #[error("the plan being applied is not one of this session's latest: plan again")]
     NotPlanned,
-    #[error(transparent)]
-    Credentials(#[from] crate::phases::databases::CredentialsError),
+    #[error("cannot work out the secrets of the stack's database clusters")]
+    Secrets(#[source] PhaseError),
+}
+
+/// Objects another phase brings to the cluster (the database clusters'),
+/// rendered with secrets it keeps: the Kubernetes layer applies, diffs,
+/// prunes and inventories them with the stack's own.
+pub trait Contribution: Send + Sync {
+    /// The secrets to render with: as `state` recorded them, else as the
+    /// cluster keeps them (`cluster`, when it can be read), else new.
+    fn secrets<'a>(
+        &'a self,
+        state: &'a State,
+        cluster: Option<&'a Cluster>,
+    ) -> BoxFuture<'a, Result<serde_json::Value, PhaseError>>;
+
+    /// The objects; without `secrets` (a stack being checked or destroyed)
+    /// they are never applied.
+    fn objects(
+        &self,
+        renderer: &manifest::Renderer,
+        secrets: Option<&serde_json::Value>,
+    ) -> Result<Vec<Object>, ManifestError>;
+}
+
+/// The objects a contribution brings, or none.
+fn contributed<'a>(
+    contribution: Option<&'a Arc<dyn Contribution>>,
+    secrets: Option<&'a serde_json::Value>,
+) -> impl Fn(&manifest::Renderer) -> Result<Vec<Object>, ManifestError> + 'a {
+    move |renderer| match contribution {
+        Some(c) => c.objects(renderer, secrets),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// Where the cluster is.
@@ -140,13 +171,13 @@ struct View {
     /// `None` when the cluster was not read.
     refreshed: Option<Refreshed>,
     reachable: bool,
-    /// The database clusters' secrets the objects were rendered with.
-    credentials: DatabaseCredentials,
+    /// The contributed objects' secrets they were rendered with.
+    secrets: serde_json::Value,
 }
 
 /// What a plan knows of the cluster (see [`Kube::planned`]).
 pub struct Planned {
-    pub credentials: DatabaseCredentials,
+    pub secrets: serde_json::Value,
     pub read: bool,
 }
 
@@ -165,6 +196,8 @@ pub struct Kube {
     /// The stage of each of them, by address.
     stages: BTreeMap<String, Stage>,
     cluster: tokio::sync::OnceCell<Cluster>,
+    /// The objects another phase brings.
+    contribution: Option<Arc<dyn Contribution>>,
     /// The retries of the cluster's calls.
     retries: retry::RetryLog,
     /// The views of the latest plans, by plan id.
@@ -194,7 +227,11 @@ pub fn target(stack: &Stack, artifacts: &Artifacts) -> Result<Option<Target>, Ku
 /// What can be checked of the Kubernetes part without a cluster: an existing
 /// cluster's kubeconfig has the context, and every object (the stack's own
 /// manifests and the built-in ones) reads, renders and fits its schema.
-pub fn check(stack: &Stack, diags: &mut crate::diag::Diagnostics) {
+pub fn check(
+    stack: &Stack,
+    contribution: Option<&Arc<dyn Contribution>>,
+    diags: &mut crate::diag::Diagnostics,
+) {
     if let Err(err) = existing_cluster(stack) {
         diags.push(
             stack.positions.of("kubernetes.kubeconfig"),
@@ -203,7 +240,7 @@ pub fn check(stack: &Stack, diags: &mut crate::diag::Diagnostics) {
             crate::error_chain::error_chain(&err),
         );
     }
-    let Err(err) = manifest::render(stack, None, &Default::default()) else {
+    let Err(err) = manifest::render(stack, None, &contributed(contribution, None)) else {
         return;
     };
     let source = match &err {
@@ -235,7 +272,11 @@ pub fn check(stack: &Stack, diags: &mut crate::diag::Diagnostics) {
 
 impl Kube {
     /// The Kubernetes part of a stack; `None` when it has none.
-    pub fn for_stack(stack: &Stack, artifacts: &Artifacts) -> Result<Option<Arc<Kube>>, KubeError> {
+    pub fn for_stack(
+        stack: &Stack,
+        artifacts: &Artifacts,
+        contribution: Option<Arc<dyn Contribution>>,
+    ) -> Result<Option<Arc<Kube>>, KubeError> {
         let Some(target) = target(stack, artifacts)? else {
             return Ok(None);
         };
@@ -246,7 +287,8 @@ impl Kube {
         // Objects that cannot be rendered (a manifest folder gone) do not
         // keep a stack from being destroyed: `check` and a normal plan
         // report them.
-        let plain = manifest::render(stack, None, &Default::default()).unwrap_or_default();
+        let plain = manifest::render(stack, None, &contributed(contribution.as_ref(), None))
+            .unwrap_or_default();
         Ok(Some(Arc::new(Kube {
             namespace: stack
                 .kubernetes
@@ -260,6 +302,7 @@ impl Kube {
             plain,
             stack: stack.clone(),
             cluster: tokio::sync::OnceCell::new(),
+            contribution,
             retries: retry::RetryLog::default(),
             views: tokio::sync::Mutex::new(Vec::new()),
         })))
@@ -270,20 +313,20 @@ impl Kube {
         self.cluster().await
     }
 
-    /// What a plan knows of the cluster, for the database phase: the
-    /// database clusters' secrets the objects were rendered with, and
-    /// whether the cluster was read (it is not while the stack makes it).
+    /// What a plan knows of the cluster, for the phase that contributes
+    /// objects: the secrets they were rendered with, and whether the
+    /// cluster was read (it is not while the stack makes it).
     pub async fn planned(&self, input: &PlanInput<'_>) -> Result<Planned, KubeError> {
         let view = self.view(input).await?;
         Ok(Planned {
-            credentials: view.credentials.clone(),
+            secrets: view.secrets.clone(),
             read: view.refreshed.is_some(),
         })
     }
 
-    /// The secrets a plan's objects were rendered with, when applying it.
-    pub async fn planned_credentials(&self, plan_id: u64) -> Result<DatabaseCredentials, KubeError> {
-        Ok(self.view_of(plan_id).await?.credentials.clone())
+    /// The secrets a plan's contributed objects were rendered with.
+    pub async fn planned_secrets(&self, plan_id: u64) -> Result<serde_json::Value, KubeError> {
+        Ok(self.view_of(plan_id).await?.secrets.clone())
     }
 
     /// The kubeconfig of the stack's cluster.
@@ -377,19 +420,27 @@ impl Kube {
         } else {
             None
         };
-        // The database clusters' secrets: as recorded, else as the cluster
-        // keeps them (a machine without the state), else new.
-        let credentials = crate::phases::databases::credentials(
+        // The contributed objects' secrets: as recorded, else as the
+        // cluster keeps them (a machine without the state), else new.
+        let secrets = match &self.contribution {
+            Some(contribution) => {
+                let cluster = if reachable && !destroy {
+                    Some(self.cluster().await?)
+                } else {
+                    None
+                };
+                contribution
+                    .secrets(input.state, cluster)
+                    .await
+                    .map_err(KubeError::Secrets)?
+            }
+            None => serde_json::Value::Null,
+        };
+        let objects = match manifest::render(
             &self.stack,
-            input.state,
-            if reachable && !destroy {
-                Some(self.cluster().await?)
-            } else {
-                None
-            },
-        )
-        .await?;
-        let objects = match manifest::render(&self.stack, ca.as_ref(), &credentials) {
+            ca.as_ref(),
+            &contributed(self.contribution.as_ref(), Some(&secrets)),
+        ) {
             Err(_) if destroy => Vec::new(),
             rendered => rendered?,
         };
@@ -416,7 +467,7 @@ impl Kube {
             ca,
             refreshed,
             reachable,
-            credentials,
+            secrets,
         });
         views.push((input.plan_id, view.clone()));
         if views.len() > VIEWS_KEPT {
@@ -1080,7 +1131,7 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/reference.yaml");
         let stack = crate::model::load(&path).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        Kube::for_stack(&stack, &Artifacts::new(dir.path(), &stack.name))
+        Kube::for_stack(&stack, &Artifacts::new(dir.path(), &stack.name), None)
             .unwrap()
             .unwrap()
     }
@@ -1093,7 +1144,7 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/local.yaml");
         let stack = crate::model::load(&path).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let kube = Kube::for_stack(&stack, &Artifacts::new(dir.path(), &stack.name))
+        let kube = Kube::for_stack(&stack, &Artifacts::new(dir.path(), &stack.name), None)
             .unwrap()
             .unwrap();
         let object = kube
@@ -1191,13 +1242,13 @@ mod tests {
     fn without_the_prometheus_operator_the_monitoring_stage_wants_nothing_and_says_so() {
         let kube = reference();
         let state = State::new("reference", "kvm");
-        let objects = manifest::render(&kube.stack, None, &Default::default()).unwrap();
+        let objects = manifest::render(&kube.stack, None, &contributed(None, None)).unwrap();
         let unread = View {
             objects: objects.clone(),
             ca: None,
             refreshed: None,
             reachable: true,
-            credentials: Default::default(),
+            secrets: serde_json::Value::Null,
         };
         assert!(kube
             .desired(&unread, Stage::Monitoring, &state)
@@ -1208,7 +1259,7 @@ mod tests {
             ca: None,
             refreshed: Some(Refreshed::default()),
             reachable: true,
-            credentials: Default::default(),
+            secrets: serde_json::Value::Null,
         };
         assert!(kube.desired(&without, Stage::Monitoring, &state).is_empty());
         let mut part = crate::engine::plan::diff(&[], &state, &[]);

@@ -66,20 +66,14 @@ impl Credentials {
     }
 
     /// The secrets as the cluster's Secrets hold them (`NAME-admin`,
-    /// `NAME-internal`) and the uuid from its ConfigMap; `None` when any is missing.
-    pub fn from_cluster(admin: &Value, internal: &Value, config: &Value) -> Option<Credentials> {
+    /// `NAME-internal`), with the server uuid; `None` when any is missing.
+    pub fn from_cluster(admin: &Value, internal: &Value, uuid: String) -> Option<Credentials> {
         let field = |secret: &Value, key: &str| -> Option<String> {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(secret["data"][key].as_str()?)
                 .ok()?;
             String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
         };
-        let ini = config["data"][super::objects::CONFIG_KEY].as_str()?;
-        let uuid = ini
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("uuid = "))?
-            .trim()
-            .to_string();
         Some(Credentials {
             username: field(admin, "username")?,
             password: field(admin, "password")?,

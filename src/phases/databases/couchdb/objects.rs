@@ -106,6 +106,16 @@ impl Names {
     }
 }
 
+/// The server uuid in the cluster's ConfigMap as the cluster keeps it.
+pub fn uuid_of(config: &serde_json::Value) -> Option<String> {
+    config["data"][CONFIG_KEY]
+        .as_str()?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("uuid = "))
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+}
+
 /// A database name in a URL path: `/` is part of CouchDB names and is escaped.
 pub fn encode_database(name: &str) -> String {
     name.replace('/', "%2F")
@@ -202,6 +212,7 @@ pub fn objects(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{CouchdbSettings, DatabaseKind, ImageRef, UpgradePolicy};
 
     fn names() -> Names {
         Names::new("docs", "demo")
@@ -221,5 +232,66 @@ mod tests {
         assert_eq!(quantity(ByteSize::gib(10)), "10Gi");
         assert_eq!(quantity(ByteSize(512 << 20)), "512Mi");
         assert_eq!(quantity(ByteSize(1000)), "1000");
+    }
+
+    fn cluster(replicas: u32) -> Database {
+        Database {
+            kind: DatabaseKind::Couchdb,
+            name: "docs".into(),
+            image: ImageRef::parse("couchdb:3.5.1").unwrap(),
+            replicas,
+            storage: ByteSize::gib(10),
+            storage_class: (replicas > 1).then(|| "microk8s-hostpath".to_string()),
+            upgrade: UpgradePolicy::Patch,
+            shm_size: None,
+            repository: None,
+            couchdb: Some(CouchdbSettings {
+                shards: 2,
+                copies: None,
+                rebalance: true,
+                databases: Vec::new(),
+                replications: Vec::new(),
+            }),
+        }
+    }
+
+    /// Stand-in secrets, so the snapshots do not change with every run.
+    fn credentials() -> Credentials {
+        Credentials {
+            username: "admin".into(),
+            password: "stand-in-password".into(),
+            erlang_cookie: "stand-in-cookie".into(),
+            couchdb_secret: "stand-in-secret".into(),
+            uuid: "0123456789abcdef0123456789abcdef".into(),
+        }
+    }
+
+    /// The objects of a 1- and a 3-member cluster, each of its Kubernetes
+    /// type, pinned as rendered.
+    #[test]
+    fn objects_of_one_and_three_members_are_pinned_and_typed() {
+        for replicas in [1, 3] {
+            let objects = objects(&Renderer::new(), &cluster(replicas), "demo", Some(&credentials())).unwrap();
+            let kinds: Vec<&str> = objects.iter().map(|o| o.kind.kind).collect();
+            assert_eq!(
+                kinds,
+                ["Secret", "Secret", "ConfigMap", "Service", "Service", "PodDisruptionBudget", "StatefulSet"]
+            );
+            for object in &objects {
+                assert_eq!(object.stage, Stage::Databases);
+                crate::phases::kube::schema::check(object.kind, &object.body)
+                    .unwrap_or_else(|e| panic!("{} {}: {e}", object.kind.kind, object.name));
+            }
+            let bodies: Vec<&serde_json::Value> = objects.iter().map(|o| &o.body).collect();
+            insta::assert_json_snapshot!(format!("couchdb-{replicas}"), bodies);
+        }
+    }
+
+    #[test]
+    fn without_credentials_the_secrets_carry_no_data() {
+        let objects = objects(&Renderer::new(), &cluster(3), "demo", None).unwrap();
+        for secret in objects.iter().filter(|o| o.kind.kind == "Secret") {
+            assert!(secret.body.get("data").is_none(), "{}", secret.body);
+        }
     }
 }
