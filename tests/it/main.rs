@@ -8,6 +8,7 @@
 mod architecture;
 mod bootstrap;
 mod cli;
+mod couchdb;
 mod ec2;
 mod kube;
 mod kube_server;

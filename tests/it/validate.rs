@@ -200,12 +200,15 @@ fn example_stacks_validate_and_diagnostics_come_as_json() {
     expect_code(&reference, 1);
     let message = text(&reference.stderr);
     assert!(
-        message.starts_with("error: stacks/reference.yaml has 2 errors:")
+        message.starts_with("error: stacks/reference.yaml has 3 errors:")
             && message.contains(
-                "reference.yaml:67:1: databases: expected only what this version of stack builds"
+                "reference.yaml:95:11: databases[1].kind: expected only what this version of stack builds"
             )
             && message.contains(
-                "reference.yaml:103:1: upgrades: expected only what this version of stack builds"
+                "reference.yaml:99:11: databases[2].kind: expected only what this version of stack builds"
+            )
+            && message.contains(
+                "reference.yaml:121:1: upgrades: expected only what this version of stack builds"
             ),
         "{message}"
     );
@@ -267,7 +270,7 @@ fn sections_not_built_yet_stop_plan_and_up_by_name() {
     let env = Env::new("later", 1, moto.url());
     let mut yaml = stack_yaml("later", 1);
     yaml.push_str(
-        "kubernetes:\n  channel: 1.32/stable\ndatabases:\n  - kind: couchdb\n    name: docs\n",
+        "kubernetes:\n  channel: 1.32/stable\ndatabases:\n  - kind: immudb\n    name: ledger\n",
     );
     std::fs::write(env.path().join("stack.yaml"), yaml).unwrap();
     for verb in [&["validate"][..], &["plan"], &["up", "--yes"]] {
@@ -275,7 +278,7 @@ fn sections_not_built_yet_stop_plan_and_up_by_name() {
         expect_code(&output, 1);
         let message = text(&output.stderr);
         assert!(
-            message.contains("stack.yaml:19:1: databases: expected only what this version of stack builds (remove the section to plan and apply the rest), found database clusters, not built yet"),
+            message.contains("stack.yaml:20:11: databases[0].kind: expected only what this version of stack builds (remove the section to plan and apply the rest), found immudb primaries and replicas, not built yet"),
             "{message}"
         );
     }

@@ -70,6 +70,13 @@ pub enum DatabasesError {
     NoCredentials { cluster: String },
     #[error("{0} is not a change of the database phase")]
     Unknown(String),
+    #[error("CouchDB cluster {cluster}: replication {replication} names Secret {secret}, which is not in namespace {namespace} with keys username and password")]
+    MissingSecret {
+        cluster: String,
+        replication: String,
+        secret: String,
+        namespace: String,
+    },
 }
 
 fn record_address(cluster: &str, what: &str) -> String {
@@ -637,6 +644,13 @@ impl Databases {
         match couch.replication_docs(credentials, every, secrets) {
             Err(problem) => plan.blocked.push(problem),
             Ok(docs) => {
+                for (rname, doc) in docs.values() {
+                    if let Some(secret) = doc["target"]["auth"]["fromSecret"].as_str() {
+                        plan.notes.push(format!(
+                            "replication {rname} of CouchDB cluster {name}: Secret {secret} is not there yet; it is read when the replication is written"
+                        ));
+                    }
+                }
                 for (id, (rname, doc)) in &docs {
                     let address = format!("couchdb.{name}.replication[{rname}]");
                     plan.resources.push(Resource {
@@ -749,13 +763,14 @@ impl Databases {
         let short = |nodes: &[String]| -> Value {
             json!(nodes.iter().map(|n| couch.short(n)).collect::<Vec<_>>())
         };
-        let drift = !out_of_band.is_empty()
-            || live
-                .cluster_nodes
-                .iter()
-                .any(|n| !wanted.contains(n) && couch.names.pod_of(n).is_none_or(|p| {
-                    p.rsplit('-').next().and_then(|o| o.parse::<u32>().ok()).is_some_and(|o| o < couch.db.replicas)
-                }));
+        // Drift: a member out of the cluster, or a node no pod backs (not
+        // one of a member that leaves in this plan).
+        let ghosts = live
+            .cluster_nodes
+            .iter()
+            .filter(|n| !wanted.contains(n))
+            .any(|n| couch.names.pod_of(n).is_none_or(|pod| !live.members.iter().any(|m| m.pod == pod)));
+        let drift = !out_of_band.is_empty() || ghosts;
         let mut change = operation(
             &record_address(&couch.db.name, "membership"),
             MEMBERSHIP,
@@ -911,9 +926,23 @@ impl Databases {
             (REPLICATION, _) => {
                 let name = database_of(&change.address);
                 let id = couchdb::replication_id(&self.stack.name, &couch.db.name, &name);
-                let doc = change.after.clone().unwrap_or_default();
+                let mut doc = change.after.clone().unwrap_or_default();
+                if let Some(secret) = doc["target"]["auth"]["fromSecret"].as_str().map(str::to_string) {
+                    let secrets = self.user_secrets().await?;
+                    let (user, password) = secrets.get(&secret).ok_or_else(|| {
+                        DatabasesError::MissingSecret {
+                            cluster: couch.db.name.clone(),
+                            replication: name.clone(),
+                            secret: secret.clone(),
+                            namespace: couch.names.namespace.clone(),
+                        }
+                    })?;
+                    doc["target"]["auth"] = json!({"basic": {"username": user, "password": password}});
+                }
                 couch.put_replication(cluster, &api, cancel, &id, &doc).await?;
-                return Ok(Some(record(&id)));
+                let mut applied = record(&id);
+                applied.attrs = doc;
+                return Ok(Some(applied));
             }
             _ => return Err(DatabasesError::Unknown(change.address.clone())),
         }

@@ -23,6 +23,12 @@ pub(crate) struct KubeDouble {
 impl KubeDouble {
     /// `faults` is `SEED:PERCENT` of stack's requests to fail transiently.
     fn start(dir: &Path, faults: Option<&str>) -> KubeDouble {
+        let faults: Vec<&str> = faults.into_iter().flat_map(|f| ["--faults", f]).collect();
+        KubeDouble::start_with(dir, &faults)
+    }
+
+    /// With the double's own flags (`--couchdb`, …).
+    pub(crate) fn start_with(dir: &Path, flags: &[&str]) -> KubeDouble {
         let port = free_port();
         let log = dir.join("api-requests.log");
         let script =
@@ -32,9 +38,7 @@ impl KubeDouble {
             .arg(script)
             .args(["--port", &port.to_string(), "--log"])
             .arg(&log);
-        if let Some(faults) = faults {
-            command.args(["--faults", faults]);
-        }
+        command.args(flags);
         let child = command
             .stdout(Stdio::null())
             .spawn()
@@ -75,6 +79,29 @@ impl KubeDouble {
         let (head, body) = response.split_once("\r\n\r\n").unwrap();
         let code = head.split(' ').nth(1).unwrap().parse().unwrap();
         (code, serde_json::from_str(body).unwrap())
+    }
+
+    /// One request with the given headers; the answer's status, headers and body.
+    pub(crate) fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String, String) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (code, head.to_string(), body.to_string())
     }
 
     pub(crate) fn get(&self, path: &str) -> serde_json::Value {

@@ -2,6 +2,7 @@
 //! with a stack file to run it in (isolated from the host's configuration),
 //! and reading its output. One submodule per peer the tests drive.
 
+pub(crate) mod couch;
 pub(crate) mod image;
 pub(crate) mod kube;
 pub(crate) mod moto;

@@ -463,7 +463,7 @@ fn couchdb(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
             diags.push(
                 n.pos,
                 &field,
-                format!("at most {members} copies of each shard range (one a member: `replicas` is {members})"),
+                format!("at most {members} copies of each shard range (one per member; `replicas` is {members})"),
                 n.value.to_string(),
             );
         }

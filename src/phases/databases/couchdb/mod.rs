@@ -385,7 +385,9 @@ impl Couchdb {
 
     /// The `_replicator` document of each replication the stack declares;
     /// `credentials` holds every cluster's secrets, `secrets` the user's
-    /// (Secret name → username, password).
+    /// (Secret name → username, password). A target cluster without
+    /// secrets is an error; a user's Secret not there yet is named in the
+    /// document (`auth.fromSecret`) and read when it is written.
     pub fn replication_docs(
         &self,
         own: &Credentials,
@@ -412,15 +414,11 @@ impl Couchdb {
                 }
                 ReplicationTarget::Url { url, credentials } => match credentials {
                     None => json!({"url": url}),
-                    Some(secret) => {
-                        let (user, password) = secrets.get(secret).ok_or_else(|| {
-                            format!(
-                                "replication {}: Secret {secret} (with keys username and password) is not in namespace {}",
-                                r.name, self.names.namespace
-                            )
-                        })?;
-                        json!({"url": url, "auth": auth(user, password)})
-                    }
+                    // Read when the document is written, when it cannot be now.
+                    Some(secret) => match secrets.get(secret) {
+                        Some((user, password)) => json!({"url": url, "auth": auth(user, password)}),
+                        None => json!({"url": url, "auth": {"fromSecret": secret}}),
+                    },
                 },
             };
             let doc = json!({

@@ -1,0 +1,130 @@
+//! The CouchDB peer: the CouchDB TEST DOUBLE (`tests/kube-api-double/couchdb_double.py`,
+//! no real CouchDB can run here) behind the Kubernetes API double, whose
+//! kubelet stand-in runs a double node for every CouchDB pod. Tests reach
+//! the nodes as any client of the cluster would: through the API server's
+//! pod proxy, logged in with a session cookie.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::kube::KubeDouble;
+use super::Env;
+
+/// The namespace the CouchDB tests' stacks deploy to.
+pub(crate) const NAMESPACE: &str = "couch";
+
+/// An existing cluster (the API double with the CouchDB double) and a stack
+/// with the given `databases:` entries (YAML, indented as list items).
+pub(crate) fn couch_env(name: &str, databases: &str) -> (Env, KubeDouble) {
+    let env = Env::new(name, 1, String::new());
+    let double = KubeDouble::start_with(
+        env.path(),
+        &[
+            "--couchdb",
+            "--couchdb-settle-seconds",
+            "2",
+            "--couchdb-fill-seconds",
+            "1",
+            "--couchdb-log",
+            &env.path().join("couchdb.log").display().to_string(),
+        ],
+    );
+    write_stack(&env, name, databases);
+    (env, double)
+}
+
+pub(crate) fn write_stack(env: &Env, name: &str, databases: &str) {
+    std::fs::write(
+        env.path().join("stack.yaml"),
+        format!("version: 1\nname: {name}\nkubernetes:\n  kubeconfig: kubeconfig\n  namespace: {NAMESPACE}\ndatabases:\n{databases}timeouts:\n  healthy: 60s\n"),
+    )
+    .unwrap();
+}
+
+/// The requests the CouchDB nodes served, as the double logged them.
+pub(crate) fn couch_log(env: &Env) -> Vec<Value> {
+    std::fs::read_to_string(env.path().join("couchdb.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A client of one CouchDB cluster through the API double's pod proxy.
+pub(crate) struct Client<'a> {
+    double: &'a KubeDouble,
+    cookie: String,
+}
+
+impl<'a> Client<'a> {
+    /// Logs in as the cluster's admin, whose password is in its Secret.
+    pub(crate) fn admin(double: &'a KubeDouble, cluster: &str, pod: &str) -> Client<'a> {
+        use base64::Engine as _;
+        let secret = double.get(&format!(
+            "/api/v1/namespaces/{NAMESPACE}/secrets/{cluster}-admin"
+        ));
+        let field = |k: &str| {
+            String::from_utf8(
+                base64::engine::general_purpose::STANDARD
+                    .decode(secret["data"][k].as_str().unwrap())
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let body = serde_json::json!({"name": field("username"), "password": field("password")});
+        let (code, head, answer) = double.raw(
+            "POST",
+            &proxy(pod, "/_session"),
+            &[],
+            &body.to_string(),
+        );
+        assert_eq!(code, 200, "login: {answer}");
+        let cookie = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Set-Cookie: "))
+            .and_then(|c| c.split(';').next())
+            .unwrap_or_else(|| panic!("no session cookie in:\n{head}"))
+            .to_string();
+        Client { double, cookie }
+    }
+
+    pub(crate) fn call(&self, pod: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let (code, _, answer) =
+            self.double
+                .raw(method, &proxy(pod, path), &[("Cookie", &self.cookie)], body);
+        (
+            code,
+            serde_json::from_str(&answer).unwrap_or(Value::String(answer)),
+        )
+    }
+
+    pub(crate) fn get(&self, pod: &str, path: &str) -> Value {
+        let (code, body) = self.call(pod, "GET", path, "");
+        assert_eq!(code, 200, "GET {path} on {pod}: {body}");
+        body
+    }
+
+    /// Waits until `done` holds for what GET `path` on `pod` answers.
+    pub(crate) fn wait_for(&self, pod: &str, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, body) = self.call(pod, "GET", path, "");
+            if code == 200 && done(&body) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "{what}: GET {path} answered {code} {body}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// The proxy path of `path` on a CouchDB pod.
+pub(crate) fn proxy(pod: &str, path: &str) -> String {
+    format!("/api/v1/namespaces/{NAMESPACE}/pods/{pod}:5984/proxy{path}")
+}
+
+/// A node's name.
+pub(crate) fn node(cluster: &str, ordinal: u32) -> String {
+    format!("couchdb@{cluster}-{ordinal}.{cluster}-headless.{NAMESPACE}.svc.cluster.local")
+}
