@@ -625,6 +625,8 @@ class CouchRegistry:
                     body = json.loads(req.body.decode())
             except (ValueError, UnicodeDecodeError):
                 body = None
+        if "/_config/admins" in req.path:
+            body = None                 # the body is the password itself
         line = {"pod": node.pod, "node": node.name, "method": req.method, "path": redact(req.path),
                 "status": status, "body": redact(body)}
         with open(self.log_path, "a") as f:
@@ -703,12 +705,19 @@ class CouchRegistry:
         host = b.host
         if self.resolver is None:
             return True
-        try:
-            got = self.resolver(host, None, a.pod)
-        except Exception:
-            got = None
+        got = self._resolve(host, None, a.pod)
         pod = got[0] if isinstance(got, tuple) else got
         return pod == b.pod
+
+    def _resolve(self, host, port, from_pod):
+        """The resolver as resolver(host, port, from_pod), or the plainer resolver(host, port)."""
+        try:
+            try:
+                return self.resolver(host, port, from_pod)
+            except TypeError:
+                return self.resolver(host, port)
+        except Exception:
+            return None
 
     def _connected(self, a, b):
         if not (a.distributed and b.distributed) or a.cookie != b.cookie or a.name == b.name:
@@ -1072,9 +1081,7 @@ class CouchRegistry:
         parts = req.parts
         if not parts:
             self._methods(req, ("GET", "HEAD"))
-            return self._json(200, {"couchdb": "Welcome", "version": node.version, "git_sha": "44f6a43d8",
-                                    "uuid": node.cfg("couchdb", "uuid"), "features": FEATURES,
-                                    "vendor": {"name": "The Apache Software Foundation"}})
+            return self._json(200, self._welcome(node))
         head = parts[0]
         if head == "_up":
             self._methods(req, ("GET",))
@@ -1118,6 +1125,12 @@ class CouchRegistry:
                 raise HttpError(404, "not_found", "missing")
             raise HttpError(400, "illegal_database_name", ILLEGAL_DB.format(head))
         return self._db_req(node, req, head, parts[1:])
+
+    @staticmethod
+    def _welcome(node):
+        return {"couchdb": "Welcome", "version": node.version, "git_sha": "44f6a43d8",
+                "uuid": node.cfg("couchdb", "uuid"), "features": FEATURES,
+                "vendor": {"name": "The Apache Software Foundation"}}
 
     def _session(self, node, req):
         if req.method == "GET":
@@ -1220,10 +1233,9 @@ class CouchRegistry:
                 raise HttpError(412, "nodedown", f"{target_name} is down")
         rest = parts[2:]
         if not rest:
+            # /_node/NAME (not _local) is forwarded to that node's own "/".
             self._methods(req, ("GET", "HEAD"))
-            return self._json(200, {"couchdb": "Welcome", "version": target.version,
-                                    "uuid": target.cfg("couchdb", "uuid"),
-                                    "vendor": {"name": "The Apache Software Foundation"}})
+            return self._json(200, self._welcome(target))
         what = rest[0]
         if what == "_system":
             self._methods(req, ("GET",))
@@ -1699,7 +1711,7 @@ class CouchRegistry:
             if target is None:
                 return None, None, shown, "{conn_failed,{error,econnrefused}}"
         else:
-            got = self.resolver(host, port, owner.pod) if self.resolver else None
+            got = self._resolve(host, port, owner.pod) if self.resolver else None
             if got is None:
                 return None, None, shown, "{conn_failed,{error,nxdomain}}"
             pod, pod_port = got if isinstance(got, tuple) else (got, port)

@@ -1349,7 +1349,8 @@ class Kubelet:
     def update_dns(self):
         pods_by_ns = collections.defaultdict(list)
         for _, pod in self.objects(POD):
-            if pod.get("status", {}).get("podIP") and pod.get("status", {}).get("phase") == "Running":
+            # Endpoints are pods with an IP (a sandbox), Ready or not; readiness is checked below.
+            if pod.get("status", {}).get("podIP") and "deletionTimestamp" not in pod["metadata"]:
                 pods_by_ns[pod["metadata"]["namespace"]].append(pod)
         pod_names, services = {}, {}
         for (_, _, _, ns, name), svc in self.objects(("", "v1", "services")):

@@ -555,10 +555,22 @@ class CouchdbDoubleTest(unittest.TestCase):
         self.assertEqual(sorted(all_docs["docs"][0]), sorted(
             ["database", "doc_id", "id", "node", "source", "target", "state", "info", "error_count",
              "start_time", "last_updated"]))
+        # A missing target database: crashing, and running again about SETTLE seconds after it exists.
+        late = {"source": f"http://admin:{PASSWORD}@docs:5984/src",
+                "target": f"http://admin:{PASSWORD}@docs:5984/late", "continuous": True}
+        self.assertEqual(d.couch("docs-0", "PUT", "/_replicator/late", late, admin)[0], 201)
+        late_job = lambda: d.couch("docs-0", "GET", "/_scheduler/docs/_replicator/late", headers=admin)[2]
+        job = wait_for("late crashing", lambda: late_job()["state"] == "crashing" and late_job())
+        self.assertEqual(job["info"], {"error": "db_not_found: could not open http://docs:5984/late/"})
+        self.assertEqual(d.couch("docs-0", "PUT", "/late", headers=admin)[0], 201)
+        created = time.monotonic()
+        wait_for("late running", lambda: late_job()["state"] == "running")
+        self.assertGreater(time.monotonic() - created, SETTLE * 0.8)
+        self.assertEqual(late_job()["state"], "running")
         # Deleting the document stops the job.
         rev = d.couch("docs-0", "GET", "/_replicator/bad", headers=admin)[2]["_rev"]
         self.assertEqual(d.couch("docs-0", "DELETE", f"/_replicator/bad?rev={rev}", headers=admin)[0], 200)
-        self.assertEqual(d.couch("docs-0", "GET", "/_scheduler/docs", headers=admin)[2]["total_rows"], 1)
+        self.assertEqual(d.couch("docs-0", "GET", "/_scheduler/docs", headers=admin)[2]["total_rows"], 2)
 
         # Metrics: admin only, and 3.5.1's bare \r between # HELP and # TYPE.
         status, _, out = d.couch("docs-0", "GET", "/_node/_local/_prometheus")
@@ -575,7 +587,7 @@ class CouchdbDoubleTest(unittest.TestCase):
                          "couchdb_couch_replicator_jobs_running", "couchdb_couch_replicator_jobs_crashing"):
                 self.assertIn(f"\n{name} ", text)
             running_total += int(text.split("\ncouchdb_couch_replicator_jobs_running ")[1].split("\n")[0])
-        self.assertEqual(running_total, 1)
+        self.assertEqual(running_total, 2)
 
 
 NO_SHARDS = "No DB shards could be opened."
