@@ -50,7 +50,44 @@ inconvenient parts included:
   template replace one pod every N seconds (maxSurge 1, maxUnavailable 0),
   their status computed whenever they are read.
 
+With --couchdb (and only then) it also stands in for the StatefulSet
+controller, the garbage collector, the disruption controller and the
+kubelet, and proxies like the API server:
+
+- every StatefulSet gets its pods NAME-0..N-1 (Parallel: all at once;
+  OrderedReady: each after the previous is Ready), their claims from
+  volumeClaimTemplates (deleted with the pod on scale-down when
+  persistentVolumeClaimRetentionPolicy.whenScaled is Delete, with the set
+  when whenDeleted is Delete), rolling updates one pod at a time from the
+  highest ordinal, each Ready before the next (partition honoured), and a
+  status worked out from the pods (readyReplicas, currentRevision, ...);
+- a deleted pod (DELETE, or POST .../eviction, refused with 429 while a
+  PodDisruptionBudget allows no disruption) comes back with its claims, so
+  its CouchDB node restarts with its data;
+- the kubelet builds each container's environment (value with $(VAR)
+  expansion, secretKeyRef, configMapKeyRef, fieldRef, envFrom; a missing
+  Secret or key: CreateContainerConfigError) and mounts ConfigMap volumes
+  (missing: stuck in ContainerCreating); a container whose image is couchdb
+  runs as a node of the CouchDB double (couchdb_double.py) with the ini
+  files mounted under /opt/couchdb/etc/default.d and local.d, its
+  readinessProbe and livenessProbe ask that node; other containers are
+  ready at once;
+- DNS for the nodes and the replicator: Service names and, for headless
+  Services, POD.SERVICE.NS.svc.cluster.local (not-ready pods only with
+  publishNotReadyAddresses);
+- GET/LIST/DELETE pods, PodDisruptionBudgets with their status;
+- /api/v1/namespaces/NS/pods/POD[:PORT]/proxy/PATH and
+  /api/v1/namespaces/NS/services/SVC[:PORT]/proxy/PATH, any method, body
+  and query passed through, every header but Authorization (the API server
+  consumed it) forwarded, the answer returned as the pod gave it; 503
+  `error trying to reach service: dial tcp IP:PORT: connect: connection
+  refused` when nothing listens, 503 `no endpoints available for service`
+  without a ready endpoint, 404 for a missing pod or Service. They are
+  logged and may fail with --faults like any other request.
+
 Run: kube_api_double.py --port PORT [--log FILE] [--faults SEED:PERCENT]
+     [--couchdb [--couchdb-settle-seconds S] [--couchdb-fill-seconds S]
+      [--couchdb-setup-wait-seconds S] [--couchdb-boot-seconds S] [--couchdb-log FILE]]
 Every request is appended to --log as one line,
 `METHOD PATH?QUERY user-agent=VALUE` (`-` when no User-Agent was sent).
 
@@ -64,6 +101,7 @@ Such a request changes nothing and is logged as `FAULT KIND METHOD PATH?QUERY`.
 
 import argparse
 import base64
+import collections
 import copy
 import datetime
 import hashlib
@@ -71,6 +109,9 @@ import io
 import itertools
 import json
 import math
+import os
+import random
+import re
 import socket
 import struct
 import sys
@@ -79,6 +120,9 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from couchdb_double import IMAGE_DEFAULT_D, CouchRegistry, NotListening  # noqa: E402
 
 # (group, version, plural) -> (kind, namespaced)
 RESOURCES = {
@@ -89,6 +133,8 @@ RESOURCES = {
     ("", "v1", "persistentvolumeclaims"): ("PersistentVolumeClaim", True),
     ("", "v1", "services"): ("Service", True),
     ("", "v1", "events"): ("Event", True),
+    ("", "v1", "pods"): ("Pod", True),
+    ("policy", "v1", "poddisruptionbudgets"): ("PodDisruptionBudget", True),
     ("rbac.authorization.k8s.io", "v1", "roles"): ("Role", True),
     ("rbac.authorization.k8s.io", "v1", "rolebindings"): ("RoleBinding", True),
     ("apps", "v1", "statefulsets"): ("StatefulSet", True),
@@ -664,6 +710,734 @@ def field_match(obj, selector):
     return True
 
 
+
+# ---- with --couchdb: kubelet, StatefulSet controller, proxies ----------------
+
+POD = ("", "v1", "pods")
+PVC = ("", "v1", "persistentvolumeclaims")
+STS = ("apps", "v1", "statefulsets")
+PDB = ("policy", "v1", "poddisruptionbudgets")
+COUCH_IMAGE = re.compile(r"(^|/)couchdb(:|@|$)")
+COUCH_ETC = "/opt/couchdb/etc/"
+COUCH_DATA = "/opt/couchdb/data"
+PROXY_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/(pods|services)/([^/]+)/proxy(/.*)?$")
+EVICTION_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/eviction$")
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+              "transfer-encoding", "upgrade", "content-length"}
+NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization"}
+NODE_NAME = "double-node"
+HOST_IP = "10.0.0.10"
+
+
+def expand(value, env):
+    """Kubernetes' $(VAR) expansion: defined names replaced, $$ escapes, anything else left as is."""
+    out, i = [], 0
+    while i < len(value):
+        if value.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif value.startswith("$(", i) and ")" in value[i + 2:]:
+            end = value.index(")", i + 2)
+            name = value[i + 2:end]
+            if name in env:
+                out.append(env[name])
+            else:
+                out.append(value[i:end + 1])
+            i = end + 1
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+def selector_match(labels, selector):
+    """A LabelSelector (matchLabels, matchExpressions) against labels."""
+    if selector is None:
+        return False
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        k, op, values = e.get("key"), e.get("operator"), e.get("values") or []
+        if op == "In" and labels.get(k) not in values:
+            return False
+        if op == "NotIn" and labels.get(k) in values:
+            return False
+        if op == "Exists" and k not in labels:
+            return False
+        if op == "DoesNotExist" and k in labels:
+            return False
+    return True
+
+
+def scaled(value, total):
+    """An intOrPercent, rounded up the way the disruption controller does."""
+    if isinstance(value, str) and value.endswith("%"):
+        return math.ceil(total * int(value[:-1]) / 100)
+    return int(value or 0)
+
+
+def status_error(code, reason, message, details=None):
+    out = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code}
+    if details:
+        out["details"] = details
+    return out
+
+
+class Kubelet:
+    """The StatefulSet controller, the garbage collector, the disruption controller and the kubelet.
+
+    Only with --couchdb. Runs under the store lock, from a background thread
+    and at the start of every request. Containers whose image is couchdb run
+    as nodes of the CouchDB double; any other container is running and ready
+    at once.
+    """
+
+    def __init__(self, store, registry):
+        self.store = store
+        self.registry = registry
+        self.pods = {}          # pod key "ns/name" -> kubelet state of the pod
+        self.revisions = {}     # StatefulSet store key -> {revision: template}
+        self.current = {}       # StatefulSet store key -> currentRevision
+        self.volumes = {}       # pod key -> the claims' uids its node's data lives on
+        self.ips = itertools.count(2)
+        self.dns = {"pods": {}, "services": {}}
+        registry.resolver = self.resolve
+
+    # ---- DNS, as seen from a pod -------------------------------------------
+
+    def resolve(self, host, port, from_pod=None):
+        """A name -> (pod key, port on the pod) or None: pod FQDNs of headless Services, Service names."""
+        dns = self.dns
+        host = (host or "").lower().rstrip(".")
+        ns = from_pod.split("/", 1)[0] if from_pod else "default"
+        names = [host]
+        if host.count(".") < 5:     # ndots:5 and the pod's search path
+            names = [f"{host}.{ns}.svc.cluster.local", f"{host}.svc.cluster.local",
+                     f"{host}.cluster.local", host]
+        for name in names:
+            if name in dns["pods"]:
+                return dns["pods"][name], port
+            svc = dns["services"].get(name)
+            if svc is not None:
+                if not svc["endpoints"]:
+                    return None
+                pod, ports = random.choice(svc["endpoints"])
+                if port is None:
+                    return pod, None
+                for p in svc["ports"]:
+                    if p.get("port") == port:
+                        target = p.get("targetPort", port)
+                        return pod, ports.get(target, target) if isinstance(target, str) else target
+                return (pod, port) if svc["headless"] else None
+        return None
+
+    # ---- helpers ----------------------------------------------------------
+
+    def objects(self, res, ns=None):
+        return [(k, o) for k, o in sorted(self.store.objects.items(), key=lambda kv: str(kv[0]))
+                if k[:3] == res and (ns is None or k[3] == ns)]
+
+    @staticmethod
+    def pod_key(pod):
+        return f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+
+    @staticmethod
+    def owner_uid(obj, kind):
+        for ref in obj["metadata"].get("ownerReferences", []):
+            if ref.get("kind") == kind:
+                return ref.get("uid")
+        return None
+
+    @staticmethod
+    def ready(pod):
+        return any(c.get("type") == "Ready" and c.get("status") == "True"
+                   for c in pod.get("status", {}).get("conditions", []))
+
+    def healthy(self, pod):
+        return pod.get("status", {}).get("phase") == "Running" and self.ready(pod) and \
+            "deletionTimestamp" not in pod["metadata"]
+
+    def put_status(self, key, obj, status):
+        if obj.get("status") != status:
+            obj["status"] = status
+            obj["metadata"]["resourceVersion"] = str(next(self.store.version))
+
+    def delete(self, key):
+        self.store.forget(key)
+
+    # ---- the StatefulSet controller ------------------------------------
+
+    def claims(self, sts, pod_name):
+        return [f"{t['metadata']['name']}-{pod_name}" for t in sts.get("spec", {}).get("volumeClaimTemplates", [])]
+
+    def ensure_claims(self, key, sts, pod_name):
+        ns = key[3]
+        spec = sts["spec"]
+        policy = spec.get("persistentVolumeClaimRetentionPolicy") or {}
+        for t in spec.get("volumeClaimTemplates", []):
+            name = f"{t['metadata']['name']}-{pod_name}"
+            pkey = PVC + (ns, name)
+            if pkey in self.store.objects:
+                continue
+            labels = dict(t.get("metadata", {}).get("labels") or {})
+            labels.update(spec.get("selector", {}).get("matchLabels") or {})
+            pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                   "metadata": {"name": name, "labels": labels,
+                                "annotations": {"pv.kubernetes.io/bind-completed": "yes"},
+                                "finalizers": ["kubernetes.io/pvc-protection"]},
+                   "spec": copy.deepcopy(t.get("spec", {})),
+                   "status": {"phase": "Bound", "accessModes": t.get("spec", {}).get("accessModes", []),
+                              "capacity": t.get("spec", {}).get("resources", {}).get("requests", {})}}
+            pvc["spec"].setdefault("volumeName", "pvc-" + str(uuid.uuid4()))
+            pvc["spec"].setdefault("volumeMode", "Filesystem")
+            if policy.get("whenDeleted") == "Delete":
+                pvc["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                                       "name": sts["metadata"]["name"],
+                                                       "uid": sts["metadata"]["uid"],
+                                                       "controller": True, "blockOwnerDeletion": True}]
+            meta_defaults(pvc, ns, self.store)
+            self.store.objects[pkey] = pvc
+
+    def create_pod(self, key, sts, ordinal, revision):
+        ns, set_name = key[3], key[4]
+        template = copy.deepcopy(self.revisions[key][revision])
+        name = f"{set_name}-{ordinal}"
+        self.ensure_claims(key, sts, name)
+        meta = template.get("metadata", {})
+        labels = dict(meta.get("labels") or {})
+        labels.update({"statefulset.kubernetes.io/pod-name": name, "controller-revision-hash": revision,
+                       "apps.kubernetes.io/pod-index": str(ordinal)})
+        spec = template.get("spec", {})
+        spec["hostname"] = name
+        if sts["spec"].get("serviceName"):
+            spec["subdomain"] = sts["spec"]["serviceName"]
+        spec["nodeName"] = NODE_NAME
+        spec.setdefault("serviceAccountName", "default")
+        volumes = spec.setdefault("volumes", [])
+        for t in sts["spec"].get("volumeClaimTemplates", []):
+            claim = t["metadata"]["name"]
+            if not any(v.get("name") == claim for v in volumes):
+                volumes.append({"name": claim, "persistentVolumeClaim": {"claimName": f"{claim}-{name}"}})
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "generateName": f"{set_name}-", "labels": labels,
+                            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": set_name,
+                                                 "uid": sts["metadata"]["uid"], "controller": True,
+                                                 "blockOwnerDeletion": True}]},
+               "spec": spec,
+               "status": {"phase": "Pending", "qosClass": "BestEffort",
+                          "conditions": [{"type": "PodScheduled", "status": "True",
+                                          "lastTransitionTime": now()}]}}
+        if meta.get("annotations"):
+            pod["metadata"]["annotations"] = dict(meta["annotations"])
+        meta_defaults(pod, ns, self.store)
+        self.store.objects[POD + (ns, name)] = pod
+
+    def statefulset(self, key, sts):
+        spec = sts.get("spec", {})
+        ns = key[3]
+        update = template_revision(sts)
+        self.revisions.setdefault(key, {})[update] = copy.deepcopy(spec.get("template", {}))
+        current = self.current.setdefault(key, update)
+        want = spec.get("replicas", 1)
+        parallel = spec.get("podManagementPolicy") == "Parallel"
+        strategy = spec.get("updateStrategy") or {}
+        partition = (strategy.get("rollingUpdate") or {}).get("partition", 0) or 0
+        policy = spec.get("persistentVolumeClaimRetentionPolicy") or {}
+        owned = {}
+        for pkey, pod in self.objects(POD, ns):
+            if self.owner_uid(pod, "StatefulSet") == sts["metadata"]["uid"]:
+                try:
+                    owned[int(pod["metadata"]["name"].rsplit("-", 1)[1])] = (pkey, pod)
+                except ValueError:
+                    pass
+        # Scale down: the highest ordinals first.
+        for ordinal in sorted((o for o in owned if o >= want), reverse=True):
+            pkey, pod = owned.pop(ordinal)
+            if policy.get("whenScaled") == "Delete":
+                for claim in self.claims(sts, pod["metadata"]["name"]):
+                    self.delete(PVC + (ns, claim))
+            self.delete(pkey)
+            if not parallel:
+                break
+        # Create what is missing.
+        for ordinal in range(want):
+            if ordinal in owned:
+                continue
+            if not parallel and not all(o in owned and self.healthy(owned[o][1]) for o in range(ordinal)):
+                break
+            rolling = strategy.get("type", "RollingUpdate") == "RollingUpdate"
+            revision = update if (not rolling or ordinal >= partition or current not in self.revisions[key]) \
+                else current
+            self.create_pod(key, sts, ordinal, revision)
+            owned[ordinal] = (POD + (ns, f"{key[4]}-{ordinal}"), self.store.objects[POD + (ns, f"{key[4]}-{ordinal}")])
+        # A rolling update: one pod at a time, the highest ordinal first, each Ready before the next.
+        if strategy.get("type", "RollingUpdate") == "RollingUpdate":
+            for ordinal in range(want - 1, partition - 1, -1):
+                if ordinal not in owned:
+                    break
+                pkey, pod = owned[ordinal]
+                if pod["metadata"]["labels"].get("controller-revision-hash") != update:
+                    self.delete(pkey)
+                    owned.pop(ordinal)
+                    break
+                if not self.healthy(pod):
+                    break
+        pods = [p for _, p in owned.values()]
+        rev = lambda p: p["metadata"]["labels"].get("controller-revision-hash")
+        ready = sum(1 for p in pods if self.healthy(p))
+        updated = sum(1 for p in pods if rev(p) == update)
+        if updated == len(pods) == want and ready == want:
+            current = self.current[key] = update
+        status = {"observedGeneration": sts["metadata"].get("generation", 1), "replicas": len(pods),
+                  "readyReplicas": ready, "currentReplicas": sum(1 for p in pods if rev(p) == current),
+                  "updatedReplicas": updated, "availableReplicas": ready, "currentRevision": current,
+                  "updateRevision": update, "collisionCount": 0}
+        for field in ("readyReplicas", "currentReplicas", "updatedReplicas", "collisionCount"):
+            if not status[field]:
+                del status[field]
+        self.put_status(key, sts, status)
+
+    # ---- the kubelet ------------------------------------------------------
+
+    def secret_value(self, ns, ref, kind):
+        res = ("", "v1", "secrets") if kind == "Secret" else ("", "v1", "configmaps")
+        obj = self.store.objects.get(res + (ns, ref.get("name")))
+        if obj is None:
+            return None, f'{kind.lower()} "{ref.get("name")}" not found'
+        data = obj.get("data") or {}
+        if ref.get("key") not in data:
+            return None, f"couldn't find key {ref.get('key')} in {kind} {ns}/{ref.get('name')}"
+        value = data[ref["key"]]
+        return (base64.b64decode(value).decode(errors="replace") if kind == "Secret" else value), None
+
+    def field_value(self, pod, path):
+        meta, spec, status = pod["metadata"], pod["spec"], pod.get("status", {})
+        simple = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
+                  "metadata.uid": meta["uid"], "spec.nodeName": spec.get("nodeName", ""),
+                  "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+                  "status.podIP": status.get("podIP", ""), "status.hostIP": status.get("hostIP", ""),
+                  "status.podIPs": status.get("podIP", "")}
+        if path in simple:
+            return simple[path]
+        m = re.match(r"^metadata\.(labels|annotations)\['(.+)'\]$", path)
+        if m:
+            return (meta.get(m.group(1)) or {}).get(m.group(2), "")
+        return ""
+
+    def container_env(self, pod, container):
+        """The container's environment as the kubelet builds it -> (env, error)."""
+        ns = pod["metadata"]["namespace"]
+        env = {}
+        for source in container.get("envFrom", []):
+            for kind, field in (("Secret", "secretRef"), ("ConfigMap", "configMapRef")):
+                ref = source.get(field)
+                if ref is None:
+                    continue
+                res = ("", "v1", "secrets") if kind == "Secret" else ("", "v1", "configmaps")
+                obj = self.store.objects.get(res + (ns, ref.get("name")))
+                if obj is None:
+                    if ref.get("optional"):
+                        continue
+                    return None, f'{kind.lower()} "{ref.get("name")}" not found'
+                for k, v in sorted((obj.get("data") or {}).items()):
+                    env[source.get("prefix", "") + k] = base64.b64decode(v).decode(errors="replace") \
+                        if kind == "Secret" else v
+        for e in container.get("env", []):
+            name = e.get("name")
+            if "valueFrom" not in e:
+                env[name] = expand(str(e.get("value", "")), env)
+                continue
+            source = e["valueFrom"]
+            if "secretKeyRef" in source or "configMapKeyRef" in source:
+                kind = "Secret" if "secretKeyRef" in source else "ConfigMap"
+                ref = source.get("secretKeyRef") or source.get("configMapKeyRef")
+                value, error = self.secret_value(ns, ref, kind)
+                if error:
+                    if ref.get("optional"):
+                        continue
+                    return None, error
+                env[name] = value
+            elif "fieldRef" in source:
+                env[name] = self.field_value(pod, source["fieldRef"].get("fieldPath", ""))
+            else:
+                env[name] = "0"
+        return env, None
+
+    def volume_files(self, pod, volume_name):
+        """{file name: text} of a ConfigMap or Secret volume -> (files, error)."""
+        ns = pod["metadata"]["namespace"]
+        for v in pod["spec"].get("volumes", []):
+            if v.get("name") != volume_name:
+                continue
+            for kind, field, name_field in (("ConfigMap", "configMap", "name"), ("Secret", "secret", "secretName")):
+                src = v.get(field)
+                if src is None:
+                    continue
+                res = ("", "v1", "configmaps") if kind == "ConfigMap" else ("", "v1", "secrets")
+                obj = self.store.objects.get(res + (ns, src.get(name_field)))
+                if obj is None:
+                    if src.get("optional"):
+                        return {}, None
+                    return None, (f'MountVolume.SetUp failed for volume "{volume_name}" : '
+                                  f'{kind.lower()} "{src.get(name_field)}" not found')
+                data = dict(obj.get("data") or {})
+                if kind == "Secret":
+                    data = {k: base64.b64decode(x).decode(errors="replace") for k, x in data.items()}
+                items = src.get("items")
+                if items:
+                    return {i.get("path", i["key"]): data.get(i["key"], "") for i in items}, None
+                return data, None
+            return {}, None
+        return {}, None
+
+    def couch_ini(self, pod, container):
+        """The ini files CouchDB reads from default.d and local.d -> (default_d, local_d, error)."""
+        dirs = {"default.d": None, "local.d": None}
+        extra = {"default.d": {}, "local.d": {}}
+        for m in container.get("volumeMounts", []):
+            path = m.get("mountPath", "").rstrip("/")
+            for d in dirs:
+                full = COUCH_ETC + d
+                if path == full or path.startswith(full + "/"):
+                    files, error = self.volume_files(pod, m.get("name"))
+                    if error:
+                        return None, None, error
+                    if path == full:
+                        sub = m.get("subPath")
+                        if sub:
+                            files = {k[len(sub) + 1:]: x for k, x in files.items() if k.startswith(sub + "/")}
+                        dirs[d] = {**(dirs[d] or {}), **files}
+                    else:
+                        fname = path[len(full) + 1:]
+                        sub = m.get("subPath")
+                        if sub is not None and sub in files:
+                            extra[d][fname] = files[sub]
+        default_d = dirs["default.d"] if dirs["default.d"] is not None else {"10-docker-default.ini": IMAGE_DEFAULT_D}
+        default_d = {**default_d, **extra["default.d"]}
+        local_d = {**(dirs["local.d"] or {}), **extra["local.d"]}
+        # CouchDB reads *.ini files only, in order of their names.
+        text = lambda files: "\n".join(files[k] for k in sorted(files) if k.endswith(".ini"))
+        return text(default_d), text(local_d), None
+
+    def claim_uids(self, pod):
+        """The uids of the claims mounted at /opt/couchdb/data (None: the data is the container's own)."""
+        ns = pod["metadata"]["namespace"]
+        uids = []
+        for c in pod["spec"].get("containers", []):
+            for m in c.get("volumeMounts", []):
+                if m.get("mountPath", "").rstrip("/") != COUCH_DATA:
+                    continue
+                for v in pod["spec"].get("volumes", []):
+                    if v.get("name") == m.get("name") and "persistentVolumeClaim" in v:
+                        pvc = self.store.objects.get(PVC + (ns, v["persistentVolumeClaim"].get("claimName")))
+                        uids.append(pvc["metadata"]["uid"] if pvc else "missing")
+        return tuple(uids) or None
+
+    def missing_claim(self, pod):
+        ns = pod["metadata"]["namespace"]
+        for v in pod["spec"].get("volumes", []):
+            claim = (v.get("persistentVolumeClaim") or {}).get("claimName")
+            if claim and PVC + (ns, claim) not in self.store.objects:
+                return claim
+        return None
+
+    def probe_ok(self, key, pod, container, probe, couch):
+        if probe is None:
+            return True
+        if not couch:
+            return True
+        get = probe.get("httpGet")
+        if get is None:
+            return self.registry.running(key)
+        port = get.get("port")
+        if isinstance(port, str):
+            port = next((p.get("containerPort") for p in container.get("ports", []) if p.get("name") == port), None)
+        return self.registry.probe(key, get.get("path", "/"), port)
+
+    def sync_pod(self, pkey, pod):
+        key = self.pod_key(pod)
+        st = self.pods.get(key)
+        if st is None or st["uid"] != pod["metadata"]["uid"]:
+            if st is not None:
+                self.stopped(key)
+            st = self.pods[key] = {"uid": pod["metadata"]["uid"], "started": None, "restarts": 0,
+                                   "next_try": 0.0, "waiting": None, "live_fail": None}
+        status = copy.deepcopy(pod.get("status", {}))
+        if "podIP" not in status:
+            n = next(self.ips)
+            ip = f"10.1.{n // 250}.{n % 250}"
+            status.update({"podIP": ip, "podIPs": [{"ip": ip}], "hostIP": HOST_IP,
+                           "hostIPs": [{"ip": HOST_IP}], "startTime": now()})
+            pod["status"] = status
+        containers = pod["spec"].get("containers", [])
+        couch = next((c for c in containers if COUCH_IMAGE.search(c.get("image", ""))), None)
+        t = time.monotonic()
+        if st["started"] is None and t >= st["next_try"]:
+            claim = self.missing_claim(pod)
+            waiting = None
+            if claim:
+                waiting = ("ContainerCreating", f'persistentvolumeclaim "{claim}" not found')
+            envs = {}
+            if waiting is None:
+                for c in containers:
+                    env, error = self.container_env(pod, c)
+                    if error:
+                        waiting = ("CreateContainerConfigError", error)
+                        break
+                    envs[c["name"]] = env
+            ini = None
+            if waiting is None and couch is not None:
+                default_d, local_d, error = self.couch_ini(pod, couch)
+                if error:
+                    waiting = ("ContainerCreating", error)
+                ini = (default_d, local_d)
+            if waiting is None:
+                started = True
+                if couch is not None:
+                    uids = self.claim_uids(pod)
+                    if uids is None or self.volumes.get(key) != uids:
+                        self.registry.stop_node(key, keep_data=False)
+                    self.volumes[key] = uids
+                    spec = pod["spec"]
+                    fqdn = f"{spec['hostname']}.{spec['subdomain']}.{pod['metadata']['namespace']}.svc.cluster.local" \
+                        if spec.get("subdomain") and spec.get("hostname") else None
+                    started = self.registry.start_node(key, envs[couch["name"]], ini[0], couch.get("image", ""),
+                                                       local_ini_text=ini[1], fqdn=fqdn)
+                if started:
+                    st["started"], st["waiting"] = now(), None
+                else:
+                    st["restarts"] += 1
+                    st["next_try"] = t + 1.0
+                    st["waiting"] = ("CrashLoopBackOff",
+                                     f"back-off restarting failed container {couch['name']} in pod "
+                                     f"{pod['metadata']['name']}_{pod['metadata']['namespace']}")
+            else:
+                st["waiting"] = waiting
+                st["next_try"] = t + 0.5
+        # Container statuses, readiness, liveness.
+        statuses, all_ready = [], True
+        for c in containers:
+            is_couch = c is couch
+            cs = {"name": c["name"], "image": c.get("image", ""), "imageID": "", "restartCount": st["restarts"],
+                  "started": st["started"] is not None}
+            if st["started"] is None:
+                reason, message = st["waiting"] or ("ContainerCreating", "")
+                cs["state"] = {"waiting": {"reason": reason, "message": message}}
+                cs["ready"] = False
+            else:
+                if is_couch and not self.registry.running(key):
+                    # The node went away under a running pod: the container restarts.
+                    st["started"], st["restarts"] = None, st["restarts"] + 1
+                    cs["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message": ""}}
+                    cs["ready"] = False
+                else:
+                    live = c.get("livenessProbe")
+                    if is_couch and live and not self.probe_ok(key, pod, c, live, True):
+                        allowed = (live.get("initialDelaySeconds", 0) + live.get("periodSeconds", 10) *
+                                   live.get("failureThreshold", 3))
+                        st["live_fail"] = st["live_fail"] or t
+                        if t - st["live_fail"] >= allowed:
+                            self.registry.stop_node(key, keep_data=True)
+                            st["started"], st["restarts"], st["live_fail"] = None, st["restarts"] + 1, None
+                    else:
+                        st["live_fail"] = None
+                    cs["state"] = {"running": {"startedAt": st["started"] or now()}}
+                    cs["ready"] = st["started"] is not None and \
+                        self.probe_ok(key, pod, c, c.get("readinessProbe"), is_couch)
+            cs["containerID"] = f"containerd://{hashlib.sha256((key + str(st['restarts'])).encode()).hexdigest()}"
+            all_ready &= cs["ready"]
+            statuses.append(cs)
+        started = st["started"] is not None
+        cond = lambda kind, ok: {"type": kind, "status": "True" if ok else "False"}
+        conditions = [cond("PodReadyToStartContainers", True), cond("Initialized", True),
+                      cond("Ready", all_ready and started), cond("ContainersReady", all_ready and started),
+                      cond("PodScheduled", True)]
+        old = {c["type"]: c for c in status.get("conditions", [])}
+        for c in conditions:
+            prev = old.get(c["type"])
+            c["lastTransitionTime"] = prev["lastTransitionTime"] if prev and prev.get("status") == c["status"] \
+                and prev.get("lastTransitionTime") else now()
+            if c["type"] in ("Ready", "ContainersReady") and c["status"] == "False":
+                c["reason"] = "ContainersNotReady"
+                c["message"] = "containers with unready status: [" + " ".join(
+                    s["name"] for s in statuses if not s["ready"]) + "]"
+        status.update({"phase": "Running" if started else "Pending", "conditions": conditions,
+                       "containerStatuses": statuses, "qosClass": "BestEffort"})
+        self.put_status(pkey, pod, status)
+
+    def stopped(self, key):
+        """A pod that went away: its node stops, its data kept when its claims are still there."""
+        self.pods.pop(key, None)
+        ns, name = key.split("/", 1)
+        uids = self.volumes.get(key)
+        keep = False
+        if uids:
+            current = []
+            for pkey, pvc in self.objects(PVC, ns):
+                current.append(pvc["metadata"]["uid"])
+            keep = all(u in current for u in uids)
+        self.registry.stop_node(key, keep_data=keep)
+        if not keep:
+            self.volumes.pop(key, None)
+
+    # ---- one pass ---------------------------------------------------------
+
+    def reconcile(self):
+        store = self.store
+        sets = {}
+        for key, sts in self.objects(STS):
+            sets[sts["metadata"]["uid"]] = key
+            if sts["metadata"].get("annotations", {}).get(NEVER_READY) == "true":
+                continue
+            self.statefulset(key, sts)
+        for key in list(self.revisions):
+            if key not in store.objects:
+                self.revisions.pop(key, None)
+                self.current.pop(key, None)
+        # The garbage collector: pods and claims whose owner is gone.
+        uids = {o["metadata"].get("uid") for o in store.objects.values()}
+        for res in (POD, PVC):
+            for key, obj in self.objects(res):
+                refs = obj["metadata"].get("ownerReferences", [])
+                if refs and all(r.get("uid") not in uids for r in refs):
+                    store.forget(key)
+        # The kubelet.
+        present = set()
+        for key, pod in self.objects(POD):
+            present.add(self.pod_key(pod))
+            self.sync_pod(key, pod)
+        for key in [k for k in self.pods if k not in present]:
+            self.stopped(key)
+        self.update_dns()
+        # The disruption controller.
+        for key, pdb in self.objects(PDB):
+            spec = pdb.get("spec", {})
+            pods = [p for _, p in self.objects(POD, key[3])
+                    if selector_match(p["metadata"].get("labels", {}), spec.get("selector"))]
+            healthy = sum(1 for p in pods if self.healthy(p))
+            # Like the disruption controller: the controllers' scale, not the pods there now
+            # (an integer minAvailable counts the pods).
+            expected = len(pods)
+            if not isinstance(spec.get("minAvailable"), int):
+                scales, loose = {}, 0
+                for p in pods:
+                    owner = self.owner_uid(p, "StatefulSet")
+                    sts = next((o for _, o in self.objects(STS, key[3]) if o["metadata"]["uid"] == owner), None)
+                    if sts is None:
+                        loose += 1
+                    else:
+                        scales[owner] = sts["spec"].get("replicas", 1)
+                expected = sum(scales.values()) + loose
+            if "minAvailable" in spec:
+                desired = scaled(spec["minAvailable"], expected)
+            else:
+                desired = max(0, expected - scaled(spec.get("maxUnavailable", 0), expected))
+            allowed = max(0, healthy - desired)
+            status = {"observedGeneration": pdb["metadata"].get("generation", 1), "currentHealthy": healthy,
+                      "desiredHealthy": desired, "expectedPods": expected, "disruptionsAllowed": allowed,
+                      "conditions": [{"type": "DisruptionAllowed", "status": "True" if allowed else "False",
+                                      "reason": "SufficientPods" if allowed else "InsufficientPods",
+                                      "message": "", "observedGeneration": pdb["metadata"].get("generation", 1),
+                                      "lastTransitionTime": (pdb.get("status", {}).get("conditions") or
+                                                             [{}])[0].get("lastTransitionTime") or now()}]}
+            if status["conditions"][0]["status"] != ((pdb.get("status", {}).get("conditions") or [{}])[0]).get("status"):
+                status["conditions"][0]["lastTransitionTime"] = now()
+            self.put_status(key, pdb, status)
+
+    def update_dns(self):
+        pods_by_ns = collections.defaultdict(list)
+        for _, pod in self.objects(POD):
+            # Endpoints are pods with an IP (a sandbox), Ready or not; readiness is checked below.
+            if pod.get("status", {}).get("podIP") and "deletionTimestamp" not in pod["metadata"]:
+                pods_by_ns[pod["metadata"]["namespace"]].append(pod)
+        pod_names, services = {}, {}
+        for (_, _, _, ns, name), svc in self.objects(("", "v1", "services")):
+            spec = svc.get("spec", {})
+            selector = spec.get("selector")
+            if not selector:
+                continue
+            publish = spec.get("publishNotReadyAddresses") is True
+            headless = spec.get("clusterIP") == "None"
+            endpoints = []
+            for pod in pods_by_ns.get(ns, []):
+                labels = pod["metadata"].get("labels", {})
+                if not all(labels.get(k) == v for k, v in selector.items()):
+                    continue
+                if not (publish or self.ready(pod)):
+                    continue
+                ports = {p.get("name"): p.get("containerPort") for c in pod["spec"].get("containers", [])
+                         for p in c.get("ports", []) if p.get("name")}
+                endpoints.append((self.pod_key(pod), ports))
+                if headless and pod["spec"].get("subdomain") == name and pod["spec"].get("hostname"):
+                    pod_names[f"{pod['spec']['hostname']}.{name}.{ns}.svc.cluster.local"] = self.pod_key(pod)
+            entry = {"endpoints": endpoints, "ports": spec.get("ports", []), "headless": headless}
+            for fqdn in (f"{name}.{ns}.svc.cluster.local",):
+                services[fqdn] = entry
+        self.dns = {"pods": pod_names, "services": services}
+
+    # ---- the API server's proxy and eviction ---------------------------
+
+    def target(self, ns, kind, spec):
+        """-> (pod key, pod IP, port) for a proxy request; ApiError when there is nothing to reach."""
+        parts = spec.split(":")
+        if len(parts) == 3:
+            parts = parts[1:]           # scheme:name:port
+        name, port = parts[0], (parts[1] if len(parts) > 1 else "")
+        if kind == "pods":
+            pod = self.store.objects.get(POD + (ns, name))
+            if pod is None:
+                raise ApiError(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+            ports = [p for c in pod["spec"].get("containers", []) for p in c.get("ports", [])]
+            if port == "":
+                number = ports[0].get("containerPort") if ports else 80
+            elif port.isdigit():
+                number = int(port)
+            else:
+                number = next((p.get("containerPort") for p in ports if p.get("name") == port), None)
+                if number is None:
+                    raise ApiError(503, "ServiceUnavailable", f'no endpoints available for service "{name}"')
+            return self.pod_key(pod), pod.get("status", {}).get("podIP", ""), number
+        svc = self.store.objects.get(("", "v1", "services", ns, name))
+        if svc is None:
+            raise ApiError(404, "NotFound", f'services "{name}" not found', {"name": name, "kind": "services"})
+        sports = svc.get("spec", {}).get("ports", [])
+        chosen = None
+        for p in sports:
+            if port == "" or p.get("name") == port or str(p.get("port")) == port:
+                chosen = p
+                break
+        entry = self.dns["services"].get(f"{name}.{ns}.svc.cluster.local")
+        if chosen is None or entry is None or not entry["endpoints"]:
+            raise ApiError(503, "ServiceUnavailable", f'no endpoints available for service "{name}"')
+        pod_key, named = random.choice(entry["endpoints"])
+        target = chosen.get("targetPort", chosen.get("port"))
+        if isinstance(target, str):
+            target = named.get(target)
+            if target is None:
+                raise ApiError(503, "ServiceUnavailable", f'no endpoints available for service "{name}"')
+        pod = self.store.objects.get(POD + tuple(pod_key.split("/", 1)))
+        return pod_key, (pod or {}).get("status", {}).get("podIP", ""), target
+
+    def evict(self, ns, name):
+        pod = self.store.objects.get(POD + (ns, name))
+        if pod is None:
+            raise ApiError(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+        for key, pdb in self.objects(PDB, ns):
+            if selector_match(pod["metadata"].get("labels", {}), pdb.get("spec", {}).get("selector")):
+                st = pdb.get("status", {})
+                if st.get("disruptionsAllowed", 0) < 1 and self.healthy(pod):
+                    raise ApiError(429, "TooManyRequests", "Cannot evict pod as it would violate the pod's disruption budget.",
+                                   {"causes": [{"reason": "DisruptionBudget",
+                                                "message": f"The disruption budget {key[4]} needs "
+                                                           f"{st.get('desiredHealthy', 0)} healthy pods and has "
+                                                           f"{st.get('currentHealthy', 0)} currently"}]})
+                st["disruptionsAllowed"] = max(0, st.get("disruptionsAllowed", 0) - 1)
+        self.store.forget(POD + (ns, name))
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+
+
 FAULT_KINDS = ["429", "500", "502", "503", "504", "reset"]
 
 
@@ -690,6 +1464,7 @@ class Handler(BaseHTTPRequestHandler):
     store = None
     log = None
     faults = None
+    kubelet = None
 
     def log_message(self, fmt, *args):
         pass
@@ -742,6 +1517,17 @@ class Handler(BaseHTTPRequestHandler):
             self.fail(fault)
             return
         try:
+            if self.kubelet is not None:
+                proxy = PROXY_PATH.match(url.path)
+                if proxy:
+                    self.proxy(method, url, proxy, body)
+                    return
+                with self.store.lock:
+                    self.kubelet.reconcile()
+                    evict = EVICTION_PATH.match(url.path)
+                    if evict and method == "POST":
+                        self.reply(201, self.kubelet.evict(evict.group(1), evict.group(2)))
+                        return
             with self.store.lock:
                 code, out = self.dispatch(method, url.path, query, body)
             self.reply(code, out)
@@ -754,6 +1540,41 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.handle_any("GET")
+
+    def couch_only(self):
+        # Without --couchdb these methods are as unsupported as they always were here.
+        if self.kubelet is None:
+            self.send_error(501, "Unsupported method (%r)" % self.command)
+        else:
+            self.handle_any(self.command)
+
+    do_PUT = do_HEAD = do_OPTIONS = do_COPY = couch_only
+
+    def proxy(self, method, url, match, body):
+        """pods/NAME[:PORT]/proxy and services/NAME[:PORT]/proxy, as the API server proxies them."""
+        ns, kind, spec, rest = match.groups()
+        with self.store.lock:
+            self.kubelet.reconcile()
+            pod_key, ip, port = self.kubelet.target(ns, kind, spec)
+        path = (rest or "/") + ("?" + url.query if url.query else "")
+        # The API server authenticated the caller itself: Authorization never reaches the pod.
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in NOT_FORWARDED
+                   and not k.lower().startswith("impersonate-")}
+        try:
+            status, out_headers, out = self.kubelet.registry.handle(pod_key, method, path, headers, body, port=port)
+        except NotListening:
+            raise ApiError(503, "ServiceUnavailable",
+                           f"error trying to reach service: dial tcp {ip}:{port}: connect: connection refused")
+        # The pod's own Server and Date, as a reverse proxy passes them on.
+        self.log_request(status)
+        self.send_response_only(status)
+        for k, v in out_headers.items():
+            if k.lower() not in HOP_BY_HOP:
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(out)
 
     def do_PATCH(self):
         self.handle_any("PATCH")
@@ -908,7 +1729,11 @@ class Handler(BaseHTTPRequestHandler):
         if previous is None or merged.get("spec") != previous.get("spec"):
             generation += 1
         merged["metadata"]["generation"] = max(generation, 1)
-        if kind in WORKLOADS + ("Ingress",):
+        if kind == "StatefulSet" and self.kubelet is not None and \
+                merged["metadata"].get("annotations", {}).get(NEVER_READY) != "true":
+            # --couchdb: the status comes from the pods, worked out by the Kubelet.
+            merged["status"] = (previous or {}).get("status") or {"replicas": 0, "availableReplicas": 0}
+        elif kind in WORKLOADS + ("Ingress",):
             converge(merged)
         # A Deployment rolls out again when its pod template changes (not on create).
         started = None
@@ -942,10 +1767,36 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log")
     parser.add_argument("--faults", help="SEED:PERCENT of requests to fail transiently")
+    parser.add_argument("--couchdb", action="store_true",
+                        help="run StatefulSet pods, CouchDB containers as nodes of the CouchDB double")
+    parser.add_argument("--couchdb-settle-seconds", type=float, default=60.0,
+                        help="how long replication jobs sit in initializing after a membership change")
+    parser.add_argument("--couchdb-fill-seconds", type=float, default=2.0,
+                        help="how long internal replication takes to fill a shard copy that is behind")
+    parser.add_argument("--couchdb-setup-wait-seconds", type=float, default=5.0,
+                        help="how long finish_cluster waits for nodes to connect before its 500")
+    parser.add_argument("--couchdb-boot-seconds", type=float, default=2.0,
+                        help="from a CouchDB container's start to its port accepting connections")
+    parser.add_argument("--couchdb-log", help="every request a CouchDB node serves, as JSON lines")
     args = parser.parse_args()
     Handler.store = Store()
     Handler.log = args.log
     Handler.faults = Faults(args.faults) if args.faults else None
+    if args.couchdb:
+        registry = CouchRegistry(args.couchdb_settle_seconds, args.couchdb_fill_seconds,
+                                                args.couchdb_log, args.couchdb_setup_wait_seconds,
+                                                args.couchdb_boot_seconds)
+        Handler.kubelet = Kubelet(Handler.store, registry)
+
+        def controllers():
+            while True:
+                time.sleep(0.1)
+                try:
+                    with Handler.store.lock:
+                        Handler.kubelet.reconcile()
+                except Exception as e:  # keep reconciling; say what went wrong
+                    print(f"kube-api-double: reconcile failed: {e!r}", file=sys.stderr, flush=True)
+        threading.Thread(target=controllers, daemon=True).start()
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print(f"kube-api-double listening on 127.0.0.1:{args.port}", flush=True)
     try:
