@@ -62,7 +62,23 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
         .find(|r| r["path"] == "/_cluster_setup" && r["status"] == 201)
         .unwrap();
     assert_eq!(setup["body"], serde_json::json!({"action": "finish_cluster"}));
-    let client = Client::admin(&double, "docs", "docs-0");
+    // Every object of the cluster went through a server-side dry run first.
+    let api = std::fs::read_to_string(&double.log).unwrap();
+    for object in [
+        "secrets/docs-admin",
+        "secrets/docs-internal",
+        "configmaps/docs-config",
+        "services/docs-headless",
+        "services/docs",
+        "poddisruptionbudgets/docs",
+        "statefulsets/docs",
+    ] {
+        assert!(
+            api.lines().any(|l| l.starts_with("PATCH") && l.contains(&format!("/{object}?")) && l.contains("dryRun=All")),
+            "no dry run of {object}"
+        );
+    }
+    let client = Client::admin(&double, "docs");
     let (cluster_nodes, all_nodes) = membership(&client);
     let three: Vec<String> = (0..3).map(|i| node("docs", i)).collect();
     assert_eq!(cluster_nodes, three);
@@ -207,7 +223,7 @@ fn a_crashing_replication_is_drift_and_no_generated_secret_is_ever_shown() {
     shown += &(text(&up.stdout) + &text(&up.stderr));
 
     // The job cannot reach its target: crashing, which the plan shows as drift.
-    let client = Client::admin(&double, "solo", "solo-0");
+    let client = Client::admin(&double, "solo");
     client.wait_for("solo-0", "/_scheduler/docs/_replicator", "the job crashes", |jobs| {
         jobs["docs"].as_array().is_some_and(|d| d.iter().any(|j| j["state"] == "crashing"))
     });

@@ -1273,7 +1273,10 @@ class CouchRegistry:
             self._methods(req, ("GET", "POST"))
             return self._json(200, self._all_docs_rows(req, live, ldb.docs))
         docid = "/".join(rest)
-        if rest[0].startswith("_") and rest[0] not in ("_design", "_local"):
+        # As couch_doc:validate_docid/2: in the shards database the system
+        # databases' names are valid ids (their shard maps).
+        system_map = dbname == "_dbs" and docid in ("_users", "_replicator", "_global_changes")
+        if rest[0].startswith("_") and rest[0] not in ("_design", "_local") and not system_map:
             raise HttpError(400, "bad_request", "Only reserved document ids may start with underscore.")
         if req.method in ("GET", "HEAD"):
             cur = ldb.docs.get(docid)

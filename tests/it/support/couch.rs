@@ -51,15 +51,18 @@ pub(crate) fn couch_log(env: &Env) -> Vec<Value> {
         .collect()
 }
 
-/// A client of one CouchDB cluster through the API double's pod proxy.
+/// A client of one CouchDB cluster through the API double's pod proxy,
+/// logged in on each pod it talks to (a node salts the admin's password
+/// anew at every start, so another node's session cookie may be refused).
 pub(crate) struct Client<'a> {
     double: &'a KubeDouble,
-    cookie: String,
+    login: String,
+    cookies: std::cell::RefCell<std::collections::BTreeMap<String, String>>,
 }
 
 impl<'a> Client<'a> {
-    /// Logs in as the cluster's admin, whose password is in its Secret.
-    pub(crate) fn admin(double: &'a KubeDouble, cluster: &str, pod: &str) -> Client<'a> {
+    /// The cluster's admin, whose password is in its Secret.
+    pub(crate) fn admin(double: &'a KubeDouble, cluster: &str) -> Client<'a> {
         use base64::Engine as _;
         let secret = double.get(&format!(
             "/api/v1/namespaces/{NAMESPACE}/secrets/{cluster}-admin"
@@ -72,27 +75,39 @@ impl<'a> Client<'a> {
             )
             .unwrap()
         };
-        let body = serde_json::json!({"name": field("username"), "password": field("password")});
-        let (code, head, answer) = double.raw(
-            "POST",
-            &proxy(pod, "/_session"),
-            &[],
-            &body.to_string(),
-        );
-        assert_eq!(code, 200, "login: {answer}");
+        let login = serde_json::json!({"name": field("username"), "password": field("password")});
+        Client {
+            double,
+            login: login.to_string(),
+            cookies: Default::default(),
+        }
+    }
+
+    fn cookie(&self, pod: &str) -> String {
+        if let Some(cookie) = self.cookies.borrow().get(pod) {
+            return cookie.clone();
+        }
+        let (code, head, answer) = self.double.raw("POST", &proxy(pod, "/_session"), &[], &self.login);
+        assert_eq!(code, 200, "login on {pod}: {answer}");
         let cookie = head
             .lines()
-            .find_map(|l| l.strip_prefix("Set-Cookie: "))
+            .find_map(|l| l.strip_prefix("Set-Cookie: ").or_else(|| l.strip_prefix("set-cookie: ")))
             .and_then(|c| c.split(';').next())
             .unwrap_or_else(|| panic!("no session cookie in:\n{head}"))
             .to_string();
-        Client { double, cookie }
+        self.cookies.borrow_mut().insert(pod.to_string(), cookie.clone());
+        cookie
     }
 
     pub(crate) fn call(&self, pod: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
-        let (code, _, answer) =
-            self.double
-                .raw(method, &proxy(pod, path), &[("Cookie", &self.cookie)], body);
+        let cookie = self.cookie(pod);
+        let (code, _, answer) = self
+            .double
+            .raw(method, &proxy(pod, path), &[("Cookie", &cookie)], body);
+        if code == 401 {
+            // The node restarted since: its session is gone.
+            self.cookies.borrow_mut().remove(pod);
+        }
         (
             code,
             serde_json::from_str(&answer).unwrap_or(Value::String(answer)),

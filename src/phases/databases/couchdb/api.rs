@@ -3,7 +3,10 @@
 //! kubeconfig's credentials: no port-forward, no ingress, no DNS on the
 //! user's machine. The API server keeps the `Authorization` header for
 //! itself, so CouchDB is logged into with a session cookie (`POST
-//! /_session`), which every node takes as they share `COUCHDB_SECRET`.
+//! /_session`), one per pod: a cookie is signed with `COUCHDB_SECRET` and
+//! the admin's password salt, and each node salts the password from its
+//! environment anew at every start (until `finish_cluster` copies one
+//! node's hash to all), so another node's cookie may be refused.
 //!
 //! Every request has a timeout and ends when the run is stopped; every
 //! failure names the cluster, the pod and the request. Answers that are
@@ -82,8 +85,8 @@ pub struct Api {
     cluster: String,
     namespace: String,
     credentials: Credentials,
-    /// The session cookie (`AuthSession=…`), once logged in.
-    session: tokio::sync::Mutex<Option<String>>,
+    /// The session cookie (`AuthSession=…`) of each pod logged into.
+    sessions: tokio::sync::Mutex<std::collections::BTreeMap<String, String>>,
     requests: AtomicUsize,
 }
 
@@ -99,7 +102,7 @@ impl Api {
             cluster: cluster.to_string(),
             namespace: namespace.to_string(),
             credentials,
-            session: tokio::sync::Mutex::new(None),
+            sessions: tokio::sync::Mutex::new(Default::default()),
             requests: AtomicUsize::new(0),
         }
     }
@@ -248,7 +251,7 @@ impl Api {
         }
     }
 
-    /// Logs in through `pod`; the cookie serves every node.
+    /// Logs in on `pod`.
     async fn log_in(&self, pod: &str, cancel: &Cancel, level: Level) -> Result<String, ApiError> {
         let body = json!({"name": self.credentials.username, "password": self.credentials.password});
         let call = Call {
@@ -272,8 +275,9 @@ impl Api {
         }
     }
 
-    /// A request as the cluster's admin: logged in first when there is no
-    /// session yet, and again once when the session has expired (401).
+    /// A request as the cluster's admin: logged in on the pod first when
+    /// there is no session there yet, and again once when the session
+    /// has expired or the node restarted (401).
     pub async fn call(
         &self,
         pod: &str,
@@ -285,11 +289,12 @@ impl Api {
     ) -> Result<Answer, ApiError> {
         for fresh in [false, true] {
             let cookie = {
-                let mut session = self.session.lock().await;
-                if session.is_none() || fresh {
-                    *session = Some(self.log_in(pod, cancel, level).await?);
+                let mut sessions = self.sessions.lock().await;
+                if fresh || !sessions.contains_key(pod) {
+                    let cookie = self.log_in(pod, cancel, level).await?;
+                    sessions.insert(pod.to_string(), cookie);
                 }
-                session.clone()
+                sessions.get(pod).cloned()
             };
             let call = Call {
                 pod,
