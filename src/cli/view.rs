@@ -137,7 +137,10 @@ pub fn plan(plan: &Plan) -> String {
         let _ = writeln!(out, "Note: {note}");
     }
     if !plan.blocked.is_empty() {
-        let _ = writeln!(out, "Cannot be applied as the stack stands (`up` refuses it):");
+        let _ = writeln!(
+            out,
+            "Cannot be applied as the stack stands (`up` refuses it):"
+        );
         for reason in &plan.blocked {
             let _ = writeln!(out, "  {reason}");
         }
@@ -256,11 +259,19 @@ pub fn status(status: &Status) -> String {
         let _ = writeln!(out, "grafana: {grafana}");
     }
     for db in &status.databases {
-        let _ = writeln!(out, "database {} ({}): membership {}", db.name, db.kind, db.membership);
+        let _ = writeln!(
+            out,
+            "database {} ({}): membership {}",
+            db.name, db.kind, db.membership
+        );
         for endpoint in &db.endpoints {
             let _ = writeln!(out, "  endpoint: {endpoint}");
         }
-        let _ = writeln!(out, "  credentials: Secret {} (username, password)", db.credentials_secret);
+        let _ = writeln!(
+            out,
+            "  credentials: Secret {} (username, password)",
+            db.credentials_secret
+        );
         let _ = writeln!(out, "    {}", db.credentials_command);
         for r in &db.replications {
             match &r.error {

@@ -82,9 +82,11 @@ async fn stage_list(
         }
     }
     let contribution = databases::contribution(stack);
-    let kube = kube::Kube::for_stack(stack, artifacts, contribution).map_err(|source| OpenError::Kube {
-        stack: stack.name.clone(),
-        source: Box::new(source),
+    let kube = kube::Kube::for_stack(stack, artifacts, contribution).map_err(|source| {
+        OpenError::Kube {
+            stack: stack.name.clone(),
+            source: Box::new(source),
+        }
     })?;
     if let Some(kube) = kube {
         phases.push(kube.stage(Stage::Foundation));

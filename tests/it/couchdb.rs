@@ -20,13 +20,25 @@ fn docs_cluster(replicas: u32) -> String {
 fn requests(env: &Env) -> Vec<String> {
     couch_log(env)
         .iter()
-        .map(|r| format!("{} {} {}", r["method"].as_str().unwrap(), r["path"].as_str().unwrap(), r["status"]))
+        .map(|r| {
+            format!(
+                "{} {} {}",
+                r["method"].as_str().unwrap(),
+                r["path"].as_str().unwrap(),
+                r["status"]
+            )
+        })
         .collect()
 }
 
 fn holders(client: &Client, db: &str) -> Vec<String> {
     let map = client.get("docs-0", &format!("/_node/_local/_dbs/{db}"));
-    let mut nodes: Vec<String> = map["by_node"].as_object().unwrap().keys().cloned().collect();
+    let mut nodes: Vec<String> = map["by_node"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     nodes.sort();
     nodes
 }
@@ -34,7 +46,11 @@ fn holders(client: &Client, db: &str) -> Vec<String> {
 fn membership(client: &Client) -> (Vec<String>, Vec<String>) {
     let m = client.get("docs-0", "/_membership");
     let list = |k: &str| -> Vec<String> {
-        m[k].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect()
+        m[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap().to_string())
+            .collect()
     };
     (list("cluster_nodes"), list("all_nodes"))
 }
@@ -47,21 +63,29 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
     let up = env.run(&["up", "--yes"]);
     expect_code(&up, 0);
     let log = requests(&env);
-    let finished: Vec<&String> = log.iter().filter(|l| l.starts_with("POST /_cluster_setup")).collect();
+    let finished: Vec<&String> = log
+        .iter()
+        .filter(|l| l.starts_with("POST /_cluster_setup"))
+        .collect();
     assert_eq!(
         finished.iter().filter(|l| l.ends_with(" 201")).count(),
         1,
         "finish_cluster succeeds once: {finished:?}"
     );
     assert!(
-        finished.iter().all(|l| l.ends_with(" 201") || l.ends_with(" 500")),
+        finished
+            .iter()
+            .all(|l| l.ends_with(" 201") || l.ends_with(" 500")),
         "only retried while a seed is missing: {finished:?}"
     );
     let setup = couch_log(&env)
         .into_iter()
         .find(|r| r["path"] == "/_cluster_setup" && r["status"] == 201)
         .unwrap();
-    assert_eq!(setup["body"], serde_json::json!({"action": "finish_cluster"}));
+    assert_eq!(
+        setup["body"],
+        serde_json::json!({"action": "finish_cluster"})
+    );
     // Every object of the cluster went through a server-side dry run first.
     let api = std::fs::read_to_string(&double.log).unwrap();
     for object in [
@@ -74,7 +98,9 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
         "statefulsets/docs",
     ] {
         assert!(
-            api.lines().any(|l| l.starts_with("PATCH") && l.contains(&format!("/{object}?")) && l.contains("dryRun=All")),
+            api.lines().any(|l| l.starts_with("PATCH")
+                && l.contains(&format!("/{object}?"))
+                && l.contains("dryRun=All")),
             "no dry run of {object}"
         );
     }
@@ -85,7 +111,10 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
     assert_eq!(all_nodes, three);
     let dbs = client.get("docs-1", "/_all_dbs");
     for db in ["_replicator", "_users", "orders"] {
-        assert!(dbs.as_array().unwrap().iter().any(|d| d == db), "{db} in {dbs}");
+        assert!(
+            dbs.as_array().unwrap().iter().any(|d| d == db),
+            "{db} in {dbs}"
+        );
     }
     let replication = client.get("docs-0", "/_replicator/stack-couch-docs-archive");
     assert_eq!(replication["continuous"], true);
@@ -95,7 +124,12 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
 
     // Documents a client writes, all to be readable after every scaling.
     for i in 0..40 {
-        let (code, body) = client.call("docs-0", "PUT", &format!("/orders/order-{i}"), &format!("{{\"n\": {i}}}"));
+        let (code, body) = client.call(
+            "docs-0",
+            "PUT",
+            &format!("/orders/order-{i}"),
+            &format!("{{\"n\": {i}}}"),
+        );
         assert_eq!(code, 201, "{body}");
     }
     let readable = |client: &Client, pod: &str| {
@@ -111,7 +145,10 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
     expect_code(&plan, 0);
     let shown = text(&plan.stdout);
     assert!(shown.contains("couchdb.docs.placement"), "{shown}");
-    assert!(shown.contains("new members get shard copies once they joined"), "{shown}");
+    assert!(
+        shown.contains("new members get shard copies once they joined"),
+        "{shown}"
+    );
     let up = env.run(&["up", "--yes"]);
     expect_code(&up, 0);
     let (cluster_nodes, _) = membership(&client);
@@ -126,6 +163,19 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
     readable(&client, "docs-4");
     let plan = env.run(&["plan", "--detailed-exitcode"]);
     expect_code(&plan, 0);
+    // A database a client makes with one copy per range: some ranges live
+    // only on members that are about to leave.
+    let (code, body) = client.call("docs-0", "PUT", "/ledger?q=8&n=1", "");
+    assert_eq!(code, 201, "{body}");
+    let ledger = holders(&client, "ledger");
+    assert!(
+        ledger.contains(&node("docs", 3)) && ledger.contains(&node("docs", 4)),
+        "{ledger:?}"
+    );
+    for i in 0..40 {
+        let (code, body) = client.call("docs-1", "PUT", &format!("/ledger/entry-{i}"), "{}");
+        assert_eq!(code, 201, "{body}");
+    }
 
     // 5 → 3: copies move off the departing members before the StatefulSet shrinks.
     write_stack(&env, "couch", &docs_cluster(3));
@@ -138,32 +188,69 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
             .position(|l| l.contains(needle))
             .unwrap_or_else(|| panic!("{needle} not in:\n{shown}"))
     };
-    assert!(at("couchdb.docs.placement") < at("StatefulSet/docs"), "{shown}");
-    assert!(at("StatefulSet/docs") < at("couchdb.docs.membership"), "{shown}");
+    assert!(
+        at("couchdb.docs.placement") < at("StatefulSet/docs"),
+        "{shown}"
+    );
+    assert!(
+        at("StatefulSet/docs") < at("couchdb.docs.membership"),
+        "{shown}"
+    );
     let before = requests(&env).len();
     let up = env.run(&["up", "--yes"]);
     expect_code(&up, 0);
+    readable(&client, "docs-0");
+    readable(&client, "docs-2");
+    for i in 0..40 {
+        let (code, body) = client.call("docs-2", "GET", &format!("/ledger/entry-{i}"), "");
+        assert_eq!(code, 200, "entry-{i} of ledger after scaling down: {body}");
+    }
     let moved: Vec<String> = requests(&env)[before..]
         .iter()
         .filter(|l| l.contains("_dbs/") || l.contains("_sync_shards") || l.contains("_system"))
         .cloned()
         .collect();
-    let first = |needle: &str| moved.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {moved:?}"));
+    let first = |needle: &str| {
+        moved
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle}: {moved:?}"))
+    };
     let last = |needle: &str| moved.iter().rposition(|l| l.contains(needle)).unwrap();
     // The documented procedure: add the new copies, sync, wait for internal
     // replication, then drop the old copies.
-    assert!(first("PUT /_node/_local/_dbs/") < first("_sync_shards"), "{moved:?}");
-    assert!(first("_sync_shards") < first("GET /_node/_local/_system"), "{moved:?}");
-    assert!(last("GET /_node/_local/_system") < last("PUT /_node/_local/_dbs/"), "{moved:?}");
+    assert!(
+        first("PUT /_node/_local/_dbs/") < first("_sync_shards"),
+        "{moved:?}"
+    );
+    assert!(
+        first("_sync_shards") < first("GET /_node/_local/_system"),
+        "{moved:?}"
+    );
+    assert!(
+        last("GET /_node/_local/_system") < last("PUT /_node/_local/_dbs/"),
+        "{moved:?}"
+    );
     let (cluster_nodes, all_nodes) = membership(&client);
-    assert_eq!(cluster_nodes, three, "departed members are gone from cluster_nodes");
+    assert_eq!(
+        cluster_nodes, three,
+        "departed members are gone from cluster_nodes"
+    );
     assert_eq!(all_nodes, three);
-    for db in ["orders", "_users", "_replicator", "orders-archive"] {
+    for db in [
+        "orders",
+        "_users",
+        "_replicator",
+        "orders-archive",
+        "ledger",
+    ] {
         let map = client.get("docs-0", &format!("/_node/_local/_dbs/{db}"));
         let text = map["by_range"].to_string() + &map["by_node"].to_string();
-        assert!(!text.contains("docs-3") && !text.contains("docs-4"), "{db}: {map}");
+        assert!(
+            !text.contains("docs-3") && !text.contains("docs-4"),
+            "{db}: {map}"
+        );
     }
-    readable(&client, "docs-0");
     let plan = env.run(&["plan", "--detailed-exitcode"]);
     expect_code(&plan, 0);
 
@@ -173,14 +260,20 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
     let (code, body) = client.call(
         "docs-0",
         "DELETE",
-        &format!("/_node/_local/_nodes/{gone}?rev={}", doc["_rev"].as_str().unwrap()),
+        &format!(
+            "/_node/_local/_nodes/{gone}?rev={}",
+            doc["_rev"].as_str().unwrap()
+        ),
         "",
     );
     assert_eq!(code, 200, "{body}");
     let plan = env.run(&["plan", "--detailed-exitcode"]);
     expect_code(&plan, 2);
     let shown = text(&plan.stdout);
-    assert!(shown.contains("docs-2 run but are not in cluster_nodes"), "{shown}");
+    assert!(
+        shown.contains("docs-2 run but are not in cluster_nodes"),
+        "{shown}"
+    );
     expect_code(&env.run(&["up", "--yes"]), 0);
     let (cluster_nodes, _) = membership(&client);
     assert_eq!(cluster_nodes, three);
@@ -190,8 +283,14 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
     let status = env.run(&["status"]);
     expect_code(&status, 0);
     let shown = text(&status.stdout);
-    assert!(shown.contains("database docs (couchdb): membership 3 of 3"), "{shown}");
-    assert!(shown.contains(&format!("Secret {NAMESPACE}/docs-admin")), "{shown}");
+    assert!(
+        shown.contains("database docs (couchdb): membership 3 of 3"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("Secret {NAMESPACE}/docs-admin")),
+        "{shown}"
+    );
     assert!(shown.contains("replication archive: running"), "{shown}");
     let json = env.run(&["status", "--output", "json"]);
     let status: Value = serde_json::from_slice(&json.stdout).unwrap();
@@ -199,7 +298,11 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
 
     // Down leaves nothing.
     expect_code(&env.run(&["down", "--yes"]), 0);
-    assert!(double.labelled("couch").is_empty(), "{:?}", double.labelled("couch"));
+    assert!(
+        double.labelled("couch").is_empty(),
+        "{:?}",
+        double.labelled("couch")
+    );
     let pods = double.get(&format!("/api/v1/namespaces/{NAMESPACE}/pods"));
     assert!(pods["items"].as_array().unwrap().is_empty(), "{pods}");
 }
@@ -210,8 +313,18 @@ fn a_crashing_replication_is_drift_and_no_generated_secret_is_ever_shown() {
     let (env, double) = couch_env("crash", databases);
     // The user's Secret for the target, made as kubectl would.
     let offsite = r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"offsite","namespace":"couch"},"stringData":{"username":"remote","password":"user-given-pass-4711"}}"#;
-    double.request("POST", "/api/v1/namespaces", "application/json", r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"couch"}}"#);
-    let (code, body) = double.request("POST", "/api/v1/namespaces/couch/secrets", "application/json", offsite);
+    double.request(
+        "POST",
+        "/api/v1/namespaces",
+        "application/json",
+        r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"couch"}}"#,
+    );
+    let (code, body) = double.request(
+        "POST",
+        "/api/v1/namespaces/couch/secrets",
+        "application/json",
+        offsite,
+    );
     assert_eq!(code, 201, "{body}");
 
     let mut shown = String::new();
@@ -224,9 +337,16 @@ fn a_crashing_replication_is_drift_and_no_generated_secret_is_ever_shown() {
 
     // The job cannot reach its target: crashing, which the plan shows as drift.
     let client = Client::admin(&double, "solo");
-    client.wait_for("solo-0", "/_scheduler/docs/_replicator", "the job crashes", |jobs| {
-        jobs["docs"].as_array().is_some_and(|d| d.iter().any(|j| j["state"] == "crashing"))
-    });
+    client.wait_for(
+        "solo-0",
+        "/_scheduler/docs/_replicator",
+        "the job crashes",
+        |jobs| {
+            jobs["docs"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|j| j["state"] == "crashing"))
+        },
+    );
     let plan = env.run(&["plan", "--detailed-exitcode", "-v"]);
     expect_code(&plan, 2);
     let out = text(&plan.stdout);
@@ -238,7 +358,10 @@ fn a_crashing_replication_is_drift_and_no_generated_secret_is_ever_shown() {
     let status = env.run(&["status", "--output", "json"]);
     shown += &text(&status.stdout);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(status["databases"][0]["replications"][0]["state"], "crashing");
+    assert_eq!(
+        status["databases"][0]["replications"][0]["state"],
+        "crashing"
+    );
 
     // Every generated secret, and the user's password, as the state keeps them.
     let state = env.state("crash");
@@ -257,12 +380,20 @@ fn a_crashing_replication_is_drift_and_no_generated_secret_is_ever_shown() {
     use base64::Engine as _;
     for secret in &secrets {
         assert!(secret.len() >= 16);
-        assert!(!shown.contains(secret.as_str()), "a secret was shown:\n{shown}");
+        assert!(
+            !shown.contains(secret.as_str()),
+            "a secret was shown:\n{shown}"
+        );
         let encoded = base64::engine::general_purpose::STANDARD.encode(secret);
-        assert!(!shown.contains(&encoded), "a secret was shown in base64:\n{shown}");
+        assert!(
+            !shown.contains(&encoded),
+            "a secret was shown in base64:\n{shown}"
+        );
     }
     // The cluster's Secret holds the same password the state does.
-    let admin = double.get(&format!("/api/v1/namespaces/{NAMESPACE}/secrets/solo-admin"));
+    let admin = double.get(&format!(
+        "/api/v1/namespaces/{NAMESPACE}/secrets/solo-admin"
+    ));
     assert_eq!(
         admin["data"]["password"],
         base64::engine::general_purpose::STANDARD.encode(&secrets[0])

@@ -21,8 +21,8 @@ use serde_json::{json, Value};
 
 use crate::engine::{
     Action, Change, ChangeInput, DatabaseStatus, FieldChange, FieldPath, Mode, Observed, Phase,
-    PhaseError, PlanInput, PlanPart, Prepared, ReplicationStatus, Resource, StageInput,
-    StatusPart, StepRef,
+    PhaseError, PlanInput, PlanPart, Prepared, ReplicationStatus, Resource, StageInput, StatusPart,
+    StepRef,
 };
 use crate::future::BoxFuture;
 use crate::model::{DatabaseKind, Stack};
@@ -110,12 +110,18 @@ async fn credentials(
         if let Some(cluster) = cluster {
             let secret = kinds::find("v1", "Secret").expect("Secret is a known kind");
             let config = kinds::find("v1", "ConfigMap").expect("ConfigMap is a known kind");
-            let admin = cluster.get(secret, namespace, &names.admin_secret()).await?;
-            let internal = cluster.get(secret, namespace, &names.internal_secret()).await?;
+            let admin = cluster
+                .get(secret, namespace, &names.admin_secret())
+                .await?;
+            let internal = cluster
+                .get(secret, namespace, &names.internal_secret())
+                .await?;
             let ini = cluster.get(config, namespace, &names.config_map()).await?;
-            if let (Some(admin), Some(internal), Some(uuid)) =
-                (admin, internal, ini.as_ref().and_then(couchdb::objects::uuid_of))
-            {
+            if let (Some(admin), Some(internal), Some(uuid)) = (
+                admin,
+                internal,
+                ini.as_ref().and_then(couchdb::objects::uuid_of),
+            ) {
                 found = Credentials::from_cluster(&admin, &internal, uuid);
             }
         }
@@ -137,7 +143,14 @@ fn clusters(stack: &Stack) -> Vec<Couchdb> {
         .databases
         .iter()
         .filter(|d| d.kind == DatabaseKind::Couchdb)
-        .map(|d| Couchdb::new(d, &kubernetes.namespace, &stack.name, stack.timeouts.healthy))
+        .map(|d| {
+            Couchdb::new(
+                d,
+                &kubernetes.namespace,
+                &stack.name,
+                stack.timeouts.healthy,
+            )
+        })
         .collect()
 }
 
@@ -346,12 +359,11 @@ impl Databases {
         };
         let mut plans = Vec::new();
         for couch in &self.clusters {
-            let credentials = every
-                .get(&couch.db.name)
-                .cloned()
-                .ok_or_else(|| DatabasesError::NoCredentials {
+            let credentials = every.get(&couch.db.name).cloned().ok_or_else(|| {
+                DatabasesError::NoCredentials {
                     cluster: couch.db.name.clone(),
-                })?;
+                }
+            })?;
             let live = if planned.read {
                 let api = self.api(couch, &credentials).await?;
                 let cluster = self.kube.client().await?;
@@ -432,9 +444,12 @@ impl Databases {
         };
         let declared = own_records.only(|r| !operations.contains(&r.address));
         let mut part = crate::engine::plan::diff(&resources, &declared, &observed);
-        part.forget.extend(operations.iter().filter(|a| {
-            !finished(a) && !before.iter().chain(&after).any(|c| c.address == **a)
-        }).cloned());
+        part.forget.extend(
+            operations
+                .iter()
+                .filter(|a| !finished(a) && !before.iter().chain(&after).any(|c| c.address == **a))
+                .cloned(),
+        );
         // A database left out of the stack keeps its documents: forgotten, not deleted.
         let (kept, changes): (Vec<Change>, Vec<Change>) = part
             .changes
@@ -460,16 +475,20 @@ impl Databases {
                     change.reason = "generated for the cluster (admin password, Erlang cookie, COUCHDB_SECRET): kept in the state and in its Secrets".into();
                 }
                 (DATABASE, Action::Create) if change.before.is_some() => {
-                    change.reason = "declared in the stack and missing from the cluster: made again".into();
+                    change.reason =
+                        "declared in the stack and missing from the cluster: made again".into();
                 }
                 (DATABASE, Action::Create) => {
-                    change.reason = "declared in the stack: made with its q, n and partitioned".into();
+                    change.reason =
+                        "declared in the stack: made with its q, n and partitioned".into();
                 }
                 (REPLICATION, Action::Create) if change.before.is_some() => {
                     change.reason = "its _replicator document is missing: written again".into();
                 }
                 (REPLICATION, Action::Create) => {
-                    change.reason = "new in the stack: one _replicator document, continuous, create_target".into();
+                    change.reason =
+                        "new in the stack: one _replicator document, continuous, create_target"
+                            .into();
                 }
                 (REPLICATION, Action::Delete) => {
                     change.reason = "no longer in the stack: its _replicator document is deleted (the job stops)".into();
@@ -663,11 +682,14 @@ impl Databases {
                         assume(records, &address, &mut plan.observed);
                     }
                     let Some(live) = answering else { continue };
-                    let Some(found) = live.replicator.get(id) else { continue };
-                    let kept: serde_json::Map<String, Value> = ["source", "target", "continuous", "create_target"]
-                        .iter()
-                        .filter_map(|k| found.get(*k).map(|v| (k.to_string(), v.clone())))
-                        .collect();
+                    let Some(found) = live.replicator.get(id) else {
+                        continue;
+                    };
+                    let kept: serde_json::Map<String, Value> =
+                        ["source", "target", "continuous", "create_target"]
+                            .iter()
+                            .filter_map(|k| found.get(*k).map(|v| (k.to_string(), v.clone())))
+                            .collect();
                     plan.observed.push(Observed {
                         address: address.clone(),
                         kind: REPLICATION.into(),
@@ -695,7 +717,12 @@ impl Databases {
                         change.before = records.get(&address).map(|r| r.attrs.clone());
                         change.observed = Some(doc.clone());
                         change.after = Some(doc.clone());
-                        change.fields.push(field("state", Some(json!(state)), Some(json!("running")), true));
+                        change.fields.push(field(
+                            "state",
+                            Some(json!(state)),
+                            Some(json!("running")),
+                            true,
+                        ));
                         plan.after.push(change);
                     }
                 }
@@ -705,7 +732,9 @@ impl Databases {
                         if docs.contains_key(id) {
                             continue;
                         }
-                        let rname = id.trim_start_matches(&couch.replication_prefix()).to_string();
+                        let rname = id
+                            .trim_start_matches(&couch.replication_prefix())
+                            .to_string();
                         plan.observed.push(Observed {
                             address: format!("couchdb.{name}.replication[{rname}]"),
                             kind: REPLICATION.into(),
@@ -769,7 +798,12 @@ impl Databases {
             .cluster_nodes
             .iter()
             .filter(|n| !wanted.contains(n))
-            .any(|n| couch.names.pod_of(n).is_none_or(|pod| !live.members.iter().any(|m| m.pod == pod)));
+            .any(|n| {
+                couch
+                    .names
+                    .pod_of(n)
+                    .is_none_or(|pod| !live.members.iter().any(|m| m.pod == pod))
+            });
         let drift = !out_of_band.is_empty() || ghosts;
         let mut change = operation(
             &record_address(&couch.db.name, "membership"),
@@ -801,7 +835,11 @@ impl Databases {
             return;
         }
         let (add, drop) = couchdb::placement::moves(&current, &placed.layout);
-        let departing: Vec<&String> = live.cluster_nodes.iter().filter(|n| !wanted.contains(n)).collect();
+        let departing: Vec<&String> = live
+            .cluster_nodes
+            .iter()
+            .filter(|n| !wanted.contains(n))
+            .collect();
         let all_connected = wanted.iter().all(|n| live.all_nodes.contains(n));
         let short_layout = |layout: &couchdb::placement::Layout| -> Value {
             json!(layout
@@ -811,7 +849,10 @@ impl Databases {
                         db.clone(),
                         json!(ranges
                             .iter()
-                            .map(|(r, nodes)| (r.clone(), json!(nodes.iter().map(|n| couch.short(n)).collect::<Vec<_>>())))
+                            .map(|(r, nodes)| (
+                                r.clone(),
+                                json!(nodes.iter().map(|n| couch.short(n)).collect::<Vec<_>>())
+                            ))
                             .collect::<serde_json::Map<_, _>>()),
                     )
                 })
@@ -848,7 +889,10 @@ impl Databases {
                     change.fields.push(field(
                         &format!("{db}.{range}"),
                         had.map(|h| json!(h.iter().map(|n| couch.short(n)).collect::<Vec<_>>())),
-                        Some(json!(nodes.iter().map(|n| couch.short(n)).collect::<Vec<_>>())),
+                        Some(json!(nodes
+                            .iter()
+                            .map(|n| couch.short(n))
+                            .collect::<Vec<_>>())),
                         false,
                     ));
                 }
@@ -863,7 +907,11 @@ impl Databases {
         }
     }
 
-    async fn apply(&self, change: &Change, input: ChangeInput<'_>) -> Result<Option<Record>, DatabasesError> {
+    async fn apply(
+        &self,
+        change: &Change,
+        input: ChangeInput<'_>,
+    ) -> Result<Option<Record>, DatabasesError> {
         if change.kind.starts_with(kinds::CHANGE_KIND_PREFIX) {
             return self
                 .objects
@@ -874,7 +922,11 @@ impl Databases {
         let couch = self
             .clusters
             .iter()
-            .find(|c| change.address.starts_with(&format!("couchdb.{}.", c.db.name)))
+            .find(|c| {
+                change
+                    .address
+                    .starts_with(&format!("couchdb.{}.", c.db.name))
+            })
             .ok_or_else(|| DatabasesError::Unknown(change.address.clone()))?;
         let record = |id: &str| Record {
             address: change.address.clone(),
@@ -915,7 +967,10 @@ impl Databases {
                 couch.move_shards(cluster, &api, cancel, &target).await?;
             }
             (DATABASE, Action::Create | Action::Update | Action::Replace) => {
-                let id = change.id.clone().unwrap_or_else(|| database_of(&change.address));
+                let id = change
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| database_of(&change.address));
                 couch.create_database(cluster, &api, cancel, &id).await?;
                 return Ok(Some(record(&id)));
             }
@@ -927,19 +982,26 @@ impl Databases {
                 let name = database_of(&change.address);
                 let id = couchdb::replication_id(&self.stack.name, &couch.db.name, &name);
                 let mut doc = change.after.clone().unwrap_or_default();
-                if let Some(secret) = doc["target"]["auth"]["fromSecret"].as_str().map(str::to_string) {
+                if let Some(secret) = doc["target"]["auth"]["fromSecret"]
+                    .as_str()
+                    .map(str::to_string)
+                {
                     let secrets = self.user_secrets().await?;
-                    let (user, password) = secrets.get(&secret).ok_or_else(|| {
-                        DatabasesError::MissingSecret {
-                            cluster: couch.db.name.clone(),
-                            replication: name.clone(),
-                            secret: secret.clone(),
-                            namespace: couch.names.namespace.clone(),
-                        }
-                    })?;
-                    doc["target"]["auth"] = json!({"basic": {"username": user, "password": password}});
+                    let (user, password) =
+                        secrets
+                            .get(&secret)
+                            .ok_or_else(|| DatabasesError::MissingSecret {
+                                cluster: couch.db.name.clone(),
+                                replication: name.clone(),
+                                secret: secret.clone(),
+                                namespace: couch.names.namespace.clone(),
+                            })?;
+                    doc["target"]["auth"] =
+                        json!({"basic": {"username": user, "password": password}});
                 }
-                couch.put_replication(cluster, &api, cancel, &id, &doc).await?;
+                couch
+                    .put_replication(cluster, &api, cancel, &id, &doc)
+                    .await?;
                 let mut applied = record(&id);
                 applied.attrs = doc;
                 return Ok(Some(applied));
@@ -1014,7 +1076,11 @@ impl Databases {
                 let api = self.api(couch, &credentials).await?;
                 let cluster = self.kube.client().await?;
                 let cancel = crate::engine::Cancel::new();
-                Ok::<Live, DatabasesError>(couch.read(cluster, &api, &cancel, crate::engine::Level::Soon).await?)
+                Ok::<Live, DatabasesError>(
+                    couch
+                        .read(cluster, &api, &cancel, crate::engine::Level::Soon)
+                        .await?,
+                )
             };
             match read.await {
                 Err(err) => status.problems.push(crate::error_chain::error_chain(&err)),
@@ -1034,9 +1100,13 @@ impl Databases {
                             state: match (live.replicator.contains_key(&id), job) {
                                 (false, _) => "no document".into(),
                                 (true, None) => "unknown".into(),
-                                (true, Some(job)) => job["state"].as_str().unwrap_or("unknown").to_string(),
+                                (true, Some(job)) => {
+                                    job["state"].as_str().unwrap_or("unknown").to_string()
+                                }
                             },
-                            error: job.and_then(|j| j["info"]["error"].as_str()).map(str::to_string),
+                            error: job
+                                .and_then(|j| j["info"]["error"].as_str())
+                                .map(str::to_string),
                         });
                     }
                 }
@@ -1048,7 +1118,11 @@ impl Databases {
 }
 
 fn list(items: &[&String]) -> String {
-    items.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `couchdb.C.database[NAME]` → `NAME`.

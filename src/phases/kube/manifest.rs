@@ -344,7 +344,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         "dashboard",
         include_str!("../../../manifests/dashboard.yaml.hbs"),
     ),
-    ("couchdb", include_str!("../../../manifests/couchdb.yaml.hbs")),
+    (
+        "couchdb",
+        include_str!("../../../manifests/couchdb.yaml.hbs"),
+    ),
     (
         "dashboard-json",
         include_str!("../../../manifests/dashboard.json.hbs"),
@@ -705,22 +708,24 @@ pub fn render(
     if let Some(monitoring) = &stack.monitoring {
         for (db, (name, service)) in stack.databases.iter().zip(&databases) {
             if monitoring.service_monitors {
-                objects.push(renderer.object(
-                    "service-monitor",
-                    &ServiceMonitorArgs {
-                        name,
-                        namespace: ns,
-                        selector: json!(service
-                            .monitor_selector
-                            .as_ref()
-                            .unwrap_or(&service.selector))
-                        .to_string(),
-                        port: service.metrics_port,
-                        path: service.metrics_path,
-                        basic_auth_secret: service.metrics_auth.as_deref(),
-                    },
-                    Stage::Monitoring,
-                )?);
+                objects.push(
+                    renderer.object(
+                        "service-monitor",
+                        &ServiceMonitorArgs {
+                            name,
+                            namespace: ns,
+                            selector: json!(service
+                                .monitor_selector
+                                .as_ref()
+                                .unwrap_or(&service.selector))
+                            .to_string(),
+                            port: service.metrics_port,
+                            path: service.metrics_path,
+                            basic_auth_secret: service.metrics_auth.as_deref(),
+                        },
+                        Stage::Monitoring,
+                    )?,
+                );
             }
             if monitoring.dashboards {
                 objects.push(dashboard(&renderer, stack, db, service)?);

@@ -24,8 +24,10 @@ pub(crate) fn couch_env(name: &str, databases: &str) -> (Env, KubeDouble) {
             "--couchdb",
             "--couchdb-settle-seconds",
             "2",
+            // Long enough (a quarter of it after `_sync_shards`) that copies
+            // dropped without waiting for internal replication lose documents.
             "--couchdb-fill-seconds",
-            "1",
+            "4",
             "--couchdb-log",
             &env.path().join("couchdb.log").display().to_string(),
         ],
@@ -87,23 +89,30 @@ impl<'a> Client<'a> {
         if let Some(cookie) = self.cookies.borrow().get(pod) {
             return cookie.clone();
         }
-        let (code, head, answer) = self.double.raw("POST", &proxy(pod, "/_session"), &[], &self.login);
+        let (code, head, answer) =
+            self.double
+                .raw("POST", &proxy(pod, "/_session"), &[], &self.login);
         assert_eq!(code, 200, "login on {pod}: {answer}");
         let cookie = head
             .lines()
-            .find_map(|l| l.strip_prefix("Set-Cookie: ").or_else(|| l.strip_prefix("set-cookie: ")))
+            .find_map(|l| {
+                l.strip_prefix("Set-Cookie: ")
+                    .or_else(|| l.strip_prefix("set-cookie: "))
+            })
             .and_then(|c| c.split(';').next())
             .unwrap_or_else(|| panic!("no session cookie in:\n{head}"))
             .to_string();
-        self.cookies.borrow_mut().insert(pod.to_string(), cookie.clone());
+        self.cookies
+            .borrow_mut()
+            .insert(pod.to_string(), cookie.clone());
         cookie
     }
 
     pub(crate) fn call(&self, pod: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
         let cookie = self.cookie(pod);
-        let (code, _, answer) = self
-            .double
-            .raw(method, &proxy(pod, path), &[("Cookie", &cookie)], body);
+        let (code, _, answer) =
+            self.double
+                .raw(method, &proxy(pod, path), &[("Cookie", &cookie)], body);
         if code == 401 {
             // The node restarted since: its session is gone.
             self.cookies.borrow_mut().remove(pod);
@@ -121,14 +130,23 @@ impl<'a> Client<'a> {
     }
 
     /// Waits until `done` holds for what GET `path` on `pod` answers.
-    pub(crate) fn wait_for(&self, pod: &str, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait_for(
+        &self,
+        pod: &str,
+        path: &str,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let (code, body) = self.call(pod, "GET", path, "");
             if code == 200 && done(&body) {
                 return body;
             }
-            assert!(Instant::now() < deadline, "{what}: GET {path} answered {code} {body}");
+            assert!(
+                Instant::now() < deadline,
+                "{what}: GET {path} answered {code} {body}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }

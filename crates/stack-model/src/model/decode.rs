@@ -962,7 +962,12 @@ impl Decoder<'_> {
     fn replication(&mut self, node: &Node, path: &str) -> Option<ReplicationFile> {
         let f = self.mapping(node, path, &["name", "source", "target"])?;
         let name = self
-            .required(&f, path, "name", "the replication's name, unique in the cluster")
+            .required(
+                &f,
+                path,
+                "name",
+                "the replication's name, unique in the cluster",
+            )
             .and_then(|n| self.dns_label(n, &join(path, "name"), 63));
         let source = self
             .required(&f, path, "source", "a database of this cluster")

@@ -484,7 +484,10 @@ fn couchdb(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
         unique(
             diags,
             &format!("{path}.replications"),
-            replications.value.iter().map(|r| (&r.name.value, r.name.pos)),
+            replications
+                .value
+                .iter()
+                .map(|r| (&r.name.value, r.name.pos)),
             "name",
             "replication name in the cluster",
         );

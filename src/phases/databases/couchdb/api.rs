@@ -253,7 +253,8 @@ impl Api {
 
     /// Logs in on `pod`.
     async fn log_in(&self, pod: &str, cancel: &Cancel, level: Level) -> Result<String, ApiError> {
-        let body = json!({"name": self.credentials.username, "password": self.credentials.password});
+        let body =
+            json!({"name": self.credentials.username, "password": self.credentials.password});
         let call = Call {
             pod,
             method: &http::Method::POST,

@@ -223,7 +223,14 @@ impl Couchdb {
         };
         for member in live.members.iter_mut().filter(|m| m.ready) {
             match api
-                .call(&member.pod, Method::GET, "/_node/_local", None, cancel, level)
+                .call(
+                    &member.pod,
+                    Method::GET,
+                    "/_node/_local",
+                    None,
+                    cancel,
+                    level,
+                )
                 .await
             {
                 Ok(answer) if answer.ok() => {
@@ -333,13 +340,19 @@ impl Couchdb {
                     node: Some(node), ..
                 }) => {
                     if *node != self.names.node(ordinal) {
-                        problems.push(format!("pod {pod} runs node {node}, not {}", self.names.node(ordinal)));
+                        problems.push(format!(
+                            "pod {pod} runs node {node}, not {}",
+                            self.names.node(ordinal)
+                        ));
                     }
                     if live.answering() && !live.cluster_nodes.contains(node) {
                         problems.push(format!("{} is not in cluster_nodes", self.short(node)));
                     }
                     if live.answering() && !live.all_nodes.contains(node) {
-                        problems.push(format!("{} is not connected (not in all_nodes)", self.short(node)));
+                        problems.push(format!(
+                            "{} is not connected (not in all_nodes)",
+                            self.short(node)
+                        ));
                     }
                 }
             }
@@ -395,7 +408,8 @@ impl Couchdb {
         secrets: &BTreeMap<String, (String, String)>,
     ) -> Result<BTreeMap<String, (String, Value)>, String> {
         let settings = self.db.couchdb.as_ref();
-        let auth = |user: &str, password: &str| json!({"basic": {"username": user, "password": password}});
+        let auth =
+            |user: &str, password: &str| json!({"basic": {"username": user, "password": password}});
         let mut docs = BTreeMap::new();
         for r in settings.into_iter().flat_map(|s| &s.replications) {
             let source = json!({
@@ -405,7 +419,10 @@ impl Couchdb {
             let target = match &r.target {
                 ReplicationTarget::Cluster { cluster, database } => {
                     let theirs = credentials.get(cluster).ok_or_else(|| {
-                        format!("replication {}: cluster {cluster} has no credentials yet", r.name)
+                        format!(
+                            "replication {}: cluster {cluster} has no credentials yet",
+                            r.name
+                        )
                     })?;
                     json!({
                         "url": Names::new(cluster, &self.names.namespace).service_url(database),
@@ -503,7 +520,12 @@ impl Couchdb {
     /// Formation: once every member's pod is ready, `finish_cluster`,
     /// tried again while it answers 500 (a seed not connected yet); a
     /// cluster already finished (400) only gets the system databases it lacks.
-    pub async fn form(&self, cluster: &Cluster, api: &Api, cancel: &Cancel) -> Result<(), CouchError> {
+    pub async fn form(
+        &self,
+        cluster: &Cluster,
+        api: &Api,
+        cancel: &Cancel,
+    ) -> Result<(), CouchError> {
         let replicas = self.db.replicas;
         let live = self
             .wait(cluster, api, cancel, "every member answers", |live| {
@@ -522,7 +544,14 @@ impl Couchdb {
         let body = json!({"action": "finish_cluster"});
         loop {
             let answer = api
-                .call(&pod, Method::POST, "/_cluster_setup", Some(&body), cancel, Level::Now)
+                .call(
+                    &pod,
+                    Method::POST,
+                    "/_cluster_setup",
+                    Some(&body),
+                    cancel,
+                    Level::Now,
+                )
                 .await?;
             match answer.status {
                 200..=299 => break,
@@ -548,7 +577,14 @@ impl Couchdb {
         let pod = self.pick(cluster).await?;
         for db in SYSTEM_DATABASES {
             let answer = api
-                .call(&pod, Method::PUT, &format!("/{db}"), None, cancel, Level::Now)
+                .call(
+                    &pod,
+                    Method::PUT,
+                    &format!("/{db}"),
+                    None,
+                    cancel,
+                    Level::Now,
+                )
                 .await?;
             if !answer.ok() && answer.status != 412 {
                 return Err(api.refused(&pod, "PUT", &format!("/{db}"), &answer).into());
@@ -581,7 +617,14 @@ impl Couchdb {
         for node in wanted.iter().filter(|n| !live.cluster_nodes.contains(n)) {
             let path = format!("/_node/_local/_nodes/{node}");
             let answer = api
-                .call(&pod, Method::PUT, &path, Some(&json!({})), cancel, Level::Now)
+                .call(
+                    &pod,
+                    Method::PUT,
+                    &path,
+                    Some(&json!({})),
+                    cancel,
+                    Level::Now,
+                )
                 .await?;
             if !answer.ok() && answer.status != 409 {
                 return Err(api.refused(&pod, "PUT", &path, &answer).into());
@@ -589,7 +632,9 @@ impl Couchdb {
         }
         for node in live.cluster_nodes.iter().filter(|n| !wanted.contains(n)) {
             let path = format!("/_node/_local/_nodes/{node}");
-            let doc = api.call(&pod, Method::GET, &path, None, cancel, Level::Now).await?;
+            let doc = api
+                .call(&pod, Method::GET, &path, None, cancel, Level::Now)
+                .await?;
             if doc.status == 404 {
                 continue;
             }
@@ -622,12 +667,18 @@ impl Couchdb {
             .flat_map(|r| r.values().flatten().cloned())
             .collect();
         let live = self
-            .wait(cluster, api, cancel, "every new holder is connected", |live| {
-                holders
-                    .iter()
-                    .find(|n| !live.all_nodes.contains(n))
-                    .map(|n| format!("{} is not connected", self.short(n)))
-            })
+            .wait(
+                cluster,
+                api,
+                cancel,
+                "every new holder is connected",
+                |live| {
+                    holders
+                        .iter()
+                        .find(|n| !live.all_nodes.contains(n))
+                        .map(|n| format!("{} is not connected", self.short(n)))
+                },
+            )
             .await?;
         let pod = live.answered_by.clone().expect("a member answered");
         let (add, drop) = placement::moves(&live.layout(), target);
@@ -637,7 +688,9 @@ impl Couchdb {
         }
         for db in &touched {
             let path = format!("/{}/_sync_shards", encode_database(db));
-            let answer = api.call(&pod, Method::POST, &path, None, cancel, Level::Now).await?;
+            let answer = api
+                .call(&pod, Method::POST, &path, None, cancel, Level::Now)
+                .await?;
             if !answer.ok() {
                 return Err(api.refused(&pod, "POST", &path, &answer).into());
             }
@@ -647,7 +700,8 @@ impl Couchdb {
         }
         let dropped: BTreeSet<&String> = drop.iter().map(|(db, _, _)| db).collect();
         for db in dropped {
-            self.edit_map(api, &pod, cancel, db, &drop, "remove").await?;
+            self.edit_map(api, &pod, cancel, db, &drop, "remove")
+                .await?;
         }
         Ok(())
     }
@@ -664,7 +718,9 @@ impl Couchdb {
         op: &str,
     ) -> Result<(), CouchError> {
         let path = format!("/_node/_local/_dbs/{}", encode_database(db));
-        let mut map = api.expect(pod, Method::GET, &path, None, cancel, Level::Now).await?;
+        let mut map = api
+            .expect(pod, Method::GET, &path, None, cancel, Level::Now)
+            .await?;
         for (_, range, node) in moves.iter().filter(|(d, _, _)| d == db) {
             let by_range = map["by_range"][range.as_str()]
                 .as_array_mut()
@@ -703,7 +759,9 @@ impl Couchdb {
                 .expect("an array")
                 .push(json!([op, range, node]));
         }
-        let answer = api.call(pod, Method::PUT, &path, Some(&map), cancel, Level::Now).await?;
+        let answer = api
+            .call(pod, Method::PUT, &path, Some(&map), cancel, Level::Now)
+            .await?;
         if answer.ok() {
             Ok(())
         } else {
@@ -718,11 +776,19 @@ impl Couchdb {
         let members: Vec<&Member> = live.members.iter().filter(|m| m.node.is_some()).collect();
         let mut quiet = 0;
         while quiet < 2 {
-            self.sleep(cancel, "internal replication has filled the new copies").await?;
+            self.sleep(cancel, "internal replication has filled the new copies")
+                .await?;
             let mut busy = None;
             for m in &members {
                 let system = api
-                    .expect(&m.pod, Method::GET, "/_node/_local/_system", None, cancel, Level::Now)
+                    .expect(
+                        &m.pod,
+                        Method::GET,
+                        "/_node/_local/_system",
+                        None,
+                        cancel,
+                        Level::Now,
+                    )
                     .await?;
                 let jobs = system["internal_replication_jobs"].as_u64().unwrap_or(0);
                 if jobs > 0 {
@@ -755,19 +821,27 @@ impl Couchdb {
         cancel: &Cancel,
         name: &str,
     ) -> Result<(), CouchError> {
-        let settings = self.db.couchdb.as_ref().ok_or_else(|| self.err("not CouchDB"))?;
+        let settings = self
+            .db
+            .couchdb
+            .as_ref()
+            .ok_or_else(|| self.err("not CouchDB"))?;
         let db = settings
             .databases
             .iter()
             .find(|d| d.name == name)
             .ok_or_else(|| self.err(format!("database {name} is not declared")))?;
-        let copies = db.copies.unwrap_or_else(|| objects::default_copies(&self.db));
+        let copies = db
+            .copies
+            .unwrap_or_else(|| objects::default_copies(&self.db));
         let mut path = format!("/{}?q={}&n={copies}", encode_database(name), db.shards);
         if db.partitioned {
             path.push_str("&partitioned=true");
         }
         let pod = self.pick(cluster).await?;
-        let answer = api.call(&pod, Method::PUT, &path, None, cancel, Level::Now).await?;
+        let answer = api
+            .call(&pod, Method::PUT, &path, None, cancel, Level::Now)
+            .await?;
         match answer.status {
             200..=299 | 412 => Ok(()),
             _ => Err(api.refused(&pod, "PUT", &path, &answer).into()),
@@ -786,11 +860,15 @@ impl Couchdb {
         let pod = self.pick(cluster).await?;
         let path = format!("/_replicator/{id}");
         let mut body = doc.clone();
-        let current = api.call(&pod, Method::GET, &path, None, cancel, Level::Now).await?;
+        let current = api
+            .call(&pod, Method::GET, &path, None, cancel, Level::Now)
+            .await?;
         if current.ok() {
             body["_rev"] = current.body["_rev"].clone();
         }
-        let answer = api.call(&pod, Method::PUT, &path, Some(&body), cancel, Level::Now).await?;
+        let answer = api
+            .call(&pod, Method::PUT, &path, Some(&body), cancel, Level::Now)
+            .await?;
         if answer.ok() {
             Ok(())
         } else {
@@ -807,13 +885,17 @@ impl Couchdb {
     ) -> Result<(), CouchError> {
         let pod = self.pick(cluster).await?;
         let path = format!("/_replicator/{id}");
-        let current = api.call(&pod, Method::GET, &path, None, cancel, Level::Now).await?;
+        let current = api
+            .call(&pod, Method::GET, &path, None, cancel, Level::Now)
+            .await?;
         if current.status == 404 {
             return Ok(());
         }
         let rev = current.body["_rev"].as_str().unwrap_or_default();
         let delete = format!("{path}?rev={rev}");
-        let answer = api.call(&pod, Method::DELETE, &delete, None, cancel, Level::Now).await?;
+        let answer = api
+            .call(&pod, Method::DELETE, &delete, None, cancel, Level::Now)
+            .await?;
         if answer.ok() || answer.status == 404 {
             Ok(())
         } else {
@@ -822,7 +904,12 @@ impl Couchdb {
     }
 
     /// Waits until the cluster is healthy (see [`Couchdb::unhealthy`]).
-    pub async fn gate(&self, cluster: &Cluster, api: &Api, cancel: &Cancel) -> Result<Live, CouchError> {
+    pub async fn gate(
+        &self,
+        cluster: &Cluster,
+        api: &Api,
+        cancel: &Cancel,
+    ) -> Result<Live, CouchError> {
         self.wait(cluster, api, cancel, "healthy", |live| {
             let problems = self.unhealthy(live);
             (!problems.is_empty()).then(|| problems.join("; "))

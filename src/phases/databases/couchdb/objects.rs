@@ -94,7 +94,10 @@ impl Names {
     pub fn selector(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             ("app.kubernetes.io/name".to_string(), "couchdb".to_string()),
-            ("app.kubernetes.io/instance".to_string(), self.cluster.clone()),
+            (
+                "app.kubernetes.io/instance".to_string(),
+                self.cluster.clone(),
+            ),
         ])
     }
 
@@ -221,10 +224,19 @@ mod tests {
     #[test]
     fn node_names_go_through_the_headless_service_and_back_to_their_pod() {
         let n = names();
-        assert_eq!(n.node(2), "couchdb@docs-2.docs-headless.demo.svc.cluster.local");
+        assert_eq!(
+            n.node(2),
+            "couchdb@docs-2.docs-headless.demo.svc.cluster.local"
+        );
         assert_eq!(n.pod_of(&n.node(2)).as_deref(), Some("docs-2"));
-        assert_eq!(n.pod_of("couchdb@docs-2.other-headless.demo.svc.cluster.local"), None);
-        assert_eq!(n.pod_of("couchdb@docs-x.docs-headless.demo.svc.cluster.local"), None);
+        assert_eq!(
+            n.pod_of("couchdb@docs-2.other-headless.demo.svc.cluster.local"),
+            None
+        );
+        assert_eq!(
+            n.pod_of("couchdb@docs-x.docs-headless.demo.svc.cluster.local"),
+            None
+        );
     }
 
     #[test]
@@ -271,11 +283,25 @@ mod tests {
     #[test]
     fn objects_of_one_and_three_members_are_pinned_and_typed() {
         for replicas in [1, 3] {
-            let objects = objects(&Renderer::new(), &cluster(replicas), "demo", Some(&credentials())).unwrap();
+            let objects = objects(
+                &Renderer::new(),
+                &cluster(replicas),
+                "demo",
+                Some(&credentials()),
+            )
+            .unwrap();
             let kinds: Vec<&str> = objects.iter().map(|o| o.kind.kind).collect();
             assert_eq!(
                 kinds,
-                ["Secret", "Secret", "ConfigMap", "Service", "Service", "PodDisruptionBudget", "StatefulSet"]
+                [
+                    "Secret",
+                    "Secret",
+                    "ConfigMap",
+                    "Service",
+                    "Service",
+                    "PodDisruptionBudget",
+                    "StatefulSet"
+                ]
             );
             for object in &objects {
                 assert_eq!(object.stage, Stage::Databases);

@@ -109,9 +109,11 @@ pub fn place(
                 break;
             }
             // The first range on the busiest member that the idlest lacks.
-            let Some(holders) = layout.values_mut().flat_map(|r| r.values_mut()).find(|h| {
-                h.contains(&busiest) && !h.contains(&idlest)
-            }) else {
+            let Some(holders) = layout
+                .values_mut()
+                .flat_map(|r| r.values_mut())
+                .find(|h| h.contains(&busiest) && !h.contains(&idlest))
+            else {
                 break;
             };
             let at = holders.iter().position(|n| *n == busiest).expect("held");
@@ -178,7 +180,12 @@ mod tests {
             .map(|db| {
                 let ranges = ["00000000-7fffffff", "80000000-ffffffff"]
                     .iter()
-                    .map(|r| (r.to_string(), members(on).into_iter().take(copies).collect()))
+                    .map(|r| {
+                        (
+                            r.to_string(),
+                            members(on).into_iter().take(copies).collect(),
+                        )
+                    })
                     .collect();
                 (db.to_string(), ranges)
             })
@@ -209,7 +216,10 @@ mod tests {
         let placed = place(&current, &members(5), |_| None, true);
         let load = loads(&placed.layout);
         assert_eq!(load.values().sum::<usize>(), 18, "{load:?}");
-        assert!(load.values().max().unwrap() - load.values().min().unwrap() <= 1, "{load:?}");
+        assert!(
+            load.values().max().unwrap() - load.values().min().unwrap() <= 1,
+            "{load:?}"
+        );
         for ranges in placed.layout.values() {
             for holders in ranges.values() {
                 assert_eq!(holders.len(), 3);
@@ -243,7 +253,10 @@ mod tests {
         let placed = place(&current, &members(2), |_| None, true);
         assert_eq!(placed.shortfalls.len(), 2);
         assert_eq!(placed.shortfalls[0].database, "orders");
-        assert_eq!((placed.shortfalls[0].copies, placed.shortfalls[0].members), (3, 2));
+        assert_eq!(
+            (placed.shortfalls[0].copies, placed.shortfalls[0].members),
+            (3, 2)
+        );
         let lowered = place(&current, &members(2), |_| Some(2), true);
         assert!(lowered.shortfalls.is_empty());
         for holders in lowered.layout["orders"].values() {
