@@ -824,10 +824,25 @@ impl Databases {
     fn plan_placement(&self, couch: &Couchdb, live: &Live, plan: &mut ClusterPlan) {
         let wanted = couch.wanted_nodes();
         let placed = couch.placement(live, &wanted);
-        for s in &placed.shortfalls {
+        if !placed.shortfalls.is_empty() {
+            let mut short: BTreeMap<&str, (usize, Vec<&str>)> = BTreeMap::new();
+            for s in &placed.shortfalls {
+                let entry = short.entry(s.database.as_str()).or_default();
+                entry.0 = entry.0.max(s.copies);
+                entry.1.push(s.range.as_str());
+            }
+            let most = short.values().map(|(c, _)| *c).max().unwrap_or(0);
+            let members = couch.db.replicas;
             plan.blocked.push(format!(
-                "CouchDB cluster {}: database {} range {} has {} copies and {} members would be left: lower `n` for it (databases[].databases[].n, or the cluster's n) or keep more replicas",
-                couch.db.name, s.database, s.range, s.copies, s.members
+                "CouchDB cluster {}: {} cannot keep their copies on {members} member{}: {}; set `n: {members}` for the cluster (or for those databases) to keep fewer copies, or keep {most} replicas",
+                couch.db.name,
+                if short.len() == 1 { "this database" } else { "these databases" },
+                if members == 1 { "" } else { "s" },
+                short
+                    .iter()
+                    .map(|(db, (copies, ranges))| format!("{db} ({copies} copies of {})", ranges.join(", ")))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ));
         }
         let current = live.layout();
@@ -858,22 +873,23 @@ impl Databases {
                 })
                 .collect::<serde_json::Map<_, _>>())
         };
-        let reason = if !departing.is_empty() || drop.iter().any(|(_, _, n)| !wanted.contains(n)) {
-            format!(
-                "{} shard copies move off members that leave, before the StatefulSet shrinks ({} added, filled by internal replication, then {} dropped)",
-                add.len().max(drop.len()), add.len(), drop.len()
-            )
+        let why = if !departing.is_empty() || drop.iter().any(|(_, _, n)| !wanted.contains(n)) {
+            "before the StatefulSet shrinks, shard copies leave the members that go"
         } else if !all_connected {
-            format!(
-                "new members get shard copies once they joined (rebalance): {} added, filled by internal replication, then {} dropped",
-                add.len(), drop.len()
-            )
+            "new members get shard copies once they joined (rebalance)"
+        } else {
+            "shard copies are spread evenly (rebalance) and kept at the copies the stack asks for"
+        };
+        let how = if add.is_empty() {
+            format!("{} copies dropped (the members that stay hold every range)", drop.len())
         } else {
             format!(
-                "shard copies are spread evenly (rebalance) or to the copies the stack asks for: {} added, filled by internal replication, then {} dropped",
-                add.len(), drop.len()
+                "{} copies added and filled by internal replication, then {} dropped",
+                add.len(),
+                drop.len()
             )
         };
+        let reason = format!("{why}: {how}");
         let mut change = operation(
             &record_address(&couch.db.name, "placement"),
             PLACEMENT,
