@@ -311,6 +311,28 @@ fn a_couchdb_cluster_forms_once_scales_both_ways_without_losing_documents_and_is
 fn a_crashing_replication_is_drift_and_no_generated_secret_is_ever_shown() {
     let databases = "  - kind: couchdb\n    name: solo\n    replicas: 1\n    storage: 1GiB\n    databases:\n      - {name: events}\n    replications:\n      - name: offsite\n        source: events\n        target: {url: 'http://backup.nowhere.invalid/events', credentials: offsite}\n";
     let (env, double) = couch_env("crash", databases);
+    // Behind the TLS ingress, and monitored: the cluster has the Prometheus
+    // Operator's CRD and the observability namespace.
+    let stack = std::fs::read_to_string(env.path().join("stack.yaml")).unwrap();
+    std::fs::write(
+        env.path().join("stack.yaml"),
+        stack + "ingress:\n  domain: crash.test\n  className: public\nmonitoring: {}\n",
+    )
+    .unwrap();
+    let crd = r#"{"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition","metadata":{"name":"servicemonitors.monitoring.coreos.com"},"spec":{"group":"monitoring.coreos.com","names":{"kind":"ServiceMonitor","plural":"servicemonitors"},"scope":"Namespaced","versions":[{"name":"v1","served":true,"storage":true}]}}"#;
+    let (code, body) = double.request(
+        "POST",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+        "application/json",
+        crd,
+    );
+    assert_eq!(code, 201, "{body}");
+    double.request(
+        "POST",
+        "/api/v1/namespaces",
+        "application/json",
+        r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"observability"}}"#,
+    );
     // The user's Secret for the target, made as kubectl would.
     let offsite = r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"offsite","namespace":"couch"},"stringData":{"username":"remote","password":"user-given-pass-4711"}}"#;
     double.request(
@@ -362,6 +384,59 @@ fn a_crashing_replication_is_drift_and_no_generated_secret_is_ever_shown() {
         status["databases"][0]["replications"][0]["state"],
         "crashing"
     );
+
+    // The client Service behind the ingress; Prometheus scrapes it with the
+    // admin's credentials, which the endpoint needs.
+    let ingress = double.get(&format!(
+        "/apis/networking.k8s.io/v1/namespaces/{NAMESPACE}/ingresses/solo"
+    ));
+    assert_eq!(ingress["spec"]["rules"][0]["host"], "solo.crash.test");
+    let backend = &ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"];
+    assert_eq!(
+        (backend["name"].as_str(), backend["port"]["number"].as_u64()),
+        (Some("solo"), Some(5984))
+    );
+    let monitor = double.get(&format!(
+        "/apis/monitoring.coreos.com/v1/namespaces/{NAMESPACE}/servicemonitors/solo"
+    ));
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["path"], "/_node/_local/_prometheus");
+    assert_eq!(endpoint["basicAuth"]["password"]["name"], "solo-admin");
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+        "client"
+    );
+    let client_service = double.get(&format!("/api/v1/namespaces/{NAMESPACE}/services/solo"));
+    assert_eq!(
+        client_service["metadata"]["labels"]["app.kubernetes.io/component"],
+        "client"
+    );
+    let (code, _, _) = double.raw(
+        "GET",
+        &crate::support::couch::proxy("solo-0", "/_node/_local/_prometheus"),
+        &[],
+        "",
+    );
+    assert_eq!(code, 401, "the metrics need the admin's credentials");
+    let (code, metrics) = client.call("solo-0", "GET", "/_node/_local/_prometheus", "");
+    assert_eq!(code, 200);
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .contains("couchdb_couch_replicator_jobs_crashing"),
+        "{metrics}"
+    );
+    let dashboard = double.get("/api/v1/namespaces/observability/configmaps/crash-solo-dashboard");
+    let panels = dashboard["data"]["crash-solo.json"].as_str().unwrap();
+    for title in [
+        "HTTP requests",
+        "Document writes",
+        "Replication jobs running",
+        "Replication jobs crashing",
+    ] {
+        assert!(panels.contains(title), "{title} in {panels}");
+    }
 
     // Every generated secret, and the user's password, as the state keeps them.
     let state = env.state("crash");

@@ -881,7 +881,10 @@ impl Databases {
             "shard copies are spread evenly (rebalance) and kept at the copies the stack asks for"
         };
         let how = if add.is_empty() {
-            format!("{} copies dropped (the members that stay hold every range)", drop.len())
+            format!(
+                "{} copies dropped (the members that stay hold every range)",
+                drop.len()
+            )
         } else {
             format!(
                 "{} copies added and filled by internal replication, then {} dropped",
