@@ -177,7 +177,7 @@ fn down_removes_objects_with_the_stacks_labels_of_every_kind_it_applies() {
     let shown = text(&down.stdout);
     assert!(shown.contains("-   k8s.strays/DaemonSet/agent"), "{shown}");
     assert!(
-        shown.contains("Nothing with the labels of stack strays is left in the existing cluster (13 kinds stack applies were listed; the cluster does not serve ServiceMonitor)"),
+        shown.contains("Nothing with the labels of stack strays is left in the existing cluster (14 kinds stack applies were listed; the cluster does not serve ServiceMonitor)"),
         "{shown}"
     );
     assert_eq!(double.labelled("strays"), Vec::<String>::new());
