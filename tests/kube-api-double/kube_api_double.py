@@ -111,10 +111,15 @@ import json
 import math
 import os
 import random
+import posixpath
 import re
+import shutil
+import signal
 import socket
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -727,6 +732,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization"}
 NODE_NAME = "double-node"
 HOST_IP = "10.0.0.10"
+POSTSTART_TIMEOUT = 300.0       # the kubelet has none; a bound so a stuck hook cannot hang the double
 
 
 def expand(value, env):
@@ -785,25 +791,100 @@ def status_error(code, reason, message, details=None):
     return out
 
 
+def couch_ini(files):
+    """The ini files CouchDB reads from default.d and local.d, from a container's mounted files -> (default_d, local_d)."""
+    dirs = {"default.d": None, "local.d": None}
+    extra = {"default.d": {}, "local.d": {}}
+    for path, content in files.items():
+        path = path.rstrip("/")
+        for d in dirs:
+            full = COUCH_ETC + d
+            if path == full:
+                dirs[d] = {**(dirs[d] or {}), **content}
+            elif path.startswith(full + "/"):
+                # One file mounted by subPath: {its base name: text}.
+                if list(content) == [posixpath.basename(path)]:
+                    extra[d][path[len(full) + 1:]] = content[posixpath.basename(path)]
+    default_d = dirs["default.d"] if dirs["default.d"] is not None else {"10-docker-default.ini": IMAGE_DEFAULT_D}
+    default_d = {**default_d, **extra["default.d"]}
+    local_d = {**(dirs["local.d"] or {}), **extra["local.d"]}
+    # CouchDB reads *.ini files only, in order of their names.
+    text = lambda fs: "\n".join(fs[k] for k in sorted(fs) if k.endswith(".ini"))
+    return text(default_d), text(local_d)
+
+
+class CouchAdapter:
+    """The registry interface (see Kubelet) over the CouchDB double's CouchRegistry."""
+
+    IMAGE = COUCH_IMAGE
+    DATA_PATHS = (COUCH_DATA,)
+
+    def __init__(self, couch):
+        self.couch = couch
+
+    @property
+    def resolver(self):
+        return self.couch.resolver
+
+    @resolver.setter
+    def resolver(self, value):
+        self.couch.resolver = value
+
+    def start_node(self, pod_key, env, image, files, fqdn):
+        default_d, local_d = couch_ini(files)
+        return self.couch.start_node(pod_key, env, default_d, image, local_ini_text=local_d, fqdn=fqdn)
+
+    def stop_node(self, pod_key, keep_data):
+        self.couch.stop_node(pod_key, keep_data=keep_data)
+
+    def running(self, pod_key):
+        return self.couch.running(pod_key)
+
+    def probe(self, pod_key, path, port):
+        return self.couch.probe(pod_key, path, port)
+
+    def handle(self, pod_key, method, path, headers, body, port):
+        return self.couch.handle(pod_key, method, path, headers, body, port=port)
+
+
 class Kubelet:
     """The StatefulSet controller, the garbage collector, the disruption controller and the kubelet.
 
-    Only with --couchdb. Runs under the store lock, from a background thread
-    and at the start of every request. Containers whose image is couchdb run
-    as nodes of the CouchDB double; any other container is running and ready
-    at once.
+    Only with a database flag (--couchdb, --immudb, --agraph). Runs under the
+    store lock, from a background thread and at the start of every request.
+    A container whose image matches a registry's IMAGE runs as a node of that
+    database double; any other container is running and ready at once.
+
+    A registry (one per database double) provides:
+      IMAGE       a compiled regex the container image is searched with;
+      DATA_PATHS  mount paths whose PersistentVolumeClaims keep the node's data;
+      resolver    set here: resolver(host, port, from_pod) -> (pod key, port) or None;
+      start_node(pod_key, env, image, files, fqdn) -> bool (False: the container exits at once);
+        files: {mount path: {file name: text}} of the ConfigMap/Secret volumes mounted
+        in that container (a subPath mount of one file: {its path: {its base name: text}});
+      stop_node(pod_key, keep_data), running(pod_key) -> bool,
+      probe(pod_key, path, port) -> bool (an httpGet probe),
+      handle(pod_key, method, path, headers, body, port) -> (status, headers, bytes),
+        raising NotListening when nothing listens on that port.
     """
 
-    def __init__(self, store, registry):
+    def __init__(self, store, registries, proxy_port=0, hook_log=None):
         self.store = store
-        self.registry = registry
+        self.registries = list(registries) if isinstance(registries, (list, tuple)) else [registries]
         self.pods = {}          # pod key "ns/name" -> kubelet state of the pod
         self.revisions = {}     # StatefulSet store key -> {revision: template}
         self.current = {}       # StatefulSet store key -> currentRevision
         self.volumes = {}       # pod key -> the claims' uids its node's data lives on
         self.ips = itertools.count(2)
         self.dns = {"pods": {}, "services": {}}
-        registry.resolver = self.resolve
+        self.proxy_port = proxy_port                    # the double's port: the pods' http_proxy
+        self.hook_log_path = hook_log
+        self.hook_log_lock = threading.Lock()
+        self.hooks_running = collections.Counter()      # pod key -> hooks running now
+        self.stopping = set()                           # pod keys whose old container runs its preStop
+        self.stopped_registry = {}
+        for registry in self.registries:
+            registry.resolver = self.resolve
 
     # ---- DNS, as seen from a pod -------------------------------------------
 
@@ -832,6 +913,25 @@ class Kubelet:
                         return pod, ports.get(target, target) if isinstance(target, str) else target
                 return (pod, port) if svc["headless"] else None
         return None
+
+    def pod_target(self, host, port):
+        """Where a pod's request to HOST:PORT goes -> ((pod key, port), pod IP) or (None, None).
+
+        The pod it comes from is the one running a hook right now when there is exactly one
+        (its namespace completes short names; localhost is that pod), else none (namespace default)."""
+        running = [k for k, n in self.hooks_running.items() if n > 0]
+        from_pod = running[0] if len(running) == 1 else None
+        ip_of = lambda key: (self.store.objects.get(POD + tuple(key.split("/", 1))) or {}).get(
+            "status", {}).get("podIP", "")
+        if host in ("localhost", "127.0.0.1", "::1"):
+            return ((from_pod, port), "127.0.0.1") if from_pod else (None, None)
+        for key, pod in self.objects(POD):
+            if pod.get("status", {}).get("podIP") == host:
+                return (self.pod_key(pod), port), host
+        got = self.resolve(host, port, from_pod)
+        if got is None:
+            return None, None
+        return got, ip_of(got[0])
 
     # ---- helpers ----------------------------------------------------------
 
@@ -958,7 +1058,7 @@ class Kubelet:
             if policy.get("whenScaled") == "Delete":
                 for claim in self.claims(sts, pod["metadata"]["name"]):
                     self.delete(PVC + (ns, claim))
-            self.delete(pkey)
+            self.delete_pod(pkey)
             if not parallel:
                 break
         # Create what is missing.
@@ -979,7 +1079,7 @@ class Kubelet:
                     break
                 pkey, pod = owned[ordinal]
                 if pod["metadata"]["labels"].get("controller-revision-hash") != update:
-                    self.delete(pkey)
+                    self.delete_pod(pkey)
                     owned.pop(ordinal)
                     break
                 if not self.healthy(pod):
@@ -1092,42 +1192,53 @@ class Kubelet:
             return {}, None
         return {}, None
 
-    def couch_ini(self, pod, container):
-        """The ini files CouchDB reads from default.d and local.d -> (default_d, local_d, error)."""
-        dirs = {"default.d": None, "local.d": None}
-        extra = {"default.d": {}, "local.d": {}}
-        for m in container.get("volumeMounts", []):
-            path = m.get("mountPath", "").rstrip("/")
-            for d in dirs:
-                full = COUCH_ETC + d
-                if path == full or path.startswith(full + "/"):
-                    files, error = self.volume_files(pod, m.get("name"))
-                    if error:
-                        return None, None, error
-                    if path == full:
-                        sub = m.get("subPath")
-                        if sub:
-                            files = {k[len(sub) + 1:]: x for k, x in files.items() if k.startswith(sub + "/")}
-                        dirs[d] = {**(dirs[d] or {}), **files}
-                    else:
-                        fname = path[len(full) + 1:]
-                        sub = m.get("subPath")
-                        if sub is not None and sub in files:
-                            extra[d][fname] = files[sub]
-        default_d = dirs["default.d"] if dirs["default.d"] is not None else {"10-docker-default.ini": IMAGE_DEFAULT_D}
-        default_d = {**default_d, **extra["default.d"]}
-        local_d = {**(dirs["local.d"] or {}), **extra["local.d"]}
-        # CouchDB reads *.ini files only, in order of their names.
-        text = lambda files: "\n".join(files[k] for k in sorted(files) if k.endswith(".ini"))
-        return text(default_d), text(local_d), None
+    def container_mounts(self, pod, container):
+        """The ConfigMap and Secret volumes mounted in a container -> (mounts, error).
 
-    def claim_uids(self, pod):
-        """The uids of the claims mounted at /opt/couchdb/data (None: the data is the container's own)."""
+        mounts: [(mount path, {file name: text}, {file name: mode}, single)], single when a
+        subPath names one file of the volume (the mount path is then that file's path and
+        the dict holds it under its base name)."""
+        volumes = {v.get("name"): v for v in pod["spec"].get("volumes", [])}
+        out = []
+        for m in container.get("volumeMounts", []):
+            vol = volumes.get(m.get("name"))
+            if vol is None or not ("configMap" in vol or "secret" in vol):
+                continue
+            files, error = self.volume_files(pod, m.get("name"))
+            if error:
+                return None, error
+            src = vol.get("configMap") or vol.get("secret") or {}
+            default_mode = src.get("defaultMode", 0o644)
+            modes = {i.get("path", i["key"]): i.get("mode", default_mode) for i in src.get("items") or [] if "key" in i}
+            path = m.get("mountPath", "").rstrip("/") or "/"
+            sub = m.get("subPath")
+            if sub:
+                if sub in files:
+                    base = posixpath.basename(path)
+                    out.append((path, {base: files[sub]}, {base: modes.get(sub, default_mode)}, True))
+                else:
+                    picked = {k[len(sub) + 1:]: x for k, x in files.items() if k.startswith(sub + "/")}
+                    out.append((path, picked, {k: modes.get(sub + "/" + k, default_mode) for k in picked}, False))
+            else:
+                out.append((path, files, {k: modes.get(k, default_mode) for k in files}, False))
+        return out, None
+
+    @staticmethod
+    def mount_files(mounts):
+        """What a registry's start_node gets: {mount path: {file name: text}}."""
+        files = {}
+        for path, content, _, _ in mounts:
+            files[path] = {**files.get(path, {}), **content}
+        return files
+
+    def claim_uids(self, pod, registry):
+        """The uids of the claims mounted at the registry's data paths (None: the data is the container's own)."""
         ns = pod["metadata"]["namespace"]
+        paths = {p.rstrip("/") for p in getattr(registry, "DATA_PATHS", ())}
         uids = []
         for c in pod["spec"].get("containers", []):
             for m in c.get("volumeMounts", []):
-                if m.get("mountPath", "").rstrip("/") != COUCH_DATA:
+                if m.get("mountPath", "").rstrip("/") not in paths:
                     continue
                 for v in pod["spec"].get("volumes", []):
                     if v.get("name") == m.get("name") and "persistentVolumeClaim" in v:
@@ -1143,18 +1254,53 @@ class Kubelet:
                 return claim
         return None
 
-    def probe_ok(self, key, pod, container, probe, couch):
+    def registry_for(self, container):
+        for registry in self.registries:
+            if registry.IMAGE.search(container.get("image", "")):
+                return registry
+        return None
+
+    def db_container(self, containers):
+        """The first container whose image one of the registries runs -> (container, registry)."""
+        for c in containers:
+            registry = self.registry_for(c)
+            if registry is not None:
+                return c, registry
+        return None, None
+
+    def node_registry(self, pod_key):
+        st = self.pods.get(pod_key)
+        return st.get("registry") if st else None
+
+    def handle(self, pod_key, method, path, headers, body, port):
+        """One request reaching a pod's port: its database node answers, else nothing listens."""
+        registry = self.node_registry(pod_key)
+        if registry is None:
+            raise NotListening("connection refused")
+        return registry.handle(pod_key, method, path, headers, body, port=port)
+
+    def probe_ok(self, key, pod, container, probe, registry):
         if probe is None:
             return True
-        if not couch:
+        if registry is None:
             return True
         get = probe.get("httpGet")
         if get is None:
-            return self.registry.running(key)
+            return registry.running(key)
         port = get.get("port")
         if isinstance(port, str):
             port = next((p.get("containerPort") for p in container.get("ports", []) if p.get("name") == port), None)
-        return self.registry.probe(key, get.get("path", "/"), port)
+        return registry.probe(key, get.get("path", "/"), port)
+
+    @staticmethod
+    def hook_command(container, kind):
+        """The exec command of a container's postStart/preStop hook, or None."""
+        cmd = (((container.get("lifecycle") or {}).get(kind) or {}).get("exec") or {}).get("command")
+        return [str(a) for a in cmd] if cmd else None
+
+    def backoff(self, st):
+        """Like the kubelet's crash back-off (10s doubling to 5m), scaled down: 1s doubling to 30s."""
+        return min(30.0, 1.0 * 2 ** max(0, st["failures"] - 1))
 
     def sync_pod(self, pkey, pod):
         key = self.pod_key(pod)
@@ -1163,7 +1309,8 @@ class Kubelet:
             if st is not None:
                 self.stopped(key)
             st = self.pods[key] = {"uid": pod["metadata"]["uid"], "started": None, "restarts": 0,
-                                   "next_try": 0.0, "waiting": None, "live_fail": None}
+                                   "next_try": 0.0, "waiting": None, "live_fail": None, "registry": None,
+                                   "failures": 0, "hook": None, "ctx": None, "prestop": None}
         status = copy.deepcopy(pod.get("status", {}))
         if "podIP" not in status:
             n = next(self.ips)
@@ -1172,14 +1319,35 @@ class Kubelet:
                            "hostIPs": [{"ip": HOST_IP}], "startTime": now()})
             pod["status"] = status
         containers = pod["spec"].get("containers", [])
-        couch = next((c for c in containers if COUCH_IMAGE.search(c.get("image", ""))), None)
+        db, registry = self.db_container(containers)
+        st["registry"] = registry
+        terminating = "deletionTimestamp" in pod["metadata"]
         t = time.monotonic()
-        if st["started"] is None and t >= st["next_try"]:
+        if st["hook"] is not None and st["hook"].get("done"):
+            # A postStart hook finished: Running when it exited 0, else killed and restarted.
+            hook, st["hook"] = st["hook"], None
+            if hook["code"] == 0:
+                st["started"], st["waiting"], st["failures"] = now(), None, 0
+            else:
+                if registry is not None:
+                    registry.stop_node(key, keep_data=True)
+                st["restarts"] += 1
+                st["failures"] += 1
+                st["next_try"] = t + self.backoff(st)
+                st["waiting"] = ("CrashLoopBackOff",
+                                 f"back-off {int(self.backoff(st))}s restarting failed container={hook['container']} "
+                                 f"pod={pod['metadata']['name']}_{pod['metadata']['namespace']}({pod['metadata']['uid']})")
+                self.event(pod, "Warning", "FailedPostStartHook",
+                           f"PostStartHook failed: command {' '.join(hook['command'])!r} exited with {hook['code']}: "
+                           f"{hook['tail']}")
+        if st["started"] is None and st["hook"] is None and t >= st["next_try"] and not terminating:
             claim = self.missing_claim(pod)
             waiting = None
             if claim:
                 waiting = ("ContainerCreating", f'persistentvolumeclaim "{claim}" not found')
-            envs = {}
+            if key in self.stopping:
+                waiting = ("ContainerCreating", "")      # the old container of this name is still stopping
+            envs, mounts = {}, {}
             if waiting is None:
                 for c in containers:
                     env, error = self.container_env(pod, c)
@@ -1187,31 +1355,44 @@ class Kubelet:
                         waiting = ("CreateContainerConfigError", error)
                         break
                     envs[c["name"]] = env
-            ini = None
-            if waiting is None and couch is not None:
-                default_d, local_d, error = self.couch_ini(pod, couch)
-                if error:
-                    waiting = ("ContainerCreating", error)
-                ini = (default_d, local_d)
+            if waiting is None:
+                for c in containers:
+                    if c is db or self.hook_command(c, "postStart") or self.hook_command(c, "preStop"):
+                        m, error = self.container_mounts(pod, c)
+                        if error:
+                            waiting = ("ContainerCreating", error)
+                            break
+                        mounts[c["name"]] = m
             if waiting is None:
                 started = True
-                if couch is not None:
-                    uids = self.claim_uids(pod)
+                st["ctx"] = {"envs": envs, "mounts": mounts, "containers": copy.deepcopy(containers),
+                             "grace": pod["spec"].get("terminationGracePeriodSeconds", 30),
+                             "name": pod["metadata"]["name"]}
+                if db is not None:
+                    uids = self.claim_uids(pod, registry)
                     if uids is None or self.volumes.get(key) != uids:
-                        self.registry.stop_node(key, keep_data=False)
+                        registry.stop_node(key, keep_data=False)
                     self.volumes[key] = uids
                     spec = pod["spec"]
                     fqdn = f"{spec['hostname']}.{spec['subdomain']}.{pod['metadata']['namespace']}.svc.cluster.local" \
                         if spec.get("subdomain") and spec.get("hostname") else None
-                    started = self.registry.start_node(key, envs[couch["name"]], ini[0], couch.get("image", ""),
-                                                       local_ini_text=ini[1], fqdn=fqdn)
-                if started:
-                    st["started"], st["waiting"] = now(), None
+                    started = registry.start_node(key, envs[db["name"]], db.get("image", ""),
+                                                  self.mount_files(mounts[db["name"]]), fqdn)
+                hooks = [(c["name"], self.hook_command(c, "postStart")) for c in containers
+                         if self.hook_command(c, "postStart")]
+                if started and hooks:
+                    # Not Running until every postStart hook has exited 0.
+                    st["hook"] = {"done": False}
+                    st["waiting"] = ("ContainerCreating", "")
+                    self.run_hooks(key, st, "postStart", hooks, timeout=POSTSTART_TIMEOUT)
+                elif started:
+                    st["started"], st["waiting"], st["failures"] = now(), None, 0
                 else:
                     st["restarts"] += 1
+                    st["failures"] += 1
                     st["next_try"] = t + 1.0
                     st["waiting"] = ("CrashLoopBackOff",
-                                     f"back-off restarting failed container {couch['name']} in pod "
+                                     f"back-off restarting failed container {db['name']} in pod "
                                      f"{pod['metadata']['name']}_{pod['metadata']['namespace']}")
             else:
                 st["waiting"] = waiting
@@ -1219,7 +1400,7 @@ class Kubelet:
         # Container statuses, readiness, liveness.
         statuses, all_ready = [], True
         for c in containers:
-            is_couch = c is couch
+            c_registry = registry if c is db else None
             cs = {"name": c["name"], "image": c.get("image", ""), "imageID": "", "restartCount": st["restarts"],
                   "started": st["started"] is not None}
             if st["started"] is None:
@@ -1227,25 +1408,26 @@ class Kubelet:
                 cs["state"] = {"waiting": {"reason": reason, "message": message}}
                 cs["ready"] = False
             else:
-                if is_couch and not self.registry.running(key):
+                if c_registry is not None and not c_registry.running(key) and not terminating:
                     # The node went away under a running pod: the container restarts.
                     st["started"], st["restarts"] = None, st["restarts"] + 1
                     cs["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message": ""}}
                     cs["ready"] = False
                 else:
                     live = c.get("livenessProbe")
-                    if is_couch and live and not self.probe_ok(key, pod, c, live, True):
+                    if c_registry is not None and live and not terminating and \
+                            not self.probe_ok(key, pod, c, live, c_registry):
                         allowed = (live.get("initialDelaySeconds", 0) + live.get("periodSeconds", 10) *
                                    live.get("failureThreshold", 3))
                         st["live_fail"] = st["live_fail"] or t
                         if t - st["live_fail"] >= allowed:
-                            self.registry.stop_node(key, keep_data=True)
+                            c_registry.stop_node(key, keep_data=True)
                             st["started"], st["restarts"], st["live_fail"] = None, st["restarts"] + 1, None
                     else:
                         st["live_fail"] = None
                     cs["state"] = {"running": {"startedAt": st["started"] or now()}}
-                    cs["ready"] = st["started"] is not None and \
-                        self.probe_ok(key, pod, c, c.get("readinessProbe"), is_couch)
+                    cs["ready"] = st["started"] is not None and not terminating and \
+                        self.probe_ok(key, pod, c, c.get("readinessProbe"), c_registry)
             cs["containerID"] = f"containerd://{hashlib.sha256((key + str(st['restarts'])).encode()).hexdigest()}"
             all_ready &= cs["ready"]
             statuses.append(cs)
@@ -1267,9 +1449,152 @@ class Kubelet:
                        "containerStatuses": statuses, "qosClass": "BestEffort"})
         self.put_status(pkey, pod, status)
 
+    # ---- lifecycle hooks ----------------------------------------------
+
+    def event(self, pod, type_, reason, message):
+        ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        ename = f"{name}.{next(self.store.version)}"
+        self.store.objects[("", "v1", "events", ns, ename)] = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": ename, "namespace": ns, "resourceVersion": str(next(self.store.version))},
+            "involvedObject": {"kind": "Pod", "name": name, "namespace": ns, "uid": pod["metadata"].get("uid")},
+            "type": type_, "reason": reason, "message": message, "lastTimestamp": now(), "count": 1,
+            "source": {"component": "kubelet", "host": NODE_NAME},
+        }
+
+    def run_hooks(self, key, st, kind, hooks, timeout, then=None):
+        """Runs the hooks [(container name, command)] one after the other on a background thread.
+
+        The result lands in st["hook"] (postStart) or st["prestop"] (preStop) as
+        {"done": True, "code", "container", "command", "tail"}; `then` runs afterwards (no lock held)."""
+        ctx = st["ctx"]
+        slot = "hook" if kind == "postStart" else "prestop"
+        result = st[slot] = {"done": False}
+
+        def work():
+            self.hooks_running[key] += 1
+            try:
+                deadline = time.monotonic() + timeout
+                outcome = {"code": 0, "container": "", "command": [], "tail": ""}
+                for name, command in hooks:
+                    left = max(0.1, deadline - time.monotonic())
+                    code, tail = self.exec_hook(key, ctx, kind, name, command, left)
+                    outcome = {"code": code, "container": name, "command": command, "tail": tail}
+                    if code != 0:
+                        break
+            except Exception as e:  # a double's bug must not wedge the pod
+                outcome = {"code": 1, "container": "", "command": [], "tail": f"kube-api-double: {e!r}"}
+            finally:
+                self.hooks_running[key] -= 1
+                if self.hooks_running[key] <= 0:
+                    self.hooks_running.pop(key, None)
+            result.update(outcome)
+            result["done"] = True
+            if then is not None:
+                then(result)
+        threading.Thread(target=work, daemon=True).start()
+
+    def exec_hook(self, key, ctx, kind, container_name, command, timeout):
+        """Runs one exec hook for real on this machine -> (exit code, output tail)."""
+        tmp = tempfile.mkdtemp(prefix="kube-hook-")
+        try:
+            mounts = ctx["mounts"].get(container_name, [])
+            for path, content, modes, single in mounts:
+                for fname, text in content.items():
+                    target = tmp + (path if single else posixpath.join(path, fname))
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with open(target, "w") as f:
+                        f.write(text)
+                    os.chmod(target, modes.get(fname, 0o644) & 0o777)
+            prefixes = sorted({p for p, _, _, _ in mounts}, key=len, reverse=True)
+
+            def rewrite(arg):
+                for p in prefixes:
+                    arg = re.sub(r"(?<![\w.\-/])" + re.escape(p) + r"(?=/|$|[^\w.\-])", lambda _: tmp + p, arg)
+                return arg
+            argv = [rewrite(a) for a in command]
+            env = dict(ctx["envs"].get(container_name, {}))
+            env["http_proxy"] = f"http://127.0.0.1:{self.proxy_port}"
+            env["HOSTNAME"] = ctx["name"]
+            env["PATH"] = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+            try:
+                proc = subprocess.Popen(argv, env=env, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as e:
+                code, out = (126 if isinstance(e, PermissionError) else 127), str(e).encode()
+            else:
+                try:
+                    out, _ = proc.communicate(timeout=timeout)
+                    code = proc.returncode
+                except subprocess.TimeoutExpired:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                    out, _ = proc.communicate()
+                    code = 137
+                if code < 0:
+                    code = 128 - code
+            tail = out.decode(errors="replace")[-2000:]
+            self.hook_log({"pod": key, "container": container_name, "hook": kind, "command": command,
+                           "argv": argv, "exit_code": code, "output_tail": tail})
+            return code, tail
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def hook_log(self, line):
+        if self.hook_log_path:
+            line = {"time": now(), **line}
+            with self.hook_log_lock, open(self.hook_log_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def prestop_hooks(self, st):
+        ctx = st.get("ctx") or {}
+        return [(c["name"], self.hook_command(c, "preStop")) for c in ctx.get("containers", [])
+                if self.hook_command(c, "preStop")]
+
+    def delete_pod(self, pkey):
+        """A pod deleted (DELETE, eviction, scale-down, rolling update): Terminating while preStop hooks run."""
+        pod = self.store.objects.get(pkey)
+        if pod is None:
+            return None
+        if "deletionTimestamp" in pod["metadata"]:
+            return pod
+        key = self.pod_key(pod)
+        st = self.pods.get(key)
+        hooks = self.prestop_hooks(st) if st and st["uid"] == pod["metadata"]["uid"] and st["started"] else []
+        if not hooks:
+            self.store.forget(pkey)
+            return pod
+        grace = st["ctx"]["grace"]
+        pod["metadata"]["deletionTimestamp"] = now()
+        pod["metadata"]["deletionGracePeriodSeconds"] = grace
+        pod["metadata"]["resourceVersion"] = str(next(self.store.version))
+        self.run_hooks(key, st, "preStop", hooks, timeout=grace)
+        return pod
+
     def stopped(self, key):
-        """A pod that went away: its node stops, its data kept when its claims are still there."""
-        self.pods.pop(key, None)
+        """A pod that went away: its node stops (after its preStop hooks, when it never got to run them),
+        its data kept when its claims are still there."""
+        st = self.pods.pop(key, None)
+        hooks = self.prestop_hooks(st) if st and st["started"] and st.get("prestop") is None else []
+        registry = (st or {}).get("registry") or self.stopped_registry.get(key)
+        if st is not None and st.get("registry") is not None:
+            self.stopped_registry[key] = st["registry"]
+        if not hooks:
+            self.stop(key, registry)
+            return
+        self.stopping.add(key)
+
+        def then(_):
+            with self.store.lock:
+                self.stopping.discard(key)
+                self.stop(key, registry)
+        self.run_hooks(key, st, "preStop", hooks, timeout=st["ctx"]["grace"], then=then)
+
+    def stop(self, key, registry):
+        if registry is None:
+            return
         ns, name = key.split("/", 1)
         uids = self.volumes.get(key)
         keep = False
@@ -1278,7 +1603,7 @@ class Kubelet:
             for pkey, pvc in self.objects(PVC, ns):
                 current.append(pvc["metadata"]["uid"])
             keep = all(u in current for u in uids)
-        self.registry.stop_node(key, keep_data=keep)
+        registry.stop_node(key, keep_data=keep)
         if not keep:
             self.volumes.pop(key, None)
 
@@ -1302,10 +1627,17 @@ class Kubelet:
             for key, obj in self.objects(res):
                 refs = obj["metadata"].get("ownerReferences", [])
                 if refs and all(r.get("uid") not in uids for r in refs):
-                    store.forget(key)
+                    if res == POD:
+                        self.delete_pod(key)
+                    else:
+                        store.forget(key)
         # The kubelet.
         present = set()
         for key, pod in self.objects(POD):
+            st = self.pods.get(self.pod_key(pod))
+            if "deletionTimestamp" in pod["metadata"] and st and (st.get("prestop") or {}).get("done"):
+                store.forget(key)           # Terminating, and its preStop hooks are through
+                continue
             present.add(self.pod_key(pod))
             self.sync_pod(key, pod)
         for key in [k for k in self.pods if k not in present]:
@@ -1350,7 +1682,7 @@ class Kubelet:
         pods_by_ns = collections.defaultdict(list)
         for _, pod in self.objects(POD):
             # Endpoints are pods with an IP (a sandbox), Ready or not; readiness is checked below.
-            if pod.get("status", {}).get("podIP") and "deletionTimestamp" not in pod["metadata"]:
+            if pod.get("status", {}).get("podIP"):
                 pods_by_ns[pod["metadata"]["namespace"]].append(pod)
         pod_names, services = {}, {}
         for (_, _, _, ns, name), svc in self.objects(("", "v1", "services")):
@@ -1367,6 +1699,8 @@ class Kubelet:
                     continue
                 if not (publish or self.ready(pod)):
                     continue
+                if "deletionTimestamp" in pod["metadata"] and not publish:
+                    continue                # terminating: out of the endpoints unless not-ready ones are published
                 ports = {p.get("name"): p.get("containerPort") for c in pod["spec"].get("containers", [])
                          for p in c.get("ports", []) if p.get("name")}
                 endpoints.append((self.pod_key(pod), ports))
@@ -1434,7 +1768,7 @@ class Kubelet:
                                                            f"{st.get('desiredHealthy', 0)} healthy pods and has "
                                                            f"{st.get('currentHealthy', 0)} currently"}]})
                 st["disruptionsAllowed"] = max(0, st.get("disruptionsAllowed", 0) - 1)
-        self.store.forget(POD + (ns, name))
+        self.delete_pod(POD + (ns, name))
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 
 
@@ -1501,6 +1835,9 @@ class Handler(BaseHTTPRequestHandler):
                           "message": f"injected {reason}", "reason": reason, "code": code})
 
     def handle_any(self, method):
+        if self.kubelet is not None and self.path[:7].lower() == "http://":
+            self.pod_network(method)
+            return
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         length = int(self.headers.get("Content-Length") or 0)
@@ -1561,12 +1898,47 @@ class Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in NOT_FORWARDED
                    and not k.lower().startswith("impersonate-")}
         try:
-            status, out_headers, out = self.kubelet.registry.handle(pod_key, method, path, headers, body, port=port)
+            status, out_headers, out = self.kubelet.handle(pod_key, method, path, headers, body, port=port)
         except NotListening:
             raise ApiError(503, "ServiceUnavailable",
                            f"error trying to reach service: dial tcp {ip}:{port}: connect: connection refused")
         # The pod's own Server and Date, as a reverse proxy passes them on.
         self.log_request(status)
+        self.send_response_only(status)
+        for k, v in out_headers.items():
+            if k.lower() not in HOP_BY_HOP:
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(out)
+
+    def pod_network(self, method):
+        """An absolute-form request (`GET http://HOST:PORT/path`): a pod's HTTP traffic through its
+        http_proxy, the pod network. HOST resolves as from a pod; every header, Authorization
+        included, reaches the node. Not an API request: not in --log, no --faults."""
+        url = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        host = (url.hostname or "").lower()
+        port = url.port or 80
+        path = (url.path or "/") + ("?" + url.query if url.query else "")
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP
+                   and not k.lower().startswith("proxy-")}
+        kubelet = self.kubelet
+        with self.store.lock:
+            target, ip = kubelet.pod_target(host, port)
+        status, out_headers, out = 502, {"Content-Type": "text/plain; charset=utf-8"}, b""
+        if target is None:
+            # What a Go proxy answers when the name does not resolve.
+            out = f"dial tcp: lookup {host} on 10.96.0.10:53: no such host\n".encode()
+        else:
+            try:
+                status, out_headers, out = kubelet.handle(target[0], method, path, headers, body, port=target[1])
+            except NotListening:
+                out = f"dial tcp {ip}:{target[1]}: connect: connection refused\n".encode()
+        kubelet.hook_log({"proxy": method, "url": self.path, "pod": target[0] if target else None,
+                          "status": status})
         self.send_response_only(status)
         for k, v in out_headers.items():
             if k.lower() not in HOP_BY_HOP:
@@ -1608,6 +1980,10 @@ class Handler(BaseHTTPRequestHandler):
             return 200, self.existing(key, res, name)
         if method == "DELETE":
             obj = self.existing(key, res, name)
+            if kind == "Pod" and self.kubelet is not None:
+                # Graceful: Terminating while its preStop hooks run, gone at once without any.
+                pod = self.kubelet.delete_pod(key)
+                return 200, store.present(key, pod) if key in store.objects else obj
             if kind != "Namespace":
                 store.forget(key)
                 return 200, obj
@@ -1778,15 +2154,49 @@ def main():
     parser.add_argument("--couchdb-boot-seconds", type=float, default=2.0,
                         help="from a CouchDB container's start to its port accepting connections")
     parser.add_argument("--couchdb-log", help="every request a CouchDB node serves, as JSON lines")
+    parser.add_argument("--immudb", action="store_true",
+                        help="run StatefulSet pods, immudb containers as nodes of the immudb double")
+    parser.add_argument("--immudb-log", help="every request an immudb node serves, as JSON lines")
+    parser.add_argument("--immudb-boot-seconds", type=float, default=0.5,
+                        help="from an immudb container's start to its ports accepting connections")
+    parser.add_argument("--immudb-replication-seconds", type=float, default=0.05,
+                        help="a replica copies one transaction of each database this often")
+    parser.add_argument("--immudb-lag", action="append", default=[], metavar="POD=SECONDS",
+                        help="the replica in pod POD pulls nothing for SECONDS after each start (repeatable)")
+    parser.add_argument("--immudb-sync-wait-seconds", type=float, default=5.0,
+                        help="how long a write on a primary with IMMUDB_REPLICATION_SYNC_ACKS waits for the acks")
+    parser.add_argument("--agraph", action="store_true",
+                        help="run StatefulSet pods, AllegroGraph containers as nodes of agraph_double.py")
+    parser.add_argument("--agraph-log", help="every request an AllegroGraph node serves, as JSON lines")
+    parser.add_argument("--agraph-boot-seconds", type=float, default=None,
+                        help="from an AllegroGraph container's start to its port accepting connections")
+    parser.add_argument("--hook-log", help="every lifecycle hook run and pod-network request, as JSON lines")
     args = parser.parse_args()
     Handler.store = Store()
     Handler.log = args.log
     Handler.faults = Faults(args.faults) if args.faults else None
+    registries = []
     if args.couchdb:
-        registry = CouchRegistry(args.couchdb_settle_seconds, args.couchdb_fill_seconds,
-                                                args.couchdb_log, args.couchdb_setup_wait_seconds,
-                                                args.couchdb_boot_seconds)
-        Handler.kubelet = Kubelet(Handler.store, registry)
+        registries.append(CouchAdapter(CouchRegistry(args.couchdb_settle_seconds, args.couchdb_fill_seconds,
+                                                     args.couchdb_log, args.couchdb_setup_wait_seconds,
+                                                     args.couchdb_boot_seconds)))
+    if args.immudb:
+        from immudb_double import ImmudbRegistry
+        lag = {}
+        for spec in args.immudb_lag:
+            pod, _, seconds = spec.partition("=")
+            lag[pod] = float(seconds)
+        registries.append(ImmudbRegistry(log_path=args.immudb_log, boot_seconds=args.immudb_boot_seconds,
+                                         replication_seconds=args.immudb_replication_seconds, lag=lag,
+                                         sync_wait_seconds=args.immudb_sync_wait_seconds))
+    if args.agraph:
+        from agraph_double import AgraphRegistry
+        kwargs = {"log_path": args.agraph_log}
+        if args.agraph_boot_seconds is not None:
+            kwargs["boot_seconds"] = args.agraph_boot_seconds
+        registries.append(AgraphRegistry(**kwargs))
+    if registries:
+        Handler.kubelet = Kubelet(Handler.store, registries, proxy_port=args.port, hook_log=args.hook_log)
 
         def controllers():
             while True:
