@@ -50,9 +50,9 @@ inconvenient parts included:
   template replace one pod every N seconds (maxSurge 1, maxUnavailable 0),
   their status computed whenever they are read.
 
-With --couchdb (and only then) it also stands in for the StatefulSet
-controller, the garbage collector, the disruption controller and the
-kubelet, and proxies like the API server:
+With a database flag (--couchdb, --immudb, --agraph; only then) it also
+stands in for the StatefulSet controller, the garbage collector, the
+disruption controller and the kubelet, and proxies like the API server:
 
 - every StatefulSet gets its pods NAME-0..N-1 (Parallel: all at once;
   OrderedReady: each after the previous is Ready), their claims from
@@ -63,16 +63,43 @@ kubelet, and proxies like the API server:
   status worked out from the pods (readyReplicas, currentRevision, ...);
 - a deleted pod (DELETE, or POST .../eviction, refused with 429 while a
   PodDisruptionBudget allows no disruption) comes back with its claims, so
-  its CouchDB node restarts with its data;
+  its database node restarts with its data;
 - the kubelet builds each container's environment (value with $(VAR)
   expansion, secretKeyRef, configMapKeyRef, fieldRef, envFrom; a missing
-  Secret or key: CreateContainerConfigError) and mounts ConfigMap volumes
-  (missing: stuck in ContainerCreating); a container whose image is couchdb
-  runs as a node of the CouchDB double (couchdb_double.py) with the ini
-  files mounted under /opt/couchdb/etc/default.d and local.d, its
-  readinessProbe and livenessProbe ask that node; other containers are
-  ready at once;
-- DNS for the nodes and the replicator: Service names and, for headless
+  Secret or key: CreateContainerConfigError) and mounts ConfigMap and Secret
+  volumes (missing: stuck in ContainerCreating). A container whose image
+  matches a database double's registry runs as a node of it, its
+  readinessProbe and livenessProbe ask that node, the claims at the
+  registry's data paths keep its data across restarts; other containers
+  are ready at once. The registries: couchdb (couchdb_double.py, ini files
+  from /opt/couchdb/etc/default.d and local.d, data /opt/couchdb/data),
+  codenotary/immudb (immudb_double.py, data /var/lib/immudb) and, with
+  --agraph, agraph_double.AgraphRegistry. The interface is in Kubelet's
+  docstring;
+- lifecycle hooks `exec` run for real, as subprocesses of this machine: the
+  container's ConfigMap/Secret files written into a fresh temporary dir
+  mirroring their mount paths (defaultMode/mode honoured, 0644 by default),
+  absolute paths under a mount path in the command rewritten into it, the
+  environment the container's own plus http_proxy=http://127.0.0.1:PORT
+  (this double) and HOSTNAME=POD, nothing from the host but PATH.
+  postStart runs once the node started; the container stays Waiting
+  (ContainerCreating) until it exits 0; a failing one is a Warning event
+  FailedPostStartHook, the container killed and restarted with back-off
+  (1s doubling to 30s: Kubernetes' 10s..5m, scaled down). preStop runs when
+  the pod is deleted, evicted, scaled or rolled away, bounded by
+  terminationGracePeriodSeconds (default 30): meanwhile the pod is
+  Terminating (deletionTimestamp), out of the endpoints unless the Service
+  publishes not-ready addresses, its node still running; then it goes;
+- the pod network: an absolute-form request (`GET http://HOST:PORT/path`,
+  what curl sends with http_proxy) goes to the node HOST resolves to as
+  from a pod (the pod running a hook right now, when there is exactly one:
+  its namespace completes short names and localhost is that pod; pod IPs
+  work too), every header but hop-by-hop and Proxy-* ones forwarded,
+  Authorization included; 502 text `dial tcp: lookup HOST ...: no such
+  host` for a name that does not resolve and `dial tcp IP:PORT: connect:
+  connection refused` when nothing listens. Not logged to --log, never
+  failed by --faults; logged to --hook-log;
+- DNS for the nodes and the replicators: Service names and, for headless
   Services, POD.SERVICE.NS.svc.cluster.local (not-ready pods only with
   publishNotReadyAddresses);
 - GET/LIST/DELETE pods, PodDisruptionBudgets with their status;
@@ -88,6 +115,14 @@ kubelet, and proxies like the API server:
 Run: kube_api_double.py --port PORT [--log FILE] [--faults SEED:PERCENT]
      [--couchdb [--couchdb-settle-seconds S] [--couchdb-fill-seconds S]
       [--couchdb-setup-wait-seconds S] [--couchdb-boot-seconds S] [--couchdb-log FILE]]
+     [--immudb [--immudb-log FILE] [--immudb-boot-seconds S (0.5)]
+      [--immudb-replication-seconds S (0.05)] [--immudb-lag POD=SECONDS ...]
+      [--immudb-sync-wait-seconds S (5)]]
+     [--agraph [--agraph-log FILE] [--agraph-boot-seconds S]]
+     [--hook-log FILE]
+--hook-log gets one JSON line per hook run {"time", "pod", "container",
+"hook", "command", "argv", "exit_code", "output_tail"} and per pod-network
+request {"time", "proxy": METHOD, "url", "pod", "status"}.
 Every request is appended to --log as one line,
 `METHOD PATH?QUERY user-agent=VALUE` (`-` when no User-Agent was sent).
 
@@ -1879,7 +1914,7 @@ class Handler(BaseHTTPRequestHandler):
         self.handle_any("GET")
 
     def couch_only(self):
-        # Without --couchdb these methods are as unsupported as they always were here.
+        # Without a database flag these methods are as unsupported as they always were here.
         if self.kubelet is None:
             self.send_error(501, "Unsupported method (%r)" % self.command)
         else:
@@ -2190,7 +2225,10 @@ def main():
                                          replication_seconds=args.immudb_replication_seconds, lag=lag,
                                          sync_wait_seconds=args.immudb_sync_wait_seconds))
     if args.agraph:
-        from agraph_double import AgraphRegistry
+        try:
+            from agraph_double import AgraphRegistry
+        except ImportError as e:
+            parser.error(f"--agraph needs agraph_double.AgraphRegistry next to this file: {e}")
         kwargs = {"log_path": args.agraph_log}
         if args.agraph_boot_seconds is not None:
             kwargs["boot_seconds"] = args.agraph_boot_seconds
