@@ -27,9 +27,14 @@ pkg/server, pkg/auth, pkg/api/schema/schema.proto, and grpc-gateway v1):
   calls need `Authorization: Bearer TOKEN` or `Grpc-Metadata-Authorization:
   Bearer TOKEN` (the gateway passes both on; "Bearer " is optional); tokens
   are signed with keys held in memory, so a restart logs everybody out; a
-  user whose permissions changed must log in again. Missing or unknown token:
-  401 code 16 `please login first`. A wrong password: 500 code 2 `invalid
-  user name or password`.
+  user whose permissions changed must log in again. A missing or unknown
+  token is NOT a 401: pkg/auth.ErrNotLoggedIn is an immudb error (SQLSTATE
+  28000) that maps to gRPC Unknown, so 500 {"error": "not logged in",
+  "code": 2, "message": "not logged in", "details": [ErrorInfo{code
+  "28000", cause}, RetryInfo]}; a token not made of 3+ dot-separated
+  pieces: 500 code 13 `invalid token`. A wrong password: 500 code 2 `invalid
+  user name or password` (ErrorInfo code 08004). Plain fmt.Errorf errors
+  (`user already exists`, ...) are 500 code 2 without details.
 - the superuser `immudb` gets IMMUDB_ADMIN_PASSWORD (default `immudb`) only
   at the first start on an empty data dir (/var/lib/immudb); later starts keep
   the stored password. immudb 1.9+ checks no password strength on the server
@@ -56,9 +61,13 @@ pkg/server, pkg/auth, pkg/api/schema/schema.proto, and grpc-gateway v1):
   IMMUDB_REPLICATION_SYNC_ENABLED=true have it; the request waits (the real
   one waits for good; here `sync_wait_seconds`, then 504 code 4 `context
   deadline exceeded`, the transaction still precommitted).
-- metrics: immudb_last_committed_trx_id and immudb_last_indexed_trx_id with
-  labels {db, index} (immudb 1.9+), a fresh primary at defaultdb 1 and
-  systemdb 2; replicas also immudb_replication_lag{db}.
+- metrics: immudb_last_committed_trx_id and immudb_last_indexed_trx_id
+  (embedded/store/indexer.go: "The highest id of committed transaction")
+  with labels {db, index} (immudb 1.9+; the index label's value for the KV
+  index is not confirmed, "index" here: match on db only), a fresh primary
+  at defaultdb 1 and systemdb 2, a fresh replica at 0 (a replica database
+  writes no first transaction of its own); replicas also
+  immudb_replication_lag{db}.
 
 Every request a node serves on 8080 or 9497 (not the kubelet's probes) is
 appended to the log as one JSON line {"pod", "port", "method", "path",
@@ -120,9 +129,17 @@ def is_strong_password(password):
 
 
 class GrpcError(Exception):
-    def __init__(self, code, message):
+    """A gRPC status the gateway turns into its error JSON. `immu` (SQLSTATE code, cause): an immudb
+    error (pkg/errors), whose status carries ErrorInfo and RetryInfo details."""
+
+    def __init__(self, code, message, immu=None):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.immu = code, message, immu
+
+
+def not_logged_in():
+    # pkg/auth.ErrNotLoggedIn: an immudb error with SQLSTATE 28000, which maps to no gRPC code: Unknown.
+    return GrpcError(2, "not logged in", ("28000", "not logged in"))
 
 
 def b64decode(value, field):
@@ -363,7 +380,12 @@ class ImmudbRegistry:
             json.dumps(value, separators=(",", ":")).encode()
 
     def _error(self, e):
-        return self._json(HTTP_OF.get(e.code, 500), {"error": e.message, "code": e.code, "message": e.message})
+        body = {"error": e.message, "code": e.code, "message": e.message}
+        if e.immu:
+            body["details"] = [{"@type": "type.googleapis.com/immudb.schema.ErrorInfo", "code": e.immu[0],
+                                "cause": e.immu[1]},
+                               {"@type": "type.googleapis.com/immudb.schema.RetryInfo"}]
+        return self._json(HTTP_OF.get(e.code, 500), body)
 
     def _metrics_port(self, node, method, path):
         route = path.split("?", 1)[0]
@@ -381,8 +403,8 @@ class ImmudbRegistry:
     def _metrics(self, node):
         with self.lock:
             lines = []
-            for name, help_ in (("immudb_last_committed_trx_id", "The highest id of committed transactions"),
-                                ("immudb_last_indexed_trx_id", "The highest id of indexed transactions")):
+            for name, help_ in (("immudb_last_committed_trx_id", "The highest id of committed transaction"),
+                                ("immudb_last_indexed_trx_id", "The highest id of indexed transaction")):
                 lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
                 for db in ("defaultdb", "systemdb"):
                     lines.append(f'{name}{{db="{db}",index="index"}} {node.data.dbs[db].committed}')
@@ -441,11 +463,14 @@ class ImmudbRegistry:
             return self._error(e)
 
     def _user_of(self, node, headers):
-        """The logged-in user of a request (Authorization, or Grpc-Metadata-Authorization) or 401."""
+        """The logged-in user of a request (Authorization, or Grpc-Metadata-Authorization), else 500 `not logged in`."""
         for name in ("authorization", "grpc-metadata-authorization"):
             value = headers.get(name)
             if value:
                 token = value[len("Bearer "):] if value.startswith("Bearer ") else value
+                if token and len(token.split(".")) < 3:
+                    # immuerror.Wrap(err, "invalid token"): SQLSTATE XX000, gRPC Internal.
+                    raise GrpcError(13, "invalid token", ("XX000", "malformed token: expected at least 3 pieces"))
                 with self.lock:
                     user = node.tokens.get(token)
                     if user is not None and user in node.logged_in:
@@ -453,7 +478,7 @@ class ImmudbRegistry:
                         if record is not None and record.get("active", True):
                             return record
                 break
-        raise GrpcError(16, "please login first")
+        raise not_logged_in()
 
     @staticmethod
     def _record(name, password, permissions, created_by):
@@ -472,7 +497,9 @@ class ImmudbRegistry:
         with self.lock:
             record = node.data.users().get(user)
             if record is None or not password_ok(record["hashedPassword"], password):
-                raise GrpcError(2, "invalid user name or password")
+                cause = "key not found" if record is None else \
+                    "crypto/bcrypt: hashedPassword is not the hash of the given password"
+                raise GrpcError(2, "invalid user name or password", ("08004", cause))
             if not record.get("active", True):
                 raise GrpcError(2, "user is not active")
             token = "v2.public." + base64.urlsafe_b64encode(os.urandom(96)).decode().rstrip("=") + ".aW1tdWRi"
@@ -597,7 +624,7 @@ class ImmudbRegistry:
         if username == SYSADMIN:
             raise GrpcError(3, "changing sysadmin permissions is not allowed")
         if database == "systemdb" and permission == PERM_RW:
-            raise GrpcError(2, "permission denied")
+            raise GrpcError(13, "permission denied", ("XX000", "permission denied"))
         with self.lock:
             target = node.data.users().get(username)
         if target is None:

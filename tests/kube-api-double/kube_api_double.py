@@ -92,9 +92,10 @@ disruption controller and the kubelet, and proxies like the API server:
   publishes not-ready addresses, its node still running; then it goes;
 - the pod network: an absolute-form request (`GET http://HOST:PORT/path`,
   what curl sends with http_proxy) goes to the node HOST resolves to as
-  from a pod (the pod running a hook right now, when there is exactly one:
-  its namespace completes short names and localhost is that pod; pod IPs
-  work too), every header but hop-by-hop and Proxy-* ones forwarded,
+  from a pod (the request does not say which: the namespace of the pods
+  running hooks right now completes short names when they share one, else
+  default; localhost is the hook's pod when only one pod runs hooks; pod
+  IPs work too), every header but hop-by-hop and Proxy-* ones forwarded,
   Authorization included; 502 text `dial tcp: lookup HOST ...: no such
   host` for a name that does not resolve and `dial tcp IP:PORT: connect:
   connection refused` when nothing listens. Not logged to --log, never
@@ -916,6 +917,7 @@ class Kubelet:
         self.hook_log_path = hook_log
         self.hook_log_lock = threading.Lock()
         self.hooks_running = collections.Counter()      # pod key -> hooks running now
+        self.hooks_lock = threading.Lock()
         self.stopping = set()                           # pod keys whose old container runs its preStop
         self.stopped_registry = {}
         for registry in self.registries:
@@ -952,14 +954,15 @@ class Kubelet:
     def pod_target(self, host, port):
         """Where a pod's request to HOST:PORT goes -> ((pod key, port), pod IP) or (None, None).
 
-        The pod it comes from is the one running a hook right now when there is exactly one
-        (its namespace completes short names; localhost is that pod), else none (namespace default)."""
-        running = [k for k, n in self.hooks_running.items() if n > 0]
-        from_pod = running[0] if len(running) == 1 else None
+        The pods it may come from are those running a hook right now: when they are all in one
+        namespace, it completes short names (else: default); localhost is the pod when there is one."""
+        with self.hooks_lock:
+            running = sorted(k for k, n in self.hooks_running.items() if n > 0)
+        from_pod = running[0] if len({k.split("/", 1)[0] for k in running}) == 1 else None
         ip_of = lambda key: (self.store.objects.get(POD + tuple(key.split("/", 1))) or {}).get(
             "status", {}).get("podIP", "")
         if host in ("localhost", "127.0.0.1", "::1"):
-            return ((from_pod, port), "127.0.0.1") if from_pod else (None, None)
+            return ((running[0], port), "127.0.0.1") if len(running) == 1 else (None, None)
         for key, pod in self.objects(POD):
             if pod.get("status", {}).get("podIP") == host:
                 return (self.pod_key(pod), port), host
@@ -1507,7 +1510,8 @@ class Kubelet:
         result = st[slot] = {"done": False}
 
         def work():
-            self.hooks_running[key] += 1
+            with self.hooks_lock:
+                self.hooks_running[key] += 1
             try:
                 deadline = time.monotonic() + timeout
                 outcome = {"code": 0, "container": "", "command": [], "tail": ""}
@@ -1520,9 +1524,10 @@ class Kubelet:
             except Exception as e:  # a double's bug must not wedge the pod
                 outcome = {"code": 1, "container": "", "command": [], "tail": f"kube-api-double: {e!r}"}
             finally:
-                self.hooks_running[key] -= 1
-                if self.hooks_running[key] <= 0:
-                    self.hooks_running.pop(key, None)
+                with self.hooks_lock:
+                    self.hooks_running[key] -= 1
+                    if self.hooks_running[key] <= 0:
+                        self.hooks_running.pop(key, None)
             result.update(outcome)
             result["done"] = True
             if then is not None:

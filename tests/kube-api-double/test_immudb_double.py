@@ -99,7 +99,7 @@ class ImmudbRegistryTest(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertIn("default password", base64.b64decode(out["warning"]).decode())
 
-    def test_login_auth_headers_and_401(self):
+    def test_login_auth_headers_and_not_logged_in(self):
         x = self.x
         token = x.login(PRIMARY)
         for header in ("Authorization", "Grpc-Metadata-Authorization"):
@@ -107,16 +107,22 @@ class ImmudbRegistryTest(unittest.TestCase):
             self.assertEqual(status, 200, header)
             self.assertEqual(out["users"][0]["user"], B("immudb"))
             self.assertEqual(out["users"][0]["permissions"], [{"database": "*", "permission": 255}])
+        # No token: immudb's ErrNotLoggedIn is gRPC Unknown, so a 500 (not a 401) with immudb's details.
         self.assertEqual(x.call(PRIMARY, "GET", "/api/user/list"),
-                         (401, {"error": "please login first", "code": 16, "message": "please login first"}))
-        self.assertEqual(x.call(PRIMARY, "GET", "/api/user/list", token="v2.public.forged.aW1tdWRi")[0], 401)
+                         (500, {"error": "not logged in", "code": 2, "message": "not logged in",
+                                "details": [{"@type": "type.googleapis.com/immudb.schema.ErrorInfo",
+                                             "code": "28000", "cause": "not logged in"},
+                                            {"@type": "type.googleapis.com/immudb.schema.RetryInfo"}]}))
+        self.assertEqual(x.call(PRIMARY, "GET", "/api/user/list", token="v2.public.forged.aW1tdWRi")[1]["message"],
+                         "not logged in")
+        self.assertEqual(x.call(PRIMARY, "GET", "/api/user/list", token="garbage")[1]["code"], 13)
         # Plain text where the proto wants bytes: the gateway's 400.
         status, out = x.call(PRIMARY, "POST", "/api/login", {"user": "immudb", "password": STRONG})
         self.assertEqual((status, out["code"], out["message"]), (400, 3, "illegal base64 data at input byte 4"))
         # Tokens are signed with keys held in memory: a restart logs everybody out.
         x.r.stop_node(PRIMARY, keep_data=True)
         x.r.start_node(PRIMARY, {}, "codenotary/immudb:1.11.0", {}, None)
-        self.assertEqual(x.call(PRIMARY, "GET", "/api/user/list", token=token)[0], 401)
+        self.assertEqual(x.call(PRIMARY, "GET", "/api/user/list", token=token)[1]["message"], "not logged in")
         self.assertEqual(x.call(PRIMARY, "GET", "/api/v2/user/list", token=x.login(PRIMARY))[0], 200)
 
     def test_create_user_duplicate_and_systemdb_tx(self):
