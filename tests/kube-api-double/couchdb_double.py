@@ -65,8 +65,6 @@ import datetime
 import hashlib
 import hmac
 import json
-import os
-import random
 import re
 import threading
 import time
