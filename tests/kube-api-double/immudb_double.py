@@ -37,7 +37,9 @@ pkg/server, pkg/auth, pkg/api/schema/schema.proto, and grpc-gateway v1):
   (`user already exists`, ...) are 500 code 2 without details.
 - the superuser `immudb` gets IMMUDB_ADMIN_PASSWORD (default `immudb`) only
   at the first start on an empty data dir (/var/lib/immudb); later starts keep
-  the stored password. immudb 1.9+ checks no password strength on the server
+  the stored password (IMMUDB_FORCE_ADMIN_PASSWORD=true resets it, and makes
+  a replica fail to start; an empty password: the container exits). immudb
+  1.9+ checks no password strength on the server
   (only an empty password: 500 `password is empty`); `is_strong_password`
   holds the old rule immuadmin still warns about.
 - users (CreateUser, ListUsers, ChangePermission, ChangePassword) live in
@@ -287,12 +289,15 @@ class ImmudbRegistry:
             self.nodes[pod_key] = node
             node.env = dict(env or {})
             node.version = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else "1.11.0"
-            admin_password = node.opt("ADMIN_PASSWORD", DEFAULT_ADMIN_PASSWORD) \
+            admin_password = node.env["IMMUDB_ADMIN_PASSWORD"].strip() \
                 if "IMMUDB_ADMIN_PASSWORD" in node.env else DEFAULT_ADMIN_PASSWORD
+            if admin_password.startswith("enc:"):
+                try:
+                    admin_password = base64.b64decode(admin_password[4:], validate=True).decode(errors="replace")
+                except binascii.Error:
+                    return False
             if admin_password == "":
                 return False            # "Admin password cannot be empty": the server does not start
-            if admin_password.startswith("enc:"):
-                admin_password = base64.b64decode(admin_password[4:]).decode(errors="replace")
             directory = node.opt("DIR", DATA_DIR).rstrip("/")
             if directory != DATA_DIR:
                 node.data = Data()      # the data lives in the container's own filesystem
@@ -305,6 +310,15 @@ class ImmudbRegistry:
                     node.data.dbs["systemdb"].commit([user_entry(self._record(
                         SYSADMIN, admin_password, [{"database": "*", "permission": PERM_SYSADMIN}], ""))])
                     node.data.dbs["defaultdb"].commit([(b"\x02catalog", b"{}")])
+            elif node.flag("FORCE_ADMIN_PASSWORD"):
+                # --force-admin-password: the stored password reset when it differs; a replica cannot.
+                if node.replica:
+                    node.running = False
+                    return False
+                admin = node.data.users().get(SYSADMIN)
+                if admin is not None and not password_ok(admin["hashedPassword"], admin_password):
+                    node.data.dbs["systemdb"].commit([user_entry({**admin, "hashedPassword": password_hash(
+                        admin_password)})])
             node.running = True
             node.started = time.monotonic()
             node.tokens, node.logged_in, node.why = {}, set(), {}

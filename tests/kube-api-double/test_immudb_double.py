@@ -324,6 +324,49 @@ class KubeletHooksTest(unittest.TestCase):
         self.assertEqual([(h["pod"], h["exit_code"]) for h in stop], [("ledger/ledger-1", 0)])
         wait_for("ledger-1 gone", lambda: self.request("GET", "/api/v1/namespaces/ledger/pods/ledger-1")[0] == 404)
 
+    def test_claim_at_the_data_dir_keeps_users_across_pod_restarts(self):
+        self.apply("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ledger"}})
+        sts = self.statefulset(1)
+        spec = sts["spec"]["template"]["spec"]
+        spec["containers"][0].pop("lifecycle")
+        spec["containers"][0]["volumeMounts"] = [{"name": "data", "mountPath": "/var/lib/immudb"}]
+        spec.pop("volumes")
+        sts["spec"]["volumeClaimTemplates"] = [{"metadata": {"name": "data"}, "spec": {
+            "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]
+        self.apply("statefulsets", sts, "apis/apps/v1")
+        wait_for("ledger-0 ready", lambda: self.pod_ready("ledger-0"))
+        proxy = "/api/v1/namespaces/ledger/pods/ledger-0:8080/proxy"
+
+        def login(password):
+            return self.request("POST", proxy + "/api/login", {"user": B("immudb"), "password": B(password)})
+        status, out = login(STRONG)
+        self.assertEqual(status, 200, out)
+        # The API server's proxy drops Authorization: only the Grpc-Metadata form reaches immudb.
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
+        conn.request("POST", proxy + "/api/user", body=json.dumps({"user": B("app"), "password": B("App1!pass"),
+                                                                   "permission": 2, "database": "defaultdb"}),
+                     headers={"Content-Type": "application/json", "Authorization": "Bearer " + out["token"]})
+        resp = conn.getresponse()
+        self.assertEqual((resp.status, json.loads(resp.read())["message"]), (500, "not logged in"))
+        conn.request("POST", proxy + "/api/user", body=json.dumps({"user": B("app"), "password": B("App1!pass"),
+                                                                   "permission": 2, "database": "defaultdb"}),
+                     headers={"Content-Type": "application/json",
+                              "Grpc-Metadata-Authorization": "Bearer " + out["token"]})
+        resp = conn.getresponse()
+        self.assertEqual((resp.status, resp.read()), (200, b"{}"))
+        conn.close()
+        # The pod goes and comes back with its claim: a new password in the env changes nothing.
+        spec["containers"][0]["env"][0]["value"] = "Changed9!pw"
+        self.apply("statefulsets", sts, "apis/apps/v1")
+        wait_for("the rolled pod ready", lambda: self.pod_ready("ledger-0") and (self.request(
+            "GET", "/api/v1/namespaces/ledger/pods/ledger-0")[1]["metadata"]["labels"]["controller-revision-hash"]
+            == self.request("GET", "/apis/apps/v1/namespaces/ledger/statefulsets/ledger")[1]["status"].get(
+                "updateRevision")))
+        self.assertEqual(login(STRONG)[0], 200)
+        self.assertEqual(login("Changed9!pw")[0], 500)
+        status, _ = self.request("POST", proxy + "/api/login", {"user": B("app"), "password": B("App1!pass")})
+        self.assertEqual(status, 200)
+
     def test_failing_post_start_restarts_the_container(self):
         self.apply("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ledger"}})
         self.apply("configmaps", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ledger-hooks"},
