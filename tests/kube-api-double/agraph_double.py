@@ -265,6 +265,11 @@ class AgraphRegistry:
             server = self.servers.get(pod_key)
             return bool(server and server.running)
 
+    def listening(self, pod_key, port=HTTP_PORT):
+        """Does a TCP connection to the pod's port succeed now (for the port-forward's dial)?"""
+        with self.lock:
+            return self._listening(pod_key, port) is not None
+
     def crash_reason(self, pod_key):
         with self.lock:
             server = self.servers.get(pod_key)

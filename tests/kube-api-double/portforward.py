@@ -271,6 +271,22 @@ def http_response(method, status, headers, body, close):
 
 # ---- the handler ------------------------------------------------------------------
 
+def registry_connect(registry, pod_key):
+    """A `connect` for serve() that dials a pod of a database double (AgraphRegistry, CouchRegistry).
+
+    The dial fails at once when the registry says nothing listens (a
+    registry without `listening`: at the first request, as a reset).
+    """
+    def connect(port):
+        if hasattr(registry, "listening") and not registry.listening(pod_key, port):
+            raise NotListening("connection refused")
+
+        def handle(method, path, headers, body):
+            return registry.handle(pod_key, method, path, headers, body, port=port)
+        return handle
+    return connect
+
+
 def serve(rfile, wfile, request_headers, ports, connect, pod_key=""):
     """Answer the upgrade and run the port-forward until it ends. -> the HTTP status answered (101, 400, 403).
 

@@ -226,6 +226,22 @@ class PortForwardTest(unittest.TestCase):
         self.assertEqual(c.recv(), (portforward.OP_CLOSE, struct.pack("!H", 1000)))
         self.assertEqual(c.rfile.read(1), b"")
 
+    def test_registry_connect_to_the_agraph_double(self):
+        import time
+        from agraph_double import AgraphRegistry
+        reg = AgraphRegistry(boot_seconds=0.0)
+        connect = portforward.registry_connect(reg, "demo/ag-0")
+        with self.assertRaises(NotListening):
+            connect(10035)
+        reg.start_node("demo/ag-0", {"AGRAPH_SUPER_USER": "u", "AGRAPH_SUPER_PASSWORD": "p"}, shm_bytes=1 << 30)
+        time.sleep(0.01)
+        with self.assertRaises(NotListening):
+            connect(10000)
+        handle = connect(10035)
+        auth = {"Authorization": "Basic " + base64.b64encode(b"u:p").decode()}
+        self.assertEqual(handle("GET", "/repositories", auth, b"")[0], 200)
+        self.assertEqual(handle("GET", "/repositories", {}, b"")[0], 401)
+
     def test_parse_ports(self):
         self.assertEqual(portforward.parse_ports(["10035,5984", "80"]), [10035, 5984, 80])
         with self.assertRaises(ValueError):
