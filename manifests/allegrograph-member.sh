@@ -1,10 +1,12 @@
 #!/bin/sh
 # Keeps this pod's AllegroGraph a member of the multi-master replication
 # cluster of $STACK_REPOSITORY, under the pod's name, and takes it out when
-# the pod goes. It runs in a curlimages/curl sidecar: the franzinc/agraph
-# image has no curl, and stack itself cannot do this from outside through
-# the API server's pod proxy, which drops the Authorization header that
-# AllegroGraph's Basic auth needs.
+# the pod goes. Membership has to follow the pod's life (an AllegroGraph
+# container that restarts empty must join again, a pod scaled away must
+# leave), which stack, run once from outside, does not see; so this runs in
+# the pod, in a curlimages/curl sidecar, as the franzinc/agraph image has no
+# curl. A member, not the controlling instance: with STACK_SELF equal to
+# STACK_CONTROLLING it does nothing.
 #
 # Env: AGRAPH_SUPER_USER, AGRAPH_SUPER_PASSWORD, POD_NAME, STACK_REPOSITORY,
 # STACK_CONTROLLING (host of the controlling instance), STACK_SELF (this
