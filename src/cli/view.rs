@@ -283,6 +283,14 @@ pub fn status(status: &Status) -> String {
                 }
             }
         }
+        for r in &db.replicas {
+            let lag = match (r.lag, &r.problem) {
+                (Some(n), _) => format!("{n} transactions behind the primary"),
+                (None, Some(problem)) => format!("lag unknown ({problem})"),
+                (None, None) => "lag unknown".to_string(),
+            };
+            let _ = writeln!(out, "  replica {}: {lag}", r.pod);
+        }
         for problem in &db.problems {
             let _ = writeln!(out, "  problem: {problem}");
         }

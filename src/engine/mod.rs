@@ -19,7 +19,8 @@ pub use cancel::{Cancel, Level, StopReason, Stopped};
 pub use events::{Event, EventSink, Events};
 pub use phase::{
     ChangeInput, DatabaseStatus, EndpointStatus, Leftovers, NodeStatus, Phase, PhaseError,
-    PlanInput, Prepared, ReplicationStatus, Retries, SshAccess, StageInput, StatusPart,
+    PlanInput, Prepared, ReplicaStatus, ReplicationStatus, Retries, SshAccess, StageInput,
+    StatusPart,
 };
 pub use plan::{
     Action, Change, FieldChange, FieldPath, Handling, Mode, Observed, Plan, PlanPart, PriorFields,

@@ -141,6 +141,19 @@ pub struct DatabaseStatus {
     pub membership: String,
     pub problems: Vec<String>,
     pub replications: Vec<ReplicationStatus>,
+    /// Read replicas and how far each is behind its primary (immudb).
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// A read replica as `stack status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    pub pod: String,
+    /// Transactions behind the primary; `None` when it could not be read.
+    pub lag: Option<u64>,
+    /// Why the lag is unknown.
+    pub problem: Option<String>,
 }
 
 /// A replication as `stack status` shows it: its scheduler state.

@@ -10,6 +10,7 @@ mod bootstrap;
 mod cli;
 mod couchdb;
 mod ec2;
+mod immudb;
 mod kube;
 mod kube_server;
 mod kvm;

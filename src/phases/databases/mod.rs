@@ -12,6 +12,9 @@
 //! with the kubeconfig's credentials.
 
 pub mod couchdb;
+pub mod immudb;
+pub mod pod_http;
+pub mod random;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,8 +24,8 @@ use serde_json::{json, Value};
 
 use crate::engine::{
     Action, Change, ChangeInput, DatabaseStatus, FieldChange, FieldPath, Mode, Observed, Phase,
-    PhaseError, PlanInput, PlanPart, Prepared, ReplicationStatus, Resource, StageInput, StatusPart,
-    StepRef,
+    PhaseError, PlanInput, PlanPart, Prepared, ReplicaStatus, ReplicationStatus, Resource,
+    StageInput, StatusPart, StepRef,
 };
 use crate::future::BoxFuture;
 use crate::model::{DatabaseKind, Stack};
@@ -30,11 +33,20 @@ use crate::phases::kube::manifest::{ManifestError, Object, Renderer};
 use crate::phases::kube::{self, kinds, Cluster, Kube, KubeError};
 use crate::state::{Record, State};
 use couchdb::api::Api;
-use couchdb::credentials::{Credentials, RandomError};
+use couchdb::credentials::Credentials;
 use couchdb::{CouchError, Couchdb, Live};
+use immudb::Immudb;
+use random::RandomError;
 
-/// The generated secrets of the stack's CouchDB clusters, by cluster name.
-pub type DatabaseCredentials = BTreeMap<String, Credentials>;
+/// The generated secrets of the stack's database clusters, by kind and
+/// cluster name.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct DatabaseCredentials {
+    #[serde(default)]
+    pub couchdb: BTreeMap<String, Credentials>,
+    #[serde(default)]
+    pub immudb: BTreeMap<String, immudb::objects::Credentials>,
+}
 
 /// Change kinds of the phase's own resources.
 const CREDENTIALS: &str = "couchdb:credentials";
@@ -43,12 +55,14 @@ const MEMBERSHIP: &str = "couchdb:membership";
 const PLACEMENT: &str = "couchdb:placement";
 const DATABASE: &str = "couchdb:database";
 const REPLICATION: &str = "couchdb:replication";
+const IMMU_CREDENTIALS: &str = "immudb:credentials";
+const REPLICATOR: &str = "immudb:replicator";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
     #[error(transparent)]
     Random(#[from] RandomError),
-    #[error("the state's record of the secrets of CouchDB cluster {cluster} cannot be read")]
+    #[error("the state's record of the secrets of {cluster} cannot be read")]
     Record {
         cluster: String,
         #[source]
@@ -68,6 +82,10 @@ pub enum DatabasesError {
     Objects(PhaseError),
     #[error("CouchDB cluster {cluster}: the state has no record of its secrets (plan again)")]
     NoCredentials { cluster: String },
+    #[error(transparent)]
+    Immu(#[from] immudb::ImmuError),
+    #[error("immudb cluster {cluster}: the state has no record of its secrets (plan again)")]
+    NoImmuCredentials { cluster: String },
     #[error("{0} is not a change of the database phase")]
     Unknown(String),
     #[error("CouchDB cluster {cluster}: replication {replication} names Secret {secret}, which is not in namespace {namespace} with keys username and password")]
@@ -79,29 +97,91 @@ pub enum DatabasesError {
     },
 }
 
+/// A size as a Kubernetes quantity (`10Gi`, `512Mi`, or bytes).
+pub(crate) fn quantity(size: crate::model::ByteSize) -> String {
+    const MI: u64 = 1 << 20;
+    const GI: u64 = 1 << 30;
+    match size.0 {
+        b if b % GI == 0 => format!("{}Gi", b / GI),
+        b if b % MI == 0 => format!("{}Mi", b / MI),
+        b => b.to_string(),
+    }
+}
+
 fn record_address(cluster: &str, what: &str) -> String {
     format!("couchdb.{cluster}.{what}")
 }
 
-/// The secrets of every CouchDB cluster: as the state recorded them, else
+fn immu_address(cluster: &str, what: &str) -> String {
+    format!("immudb.{cluster}.{what}")
+}
+
+/// A record of generated secrets the state holds, when it holds one.
+fn recorded<T: serde::de::DeserializeOwned>(
+    state: &State,
+    address: &str,
+    cluster: String,
+) -> Result<Option<T>, CredentialsError> {
+    let Some(record) = state.get(address).filter(|r| r.id.is_some()) else {
+        return Ok(None);
+    };
+    serde_json::from_value(record.attrs.clone())
+        .map(Some)
+        .map_err(|source| CredentialsError::Record { cluster, source })
+}
+
+/// The secrets of every database cluster: as the state recorded them, else
 /// as the cluster's Secrets hold them (a machine without the state), else new.
 async fn credentials(
-    clusters: &[Couchdb],
+    clusters: &Clusters,
     state: &State,
     cluster: Option<&Cluster>,
 ) -> Result<DatabaseCredentials, CredentialsError> {
+    let secret = kinds::find("v1", "Secret").expect("Secret is a known kind");
+    let mut immu = BTreeMap::new();
+    for db in &clusters.immu {
+        let name = &db.db.name;
+        let address = immu_address(name, "credentials");
+        if let Some(found) = recorded(state, &address, format!("immudb cluster {name}"))? {
+            immu.insert(name.clone(), found);
+            continue;
+        }
+        let namespace = Some(db.names.namespace.as_str());
+        let mut found = None;
+        if let Some(cluster) = cluster {
+            let admin = cluster
+                .get(secret, namespace, &db.names.admin_secret())
+                .await?;
+            let replication = cluster
+                .get(secret, namespace, &db.names.replication_secret())
+                .await?;
+            if let (Some(admin), Some(replication)) = (admin, replication) {
+                found = immudb::objects::Credentials::from_cluster(&admin, &replication);
+            }
+        }
+        let credentials = match found {
+            Some(found) => found,
+            None => immudb::objects::Credentials::generate(name)?,
+        };
+        immu.insert(name.clone(), credentials);
+    }
+    Ok(DatabaseCredentials {
+        couchdb: couch_credentials(&clusters.couch, state, cluster).await?,
+        immudb: immu,
+    })
+}
+
+async fn couch_credentials(
+    clusters: &[Couchdb],
+    state: &State,
+    cluster: Option<&Cluster>,
+) -> Result<BTreeMap<String, Credentials>, CredentialsError> {
     let mut out = BTreeMap::new();
     for couch in clusters {
         let name = &couch.db.name;
         let address = record_address(name, "credentials");
-        if let Some(record) = state.get(&address).filter(|r| r.id.is_some()) {
-            let credentials = serde_json::from_value(record.attrs.clone()).map_err(|source| {
-                CredentialsError::Record {
-                    cluster: name.clone(),
-                    source,
-                }
-            })?;
-            out.insert(name.clone(), credentials);
+        if let Some(found) = recorded(state, &address, format!("CouchDB cluster {name}"))? {
+            out.insert(name.clone(), found);
             continue;
         }
         let names = &couch.names;
@@ -134,30 +214,43 @@ async fn credentials(
     Ok(out)
 }
 
-/// The clusters of a stack with a `kubernetes` section.
-fn clusters(stack: &Stack) -> Vec<Couchdb> {
-    let Some(kubernetes) = &stack.kubernetes else {
-        return Vec::new();
-    };
-    stack
-        .databases
-        .iter()
-        .filter(|d| d.kind == DatabaseKind::Couchdb)
-        .map(|d| {
-            Couchdb::new(
-                d,
-                &kubernetes.namespace,
-                &stack.name,
-                stack.timeouts.healthy,
-            )
-        })
-        .collect()
+/// The database clusters of a stack, by kind.
+struct Clusters {
+    couch: Vec<Couchdb>,
+    immu: Vec<Immudb>,
+}
+
+impl Clusters {
+    /// The clusters of a stack with a `kubernetes` section.
+    fn of(stack: &Stack) -> Clusters {
+        let Some(kubernetes) = &stack.kubernetes else {
+            return Clusters {
+                couch: Vec::new(),
+                immu: Vec::new(),
+            };
+        };
+        let ns = &kubernetes.namespace;
+        let healthy = stack.timeouts.healthy;
+        let of = |kind| stack.databases.iter().filter(move |d| d.kind == kind);
+        Clusters {
+            couch: of(DatabaseKind::Couchdb)
+                .map(|d| Couchdb::new(d, ns, &stack.name, healthy))
+                .collect(),
+            immu: of(DatabaseKind::Immudb)
+                .map(|d| Immudb::new(d, ns, healthy))
+                .collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.couch.is_empty() && self.immu.is_empty()
+    }
 }
 
 /// The database clusters' Kubernetes objects, as the Kubernetes layer
 /// renders, applies and diffs them.
 struct Objects {
-    clusters: Vec<Couchdb>,
+    clusters: Clusters,
 }
 
 impl kube::Contribution for Objects {
@@ -181,12 +274,20 @@ impl kube::Contribution for Objects {
             .and_then(|s| serde_json::from_value(s.clone()).ok())
             .unwrap_or_default();
         let mut out = Vec::new();
-        for couch in &self.clusters {
+        for couch in &self.clusters.couch {
             out.extend(couchdb::objects::objects(
                 renderer,
                 &couch.db,
                 &couch.names.namespace,
-                credentials.get(&couch.db.name),
+                credentials.couchdb.get(&couch.db.name),
+            )?);
+        }
+        for db in &self.clusters.immu {
+            out.extend(immudb::objects::objects(
+                renderer,
+                &db.db,
+                &db.names.namespace,
+                credentials.immudb.get(&db.db.name),
             )?);
         }
         Ok(out)
@@ -195,7 +296,7 @@ impl kube::Contribution for Objects {
 
 /// What the database clusters bring to the Kubernetes layer; `None` without any.
 pub fn contribution(stack: &Stack) -> Option<Arc<dyn kube::Contribution>> {
-    let clusters = clusters(stack);
+    let clusters = Clusters::of(stack);
     if clusters.is_empty() {
         return None;
     }
@@ -208,14 +309,16 @@ pub struct Databases {
     /// The clusters' Kubernetes objects, as the Kubernetes layer applies them.
     objects: Arc<dyn Phase>,
     clusters: Vec<Couchdb>,
+    immu: Vec<Immudb>,
     stack: Stack,
     /// One API client per cluster and password.
     apis: tokio::sync::Mutex<BTreeMap<String, Arc<Api>>>,
+    immu_apis: tokio::sync::Mutex<BTreeMap<String, Arc<immudb::api::Api>>>,
 }
 
 /// Whether a record is one of the phase's own (not a Kubernetes object).
 fn is_own(record: &Record) -> bool {
-    record.kind.starts_with("couchdb:")
+    record.kind.starts_with("couchdb:") || record.kind.starts_with("immudb:")
 }
 
 /// A cluster's plan, before steps are numbered.
@@ -253,16 +356,18 @@ fn field(path: &str, observed: Option<Value>, after: Option<Value>, drift: bool)
 impl Databases {
     /// The phase of a stack with database clusters; `None` without any.
     pub fn for_stack(stack: &Stack, kube: &Arc<Kube>) -> Option<Databases> {
-        let clusters = clusters(stack);
+        let clusters = Clusters::of(stack);
         if clusters.is_empty() {
             return None;
         }
         Some(Databases {
             objects: kube.stage(kinds::Stage::Databases),
             kube: kube.clone(),
-            clusters,
+            clusters: clusters.couch,
+            immu: clusters.immu,
             stack: stack.clone(),
             apis: tokio::sync::Mutex::new(BTreeMap::new()),
+            immu_apis: tokio::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -283,9 +388,40 @@ impl Databases {
         Ok(api)
     }
 
+    /// The API of an immudb cluster, logged in as its superuser.
+    async fn immu_api(
+        &self,
+        db: &Immudb,
+        credentials: &immudb::objects::Credentials,
+    ) -> Result<Arc<immudb::api::Api>, KubeError> {
+        let key = format!("{}\u{0}{}", db.db.name, credentials.password);
+        let mut apis = self.immu_apis.lock().await;
+        if let Some(api) = apis.get(&key) {
+            return Ok(api.clone());
+        }
+        let client = self.kube.client().await?.direct();
+        let api = Arc::new(immudb::api::Api::new(
+            client,
+            &db.db.name,
+            &db.names.namespace,
+            &credentials.username,
+            &credentials.password,
+        ));
+        apis.insert(key, api.clone());
+        Ok(api)
+    }
+
     /// How many requests the phase sent to database pods this session.
     pub async fn requests(&self) -> usize {
-        self.apis.lock().await.values().map(|a| a.requests()).sum()
+        let couch: usize = self.apis.lock().await.values().map(|a| a.requests()).sum();
+        let immu: usize = self
+            .immu_apis
+            .lock()
+            .await
+            .values()
+            .map(|a| a.requests())
+            .sum();
+        couch + immu
     }
 
     /// The user's Secrets that replication targets name: name → (username, password).
@@ -350,8 +486,9 @@ impl Databases {
             return Ok(objects);
         }
         let planned = self.kube.planned(&input).await?;
-        let every: DatabaseCredentials =
+        let all: DatabaseCredentials =
             serde_json::from_value(planned.secrets.clone()).unwrap_or_default();
+        let every = &all.couchdb;
         let secrets = if planned.read {
             self.user_secrets().await?
         } else {
@@ -380,7 +517,13 @@ impl Databases {
                             couch.db.name,
                             crate::error_chain::error_chain(&err)
                         ));
-                        plans.push((couch, credentials, plan));
+                        plans.push((
+                            record_address(&couch.db.name, "credentials"),
+                            CREDENTIALS,
+                            couch.db.name.clone(),
+                            serde_json::to_value(&credentials).expect("credentials serialise"),
+                            plan,
+                        ));
                         continue;
                     }
                 }
@@ -390,13 +533,36 @@ impl Databases {
             let plan = self.plan_cluster(
                 couch,
                 &credentials,
-                &every,
+                every,
                 &secrets,
                 live.as_ref(),
                 &own_records,
                 &objects.changes,
             );
-            plans.push((couch, credentials, plan));
+            plans.push((
+                record_address(&couch.db.name, "credentials"),
+                CREDENTIALS,
+                couch.db.name.clone(),
+                serde_json::to_value(&credentials).expect("credentials serialise"),
+                plan,
+            ));
+        }
+        for db in &self.immu {
+            let credentials = all.immudb.get(&db.db.name).cloned().ok_or_else(|| {
+                DatabasesError::NoImmuCredentials {
+                    cluster: db.db.name.clone(),
+                }
+            })?;
+            let plan = self
+                .plan_immudb(db, &credentials, planned.read, &own_records, input.cancel)
+                .await?;
+            plans.push((
+                immu_address(&db.db.name, "credentials"),
+                IMMU_CREDENTIALS,
+                db.db.name.clone(),
+                serde_json::to_value(&credentials).expect("credentials serialise"),
+                plan,
+            ));
         }
         let mut resources = Vec::new();
         let mut observed = Vec::new();
@@ -404,19 +570,18 @@ impl Databases {
         let mut after = Vec::new();
         let mut notes = Vec::new();
         let mut blocked = Vec::new();
-        for (couch, credentials, plan) in plans {
-            let address = record_address(&couch.db.name, "credentials");
+        for (address, kind, id, credentials, plan) in plans {
             resources.push(Resource {
                 address: address.clone(),
-                kind: CREDENTIALS.to_string(),
-                attrs: serde_json::to_value(&credentials).expect("credentials serialise"),
+                kind: kind.to_string(),
+                attrs: credentials,
                 handling: Default::default(),
             });
             if let Some(record) = own_records.get(&address).filter(|r| r.id.is_some()) {
                 observed.push(Observed {
                     address,
-                    kind: CREDENTIALS.to_string(),
-                    id: couch.db.name.clone(),
+                    kind: kind.to_string(),
+                    id,
                     attrs: record.attrs.clone(),
                     handling: Default::default(),
                 });
@@ -434,13 +599,13 @@ impl Databases {
         let operations: Vec<String> = own_records
             .resources
             .iter()
-            .filter(|r| [FORMATION, MEMBERSHIP, PLACEMENT].contains(&r.kind.as_str()))
+            .filter(|r| [FORMATION, MEMBERSHIP, PLACEMENT, REPLICATOR].contains(&r.kind.as_str()))
             .map(|r| r.address.clone())
             .collect();
         let finished = |address: &String| {
-            own_records
-                .get(address)
-                .is_some_and(|r| r.kind == FORMATION && r.id.is_some())
+            own_records.get(address).is_some_and(|r| {
+                [FORMATION, REPLICATOR].contains(&r.kind.as_str()) && r.id.is_some()
+            })
         };
         let declared = own_records.only(|r| !operations.contains(&r.address));
         let mut part = crate::engine::plan::diff(&resources, &declared, &observed);
@@ -473,6 +638,9 @@ impl Databases {
             match (change.kind.as_str(), change.action) {
                 (CREDENTIALS, Action::Create) => {
                     change.reason = "generated for the cluster (admin password, Erlang cookie, COUCHDB_SECRET): kept in the state and in its Secrets".into();
+                }
+                (IMMU_CREDENTIALS, Action::Create) => {
+                    change.reason = "generated for the cluster (the superuser's password, set at the primary's first start, and the replication user's): kept in the state and in its Secrets".into();
                 }
                 (DATABASE, Action::Create) if change.before.is_some() => {
                     change.reason =
@@ -513,7 +681,7 @@ impl Databases {
         let (credentials, rest): (Vec<Change>, Vec<Change>) = declared
             .changes
             .into_iter()
-            .partition(|c| c.kind == CREDENTIALS);
+            .partition(|c| c.kind == CREDENTIALS || c.kind == IMMU_CREDENTIALS);
         let (removals, rest): (Vec<Change>, Vec<Change>) =
             rest.into_iter().partition(|c| c.action == Action::Delete);
         let (object_removals, object_changes): (Vec<Change>, Vec<Change>) = objects
@@ -558,7 +726,7 @@ impl Databases {
         &self,
         couch: &Couchdb,
         credentials: &Credentials,
-        every: &DatabaseCredentials,
+        every: &BTreeMap<String, Credentials>,
         secrets: &BTreeMap<String, (String, String)>,
         live: Option<&Live>,
         records: &State,
@@ -747,6 +915,101 @@ impl Databases {
             }
         }
         plan
+    }
+
+    /// An immudb cluster's operation: the replication user on the primary,
+    /// planned from what the primary lists (drift when it lost the user or
+    /// its permissions), else from the state.
+    async fn plan_immudb(
+        &self,
+        db: &Immudb,
+        credentials: &immudb::objects::Credentials,
+        read: bool,
+        records: &State,
+        cancel: &crate::engine::Cancel,
+    ) -> Result<ClusterPlan, DatabasesError> {
+        let mut plan = ClusterPlan::default();
+        let name = &db.db.name;
+        let address = immu_address(name, "replicator");
+        let recorded = records.get(&address).is_some_and(|r| r.id.is_some());
+        let live = if read {
+            let api = self.immu_api(db, credentials).await?;
+            let cluster = self.kube.client().await?;
+            match db
+                .read(cluster, &api, cancel, crate::engine::Level::Soon)
+                .await
+            {
+                Ok(live) => Some(live),
+                Err(err @ immudb::ImmuError::Pods { .. }) => return Err(err.into()),
+                Err(err) => {
+                    plan.notes.push(format!(
+                        "immudb cluster {name} could not be read ({}): planned against the state",
+                        crate::error_chain::error_chain(&err)
+                    ));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let replicator = &credentials.replicator;
+        let wanted = json!({
+            "user": replicator,
+            "permission": immudb::ADMIN_PERMISSION,
+            "databases": immudb::REPLICATED,
+        });
+        let listed = live
+            .as_ref()
+            .and_then(|l| l.users.as_ref().map(|_| db.replicator(l, credentials)));
+        let mut change = match listed {
+            None if recorded => {
+                if read {
+                    plan.notes.push(format!(
+                        "the primary of immudb cluster {name} did not answer (its pod is not ready): its replication user is checked by the health gate"
+                    ));
+                }
+                return Ok(plan);
+            }
+            None => operation(
+                &address,
+                REPLICATOR,
+                Action::Create,
+                format!("the replicas log in to the primary as {replicator}: made there once the primary is ready, with admin permission on defaultdb and systemdb (what replication needs), never the superuser"),
+            ),
+            Some(None) => {
+                let mut change = operation(
+                    &address,
+                    REPLICATOR,
+                    Action::Create,
+                    format!("{}user {replicator} is not on the primary: made, with admin permission on defaultdb and systemdb", if recorded { "drift: " } else { "" }),
+                );
+                change.drift = recorded;
+                change
+            }
+            Some(Some(user)) if !Immudb::can_replicate(user) => {
+                let mut change = operation(
+                    &address,
+                    REPLICATOR,
+                    Action::Update,
+                    format!("drift: user {replicator} lacks what replication needs on the primary (active, admin permission on defaultdb and systemdb): granted again"),
+                );
+                change.drift = true;
+                change.fields.push(field(
+                    "permissions",
+                    Some(json!(user.permissions)),
+                    Some(json!(immudb::REPLICATED
+                        .iter()
+                        .map(|d| (d.to_string(), immudb::ADMIN_PERMISSION))
+                        .collect::<BTreeMap<_, _>>())),
+                    true,
+                ));
+                change
+            }
+            Some(Some(_)) => return Ok(plan),
+        };
+        change.after = Some(wanted);
+        plan.after.push(change);
+        Ok(plan)
     }
 
     fn plan_membership(&self, couch: &Couchdb, live: &Live, plan: &mut ClusterPlan) {
@@ -938,6 +1201,13 @@ impl Databases {
                 .await
                 .map_err(DatabasesError::Objects);
         }
+        if let Some(db) = self.immu.iter().find(|d| {
+            change
+                .address
+                .starts_with(&format!("immudb.{}.", d.db.name))
+        }) {
+            return self.apply_immudb(db, change, input).await;
+        }
         let couch = self
             .clusters
             .iter()
@@ -1030,6 +1300,39 @@ impl Databases {
         Ok(None)
     }
 
+    async fn apply_immudb(
+        &self,
+        db: &Immudb,
+        change: &Change,
+        input: ChangeInput<'_>,
+    ) -> Result<Option<Record>, DatabasesError> {
+        let record = Record {
+            address: change.address.clone(),
+            kind: change.kind.clone(),
+            id: Some(db.db.name.clone()),
+            attrs: change.after.clone().unwrap_or_default(),
+            pending_token: None,
+        };
+        match change.kind.as_str() {
+            IMMU_CREDENTIALS => Ok(Some(record)),
+            REPLICATOR => {
+                let credentials: immudb::objects::Credentials = input
+                    .state
+                    .get(&immu_address(&db.db.name, "credentials"))
+                    .and_then(|r| serde_json::from_value(r.attrs.clone()).ok())
+                    .ok_or_else(|| DatabasesError::NoImmuCredentials {
+                        cluster: db.db.name.clone(),
+                    })?;
+                let api = self.immu_api(db, &credentials).await?;
+                let cluster = self.kube.client().await?;
+                db.ensure_replicator(cluster, &api, &credentials, input.cancel)
+                    .await?;
+                Ok(Some(record))
+            }
+            _ => Err(DatabasesError::Unknown(change.address.clone())),
+        }
+    }
+
     async fn gate(&self, input: StageInput<'_>) -> Result<(), DatabasesError> {
         self.objects
             .gate(StageInput {
@@ -1047,16 +1350,23 @@ impl Databases {
         if input.mode == Mode::Destroy {
             return Ok(());
         }
-        let credentials: DatabaseCredentials =
+        let all: DatabaseCredentials =
             serde_json::from_value(self.kube.planned_secrets(input.plan_id).await?)
                 .unwrap_or_default();
         let cluster = self.kube.client().await?;
         for couch in &self.clusters {
-            let Some(credentials) = credentials.get(&couch.db.name) else {
+            let Some(credentials) = all.couchdb.get(&couch.db.name) else {
                 continue;
             };
             let api = self.api(couch, credentials).await?;
             couch.gate(cluster, &api, input.cancel).await?;
+        }
+        for db in &self.immu {
+            let Some(credentials) = all.immudb.get(&db.db.name) else {
+                continue;
+            };
+            let api = self.immu_api(db, credentials).await?;
+            db.gate(cluster, &api, credentials, input.cancel).await?;
         }
         Ok(())
     }
@@ -1084,6 +1394,7 @@ impl Databases {
                 membership: format!("unknown of {}", couch.db.replicas),
                 problems: Vec::new(),
                 replications: Vec::new(),
+                replicas: Vec::new(),
             };
             let credentials: Option<Credentials> = state
                 .get(&record_address(&couch.db.name, "credentials"))
@@ -1132,7 +1443,70 @@ impl Databases {
             }
             out.push(status);
         }
+        for db in &self.immu {
+            out.push(self.immudb_status(db, state).await);
+        }
         out
+    }
+
+    async fn immudb_status(&self, db: &Immudb, state: &State) -> DatabaseStatus {
+        let names = &db.names;
+        let (write, read) = names.endpoints();
+        let mut endpoints = vec![format!("{write} (gRPC, writes)")];
+        if db.db.replicas > 0 {
+            endpoints.push(format!("{read} (gRPC, reads, replicas only)"));
+        }
+        if let Some(ingress) = &self.stack.ingress {
+            endpoints.insert(0, format!("https://{}.{}", db.db.name, ingress.domain));
+        }
+        let mut status = DatabaseStatus {
+            name: db.db.name.clone(),
+            kind: "immudb".into(),
+            endpoints,
+            credentials_secret: format!("{}/{}", names.namespace, names.admin_secret()),
+            credentials_command: format!(
+                "kubectl --kubeconfig {} -n {} get secret {} -o jsonpath='{{.data.password}}' | base64 -d",
+                self.kube.kubeconfig().display(),
+                names.namespace,
+                names.admin_secret()
+            ),
+            membership: format!("unknown of {} replicas in sync", db.db.replicas),
+            problems: Vec::new(),
+            replications: Vec::new(),
+            replicas: Vec::new(),
+        };
+        let credentials: Option<immudb::objects::Credentials> = state
+            .get(&immu_address(&db.db.name, "credentials"))
+            .and_then(|r| serde_json::from_value(r.attrs.clone()).ok());
+        let read = async {
+            let credentials = credentials.ok_or(DatabasesError::NoImmuCredentials {
+                cluster: db.db.name.clone(),
+            })?;
+            let api = self.immu_api(db, &credentials).await?;
+            let cluster = self.kube.client().await?;
+            let cancel = crate::engine::Cancel::new();
+            let level = crate::engine::Level::Soon;
+            let live = db.read(cluster, &api, &cancel, level).await?;
+            let lags = db.lags(&live, &api, &cancel, level).await?;
+            Ok::<_, DatabasesError>((db.unhealthy(&live, &lags, &credentials), lags))
+        };
+        match read.await {
+            Err(err) => status.problems.push(crate::error_chain::error_chain(&err)),
+            Ok((problems, lags)) => {
+                let in_sync = lags.iter().filter(|l| l.transactions == Some(0)).count();
+                status.membership = format!("{in_sync} of {} replicas in sync", db.db.replicas);
+                status.problems = problems;
+                status.replicas = lags
+                    .into_iter()
+                    .map(|l| ReplicaStatus {
+                        pod: l.pod,
+                        lag: l.transactions,
+                        problem: l.why,
+                    })
+                    .collect();
+            }
+        }
+        status
     }
 }
 
@@ -1169,7 +1543,8 @@ fn assume(records: &State, address: &str, observed: &mut Vec<Observed>) {
 
 fn step_description(change: &Change) -> String {
     match change.kind.as_str() {
-        CREDENTIALS => "the cluster's secrets".into(),
+        CREDENTIALS | IMMU_CREDENTIALS => "the cluster's secrets".into(),
+        REPLICATOR => "replication user".into(),
         FORMATION => "formation".into(),
         MEMBERSHIP => "membership".into(),
         PLACEMENT => "shard placement".into(),

@@ -157,6 +157,11 @@ struct DatabaseService {
     selector: BTreeMap<String, String>,
     /// The labels of the one Service to scrape, when they are not `selector`.
     monitor_selector: Option<BTreeMap<String, String>>,
+    /// The name of that Service (the `service` label of its metrics).
+    scraped_service: String,
+    /// The pods behind each Service a TCP endpoint names, when that is not
+    /// all of the database's (`selector`).
+    tcp_selectors: BTreeMap<String, BTreeMap<String, String>>,
     endpoints: Vec<Endpoint>,
     metrics_port: &'static str,
     metrics_path: &'static str,
@@ -186,6 +191,8 @@ fn database_service(db: &Database) -> DatabaseService {
             DatabaseService {
                 selector,
                 monitor_selector: Some(client),
+                scraped_service: n.clone(),
+                tcp_selectors: BTreeMap::new(),
                 endpoints: vec![http(5984)],
                 metrics_port: "http",
                 metrics_path: "/_node/_local/_prometheus",
@@ -198,29 +205,54 @@ fn database_service(db: &Database) -> DatabaseService {
                 ],
             }
         }
-        DatabaseKind::Immudb => DatabaseService {
-            selector,
-            monitor_selector: None,
-            endpoints: vec![
-                http(8080),
-                Endpoint {
-                    name: format!("{n}-grpc"),
-                    service: n.clone(),
-                    port: 3322,
-                    protocol: Protocol::Tcp,
-                },
-            ],
-            metrics_port: "metrics",
-            metrics_path: "/metrics",
-            metrics_auth: None,
-            panels: vec![
-                ("Last committed transaction", format!("max by (pod) (immudb_last_committed_trx_id{{service=\"{n}\"}})"), "none"),
-                ("Replica lag (transactions)", format!("max(immudb_last_committed_trx_id{{service=\"{n}\"}}) - min(immudb_last_committed_trx_id{{service=\"{n}\"}})"), "none"),
-            ],
-        },
+        DatabaseKind::Immudb => {
+            // The names the database phase gives its Services: writes go to
+            // the primary, reads to the replicas only; every pod is scraped
+            // through the headless Service.
+            let mut peers = selector.clone();
+            peers.insert("app.kubernetes.io/component".into(), "peers".into());
+            let grpc = |role: &str| Endpoint {
+                name: format!("{n}-{role}"),
+                service: format!("{n}-{role}"),
+                port: 3322,
+                protocol: Protocol::Tcp,
+            };
+            let scraped = format!("service=\"{n}-headless\"");
+            DatabaseService {
+                selector: selector.clone(),
+                monitor_selector: Some(peers),
+                scraped_service: format!("{n}-headless"),
+                tcp_selectors: ["primary", "replica"]
+                    .iter()
+                    .zip(["write", "read"])
+                    .map(|(role, service)| {
+                        let mut pods = selector.clone();
+                        pods.insert("app.kubernetes.io/component".into(), role.to_string());
+                        (format!("{n}-{service}"), pods)
+                    })
+                    .collect(),
+                endpoints: vec![
+                    Endpoint {
+                        service: format!("{n}-write"),
+                        ..http(8080)
+                    },
+                    grpc("write"),
+                    grpc("read"),
+                ],
+                metrics_port: "metrics",
+                metrics_path: "/metrics",
+                metrics_auth: None,
+                panels: vec![
+                    ("Last committed transaction", format!("max by (pod, db) (immudb_last_committed_trx_id{{namespace=\"$ns\",{scraped}}})"), "none"),
+                    ("Replica lag (transactions)", format!("scalar(max(immudb_last_committed_trx_id{{namespace=\"$ns\",{scraped},db=\"defaultdb\",pod=\"{n}-primary-0\"}})) - max by (pod) (immudb_last_committed_trx_id{{namespace=\"$ns\",{scraped},db=\"defaultdb\",pod=~\"{n}-replica-[0-9]+\"}})"), "none"),
+                ],
+            }
+        }
         DatabaseKind::Allegrograph => DatabaseService {
             selector,
             monitor_selector: None,
+            scraped_service: n.clone(),
+            tcp_selectors: BTreeMap::new(),
             endpoints: vec![http(10035)],
             metrics_port: "http",
             metrics_path: "/metrics",
@@ -348,6 +380,7 @@ const TEMPLATES: &[(&str, &str)] = &[
         "couchdb",
         include_str!("../../../manifests/couchdb.yaml.hbs"),
     ),
+    ("immudb", include_str!("../../../manifests/immudb.yaml.hbs")),
     (
         "dashboard-json",
         include_str!("../../../manifests/dashboard.json.hbs"),
@@ -580,6 +613,12 @@ fn service_target(
     if let Some((_, db)) = databases.iter().find(|(name, _)| *name == endpoint.service) {
         return Some((json!(db.selector), json!(endpoint.port)));
     }
+    if let Some(pods) = databases
+        .iter()
+        .find_map(|(_, db)| db.tcp_selectors.get(&endpoint.service))
+    {
+        return Some((json!(pods), json!(endpoint.port)));
+    }
     let service = objects.iter().find(|o| {
         o.kind.kind == "Service"
             && o.name == endpoint.service
@@ -775,10 +814,10 @@ fn dashboard(
     let n = &db.name;
     let kind = format!("{:?}", db.kind).to_lowercase();
     let mut panels: Vec<(&str, String, &str)> = vec![
-        ("Ready members", format!("kube_statefulset_status_replicas_ready{{namespace=\"{ns}\",statefulset=\"{n}\"}}"), "none"),
-        ("Scrape up", format!("up{{namespace=\"{ns}\",service=\"{n}\"}}"), "none"),
-        ("CPU (cores)", format!("sum by (pod) (rate(container_cpu_usage_seconds_total{{namespace=\"{ns}\",pod=~\"{n}-[0-9]+\",container!=\"\"}}[5m]))"), "none"),
-        ("Memory", format!("sum by (pod) (container_memory_working_set_bytes{{namespace=\"{ns}\",pod=~\"{n}-[0-9]+\",container!=\"\"}})"), "bytes"),
+        ("Ready members", format!("kube_statefulset_status_replicas_ready{{namespace=\"{ns}\",statefulset=~\"{n}(-[a-z]+)?\"}}"), "none"),
+        ("Scrape up", format!("up{{namespace=\"{ns}\",service=\"{}\"}}", service.scraped_service), "none"),
+        ("CPU (cores)", format!("sum by (pod) (rate(container_cpu_usage_seconds_total{{namespace=\"{ns}\",pod=~\"{n}-([a-z]+-)?[0-9]+\",container!=\"\"}}[5m]))"), "none"),
+        ("Memory", format!("sum by (pod) (container_memory_working_set_bytes{{namespace=\"{ns}\",pod=~\"{n}-([a-z]+-)?[0-9]+\",container!=\"\"}})"), "bytes"),
     ];
     panels.extend(
         service
@@ -892,7 +931,8 @@ mod tests {
             "k8s.demo/Ingress/docs",
             "k8s.demo/Ingress/graph",
             "k8s.demo/Ingress/ledger",
-            "k8s.demo/Service/ledger-grpc-tcp",
+            "k8s.demo/Service/ledger-write-tcp",
+            "k8s.demo/Service/ledger-read-tcp",
             "k8s.demo/ServiceMonitor/ledger",
             "k8s.observability/ConfigMap/reference-docs-dashboard",
         ] {

@@ -1214,7 +1214,7 @@ mod tests {
         };
         assert_eq!(
             stage_of(&record(
-                "k8s.demo/Service/ledger-grpc-tcp",
+                "k8s.demo/Service/ledger-read-tcp",
                 "k8s:v1:Service"
             )),
             Some(Stage::Ingress),

@@ -856,6 +856,7 @@ impl Decoder<'_> {
                 "rebalance",
                 "databases",
                 "replications",
+                "syncAcks",
             ],
         )?;
         let kind = self
@@ -923,6 +924,7 @@ impl Decoder<'_> {
         let replications = self.opt(&f, path, "replications", |d, n, p| {
             d.list(n, p, |d, n, p| d.replication(n, p))
         });
+        let sync_acks = self.opt(&f, path, "syncAcks", |d, n, p| d.integer(n, p, 1, 5));
         let database = DatabaseFile {
             pos: node.pos,
             kind: kind?,
@@ -939,6 +941,7 @@ impl Decoder<'_> {
             rebalance,
             databases,
             replications,
+            sync_acks,
         };
         Some(database)
     }

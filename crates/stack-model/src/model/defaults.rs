@@ -54,9 +54,8 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
     };
     for (i, d) in stack.databases.iter().flat_map(|d| &d.value).enumerate() {
         let what = match d.kind.value {
-            DatabaseKind::Couchdb => continue,
+            DatabaseKind::Couchdb | DatabaseKind::Immudb => continue,
             DatabaseKind::Allegrograph => "AllegroGraph clusters",
-            DatabaseKind::Immudb => "immudb primaries and replicas",
         };
         mark(&format!("databases[{i}].kind"), d.kind.pos, what);
     }
@@ -257,6 +256,7 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
                 repository: is_agraph
                     .then(|| val(d.repository).unwrap_or_else(|| "main".to_string())),
                 couchdb,
+                sync_acks: val(d.sync_acks),
             }
         })
         .collect();

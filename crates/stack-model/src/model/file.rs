@@ -114,6 +114,7 @@ pub struct DatabaseFile {
     pub rebalance: Opt<bool>,
     pub databases: Opt<Vec<CouchDatabaseFile>>,
     pub replications: Opt<Vec<ReplicationFile>>,
+    pub sync_acks: Opt<u32>,
 }
 
 /// A database a CouchDB cluster holds (`databases[i].databases[j]`).

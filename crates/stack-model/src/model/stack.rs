@@ -252,6 +252,9 @@ pub struct Database {
     pub repository: Option<String>,
     /// CouchDB only.
     pub couchdb: Option<CouchdbSettings>,
+    /// immudb only: the replicas that must hold a transaction before the
+    /// primary commits it (synchronous replication); `None`: asynchronous.
+    pub sync_acks: Option<u32>,
 }
 
 /// What a CouchDB cluster holds and how it spreads it.

@@ -437,6 +437,26 @@ fn database(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
     ] {
         only(diags, field, pos, DatabaseKind::Couchdb);
     }
+    only(
+        diags,
+        "syncAcks",
+        db.sync_acks.as_ref().map(|s| s.pos),
+        DatabaseKind::Immudb,
+    );
+    if let Some(acks) = &db.sync_acks {
+        let replicas = db
+            .replicas
+            .as_ref()
+            .map_or(DatabaseKind::Immudb.default_replicas(), |r| r.value);
+        if kind == DatabaseKind::Immudb && acks.value > replicas {
+            diags.push(
+                acks.pos,
+                &format!("{path}.syncAcks"),
+                format!("at most {replicas} (the read replicas that can acknowledge a write; `replicas` is {replicas})"),
+                acks.value.to_string(),
+            );
+        }
+    }
     if kind == DatabaseKind::Couchdb {
         couchdb(db, path, diags);
     }

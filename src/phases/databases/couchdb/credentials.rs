@@ -9,6 +9,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::phases::databases::random::{random_text, RandomError, ALNUM, HEX};
+
 /// The admin CouchDB is set up with.
 pub const ADMIN: &str = "admin";
 
@@ -22,46 +24,19 @@ pub struct Credentials {
     pub uuid: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("the operating system gave no random bytes for the secrets of CouchDB cluster {cluster}")]
-pub struct RandomError {
-    cluster: String,
-    #[source]
-    source: getrandom::Error,
+fn what(cluster: &str) -> String {
+    format!("CouchDB cluster {cluster}")
 }
-
-/// `len` characters from `alphabet`, uniformly (rejection sampling).
-fn random_text(alphabet: &[u8], len: usize, cluster: &str) -> Result<String, RandomError> {
-    let limit = 256 - 256 % alphabet.len();
-    let mut out = String::with_capacity(len);
-    let mut buf = [0u8; 64];
-    while out.len() < len {
-        getrandom::getrandom(&mut buf).map_err(|source| RandomError {
-            cluster: cluster.to_string(),
-            source,
-        })?;
-        for &b in buf.iter().filter(|&&b| usize::from(b) < limit) {
-            if out.len() == len {
-                break;
-            }
-            out.push(char::from(alphabet[usize::from(b) % alphabet.len()]));
-        }
-    }
-    Ok(out)
-}
-
-const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-const HEX: &[u8] = b"0123456789abcdef";
 
 impl Credentials {
     /// New secrets for `cluster`.
     pub fn generate(cluster: &str) -> Result<Credentials, RandomError> {
         Ok(Credentials {
             username: ADMIN.to_string(),
-            password: random_text(ALNUM, 32, cluster)?,
-            erlang_cookie: random_text(ALNUM, 40, cluster)?,
-            couchdb_secret: random_text(HEX, 64, cluster)?,
-            uuid: random_text(HEX, 32, cluster)?,
+            password: random_text(ALNUM, 32, &what(cluster))?,
+            erlang_cookie: random_text(ALNUM, 40, &what(cluster))?,
+            couchdb_secret: random_text(HEX, 64, &what(cluster))?,
+            uuid: random_text(HEX, 32, &what(cluster))?,
         })
     }
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::credentials::Credentials;
-use crate::model::{ByteSize, Database};
+use crate::model::Database;
 use crate::phases::kube::kinds::Stage;
 use crate::phases::kube::manifest::{ManifestError, Object, Renderer};
 
@@ -134,17 +134,6 @@ pub fn default_copies(db: &Database) -> u32 {
         .min(db.replicas.max(1))
 }
 
-/// A size as a Kubernetes quantity (`10Gi`, `512Mi`, or bytes).
-fn quantity(size: ByteSize) -> String {
-    const MI: u64 = 1 << 20;
-    const GI: u64 = 1 << 30;
-    match size.0 {
-        b if b % GI == 0 => format!("{}Gi", b / GI),
-        b if b % MI == 0 => format!("{}Mi", b / MI),
-        b => b.to_string(),
-    }
-}
-
 #[derive(Serialize)]
 struct Encoded {
     username: String,
@@ -192,7 +181,7 @@ pub fn objects(
         namespace,
         image: db.image.to_string(),
         replicas: db.replicas,
-        storage: quantity(db.storage),
+        storage: crate::phases::databases::quantity(db.storage),
         storage_class: db.storage_class.as_deref(),
         shards: settings.map_or(2, |c| c.shards),
         copies: default_copies(db),
@@ -215,7 +204,7 @@ pub fn objects(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CouchdbSettings, DatabaseKind, ImageRef, UpgradePolicy};
+    use crate::model::{ByteSize, CouchdbSettings, DatabaseKind, ImageRef, UpgradePolicy};
 
     fn names() -> Names {
         Names::new("docs", "demo")
@@ -241,6 +230,7 @@ mod tests {
 
     #[test]
     fn quantities_are_written_the_way_kubernetes_writes_them() {
+        use crate::phases::databases::quantity;
         assert_eq!(quantity(ByteSize::gib(10)), "10Gi");
         assert_eq!(quantity(ByteSize(512 << 20)), "512Mi");
         assert_eq!(quantity(ByteSize(1000)), "1000");
@@ -264,6 +254,7 @@ mod tests {
                 databases: Vec::new(),
                 replications: Vec::new(),
             }),
+            sync_acks: None,
         }
     }
 
