@@ -11,6 +11,7 @@
 //! Every database pod is reached through the Kubernetes API server's proxy
 //! with the kubeconfig's credentials.
 
+pub mod allegrograph;
 pub mod couchdb;
 pub mod immudb;
 pub mod pod_http;

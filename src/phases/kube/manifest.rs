@@ -382,6 +382,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     ),
     ("immudb", include_str!("../../../manifests/immudb.yaml.hbs")),
     (
+        "allegrograph",
+        include_str!("../../../manifests/allegrograph.yaml.hbs"),
+    ),
+    (
         "dashboard-json",
         include_str!("../../../manifests/dashboard.json.hbs"),
     ),

@@ -857,6 +857,7 @@ impl Decoder<'_> {
                 "databases",
                 "replications",
                 "syncAcks",
+                "licenseSecret",
             ],
         )?;
         let kind = self
@@ -925,6 +926,7 @@ impl Decoder<'_> {
             d.list(n, p, |d, n, p| d.replication(n, p))
         });
         let sync_acks = self.opt(&f, path, "syncAcks", |d, n, p| d.integer(n, p, 1, 5));
+        let license_secret = self.opt(&f, path, "licenseSecret", |d, n, p| d.dns_label(n, p, 63));
         let database = DatabaseFile {
             pos: node.pos,
             kind: kind?,
@@ -942,6 +944,7 @@ impl Decoder<'_> {
             databases,
             replications,
             sync_acks,
+            license_secret,
         };
         Some(database)
     }

@@ -52,13 +52,6 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             what: what.to_string(),
         })
     };
-    for (i, d) in stack.databases.iter().flat_map(|d| &d.value).enumerate() {
-        let what = match d.kind.value {
-            DatabaseKind::Couchdb | DatabaseKind::Immudb => continue,
-            DatabaseKind::Allegrograph => "AllegroGraph clusters",
-        };
-        mark(&format!("databases[{i}].kind"), d.kind.pos, what);
-    }
     if let Some(tcp) = stack.ingress.as_ref().and_then(|i| i.value.tcp.as_ref()) {
         if tcp.value == TcpExposure::EntryPoint {
             mark(
@@ -257,6 +250,7 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
                     .then(|| val(d.repository).unwrap_or_else(|| "main".to_string())),
                 couchdb,
                 sync_acks: val(d.sync_acks),
+                license_secret: val(d.license_secret),
             }
         })
         .collect();

@@ -115,6 +115,7 @@ pub struct DatabaseFile {
     pub databases: Opt<Vec<CouchDatabaseFile>>,
     pub replications: Opt<Vec<ReplicationFile>>,
     pub sync_acks: Opt<u32>,
+    pub license_secret: Opt<String>,
 }
 
 /// A database a CouchDB cluster holds (`databases[i].databases[j]`).

@@ -240,7 +240,8 @@ pub struct Database {
     pub kind: DatabaseKind,
     pub name: String,
     pub image: ImageRef,
-    /// CouchDB and AllegroGraph: cluster members; immudb: read replicas.
+    /// CouchDB: cluster members; AllegroGraph: copies besides the
+    /// controlling instance; immudb: read replicas.
     pub replicas: u32,
     pub storage: ByteSize,
     /// The StorageClass of the members' volumes; `None`: the cluster's default.
@@ -255,6 +256,9 @@ pub struct Database {
     /// immudb only: the replicas that must hold a transaction before the
     /// primary commits it (synchronous replication); `None`: asynchronous.
     pub sync_acks: Option<u32>,
+    /// AllegroGraph only: the Secret (key `license`) with the license;
+    /// `None`: the free edition's limit of 5 million triples.
+    pub license_secret: Option<String>,
 }
 
 /// What a CouchDB cluster holds and how it spreads it.

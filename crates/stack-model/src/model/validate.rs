@@ -378,10 +378,10 @@ fn database(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
             DatabaseKind::Immudb => (0, 5),
         };
         if !(min..=max).contains(&replicas.value) {
-            let what = if kind == DatabaseKind::Immudb {
-                "read replicas"
-            } else {
-                "members"
+            let what = match kind {
+                DatabaseKind::Immudb => "read replicas",
+                DatabaseKind::Allegrograph => "copies (besides the controlling instance)",
+                DatabaseKind::Couchdb => "members",
             };
             diags.push(
                 replicas.pos,
@@ -437,6 +437,12 @@ fn database(db: &DatabaseFile, path: &str, diags: &mut Diagnostics) {
     ] {
         only(diags, field, pos, DatabaseKind::Couchdb);
     }
+    only(
+        diags,
+        "licenseSecret",
+        db.license_secret.as_ref().map(|s| s.pos),
+        DatabaseKind::Allegrograph,
+    );
     only(
         diags,
         "syncAcks",

@@ -255,6 +255,7 @@ mod tests {
                 replications: Vec::new(),
             }),
             sync_acks: None,
+            license_secret: None,
         }
     }
 

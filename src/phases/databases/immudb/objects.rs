@@ -260,6 +260,7 @@ mod tests {
             repository: None,
             couchdb: None,
             sync_acks,
+            license_secret: None,
         }
     }
 

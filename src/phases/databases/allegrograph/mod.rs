@@ -1,0 +1,3 @@
+//! AllegroGraph 8.x multi-master replication clusters.
+
+pub mod objects;
