@@ -33,6 +33,7 @@ use crate::model::{DatabaseKind, Stack};
 use crate::phases::kube::manifest::{ManifestError, Object, Renderer};
 use crate::phases::kube::{self, kinds, Cluster, Kube, KubeError};
 use crate::state::{Record, State};
+use allegrograph::Agraph;
 use couchdb::api::Api;
 use couchdb::credentials::Credentials;
 use couchdb::{CouchError, Couchdb, Live};
@@ -47,6 +48,8 @@ pub struct DatabaseCredentials {
     pub couchdb: BTreeMap<String, Credentials>,
     #[serde(default)]
     pub immudb: BTreeMap<String, immudb::objects::Credentials>,
+    #[serde(default)]
+    pub allegrograph: BTreeMap<String, allegrograph::objects::Credentials>,
 }
 
 /// Change kinds of the phase's own resources.
@@ -58,6 +61,9 @@ const DATABASE: &str = "couchdb:database";
 const REPLICATION: &str = "couchdb:replication";
 const IMMU_CREDENTIALS: &str = "immudb:credentials";
 const REPLICATOR: &str = "immudb:replicator";
+const AG_CREDENTIALS: &str = "allegrograph:credentials";
+const AG_FORMATION: &str = "allegrograph:cluster";
+const AG_MEMBERSHIP: &str = "allegrograph:membership";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -87,6 +93,10 @@ pub enum DatabasesError {
     Immu(#[from] immudb::ImmuError),
     #[error("immudb cluster {cluster}: the state has no record of its secrets (plan again)")]
     NoImmuCredentials { cluster: String },
+    #[error(transparent)]
+    Agraph(#[from] allegrograph::AgraphError),
+    #[error("AllegroGraph cluster {cluster}: the state has no record of its secrets (plan again)")]
+    NoAgraphCredentials { cluster: String },
     #[error("{0} is not a change of the database phase")]
     Unknown(String),
     #[error("CouchDB cluster {cluster}: replication {replication} names Secret {secret}, which is not in namespace {namespace} with keys username and password")]
@@ -115,6 +125,10 @@ fn record_address(cluster: &str, what: &str) -> String {
 
 fn immu_address(cluster: &str, what: &str) -> String {
     format!("immudb.{cluster}.{what}")
+}
+
+fn agraph_address(cluster: &str, what: &str) -> String {
+    format!("allegrograph.{cluster}.{what}")
 }
 
 /// A record of generated secrets the state holds, when it holds one.
@@ -166,9 +180,34 @@ async fn credentials(
         };
         immu.insert(name.clone(), credentials);
     }
+    let mut agraph = BTreeMap::new();
+    for db in &clusters.agraph {
+        let name = &db.db.name;
+        let address = agraph_address(name, "credentials");
+        if let Some(found) = recorded(state, &address, format!("AllegroGraph cluster {name}"))? {
+            agraph.insert(name.clone(), found);
+            continue;
+        }
+        let mut found = None;
+        if let Some(cluster) = cluster {
+            let namespace = Some(db.names.namespace.as_str());
+            if let Some(admin) = cluster
+                .get(secret, namespace, &db.names.admin_secret())
+                .await?
+            {
+                found = allegrograph::objects::Credentials::from_cluster(&admin);
+            }
+        }
+        let credentials = match found {
+            Some(found) => found,
+            None => allegrograph::objects::Credentials::generate(name)?,
+        };
+        agraph.insert(name.clone(), credentials);
+    }
     Ok(DatabaseCredentials {
         couchdb: couch_credentials(&clusters.couch, state, cluster).await?,
         immudb: immu,
+        allegrograph: agraph,
     })
 }
 
@@ -219,6 +258,7 @@ async fn couch_credentials(
 struct Clusters {
     couch: Vec<Couchdb>,
     immu: Vec<Immudb>,
+    agraph: Vec<Agraph>,
 }
 
 impl Clusters {
@@ -228,6 +268,7 @@ impl Clusters {
             return Clusters {
                 couch: Vec::new(),
                 immu: Vec::new(),
+                agraph: Vec::new(),
             };
         };
         let ns = &kubernetes.namespace;
@@ -240,11 +281,14 @@ impl Clusters {
             immu: of(DatabaseKind::Immudb)
                 .map(|d| Immudb::new(d, ns, healthy))
                 .collect(),
+            agraph: of(DatabaseKind::Allegrograph)
+                .map(|d| Agraph::new(d, ns, healthy))
+                .collect(),
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.couch.is_empty() && self.immu.is_empty()
+        self.couch.is_empty() && self.immu.is_empty() && self.agraph.is_empty()
     }
 }
 
@@ -291,6 +335,14 @@ impl kube::Contribution for Objects {
                 credentials.immudb.get(&db.db.name),
             )?);
         }
+        for db in &self.clusters.agraph {
+            out.extend(allegrograph::objects::objects(
+                renderer,
+                &db.db,
+                &db.names.namespace,
+                credentials.allegrograph.get(&db.db.name),
+            )?);
+        }
         Ok(out)
     }
 }
@@ -311,15 +363,19 @@ pub struct Databases {
     objects: Arc<dyn Phase>,
     clusters: Vec<Couchdb>,
     immu: Vec<Immudb>,
+    agraph: Vec<Agraph>,
     stack: Stack,
     /// One API client per cluster and password.
     apis: tokio::sync::Mutex<BTreeMap<String, Arc<Api>>>,
     immu_apis: tokio::sync::Mutex<BTreeMap<String, Arc<immudb::api::Api>>>,
+    agraph_apis: tokio::sync::Mutex<BTreeMap<String, Arc<allegrograph::api::Api>>>,
 }
 
 /// Whether a record is one of the phase's own (not a Kubernetes object).
 fn is_own(record: &Record) -> bool {
-    record.kind.starts_with("couchdb:") || record.kind.starts_with("immudb:")
+    ["couchdb:", "immudb:", "allegrograph:"]
+        .iter()
+        .any(|prefix| record.kind.starts_with(prefix))
 }
 
 /// A cluster's plan, before steps are numbered.
@@ -366,9 +422,11 @@ impl Databases {
             kube: kube.clone(),
             clusters: clusters.couch,
             immu: clusters.immu,
+            agraph: clusters.agraph,
             stack: stack.clone(),
             apis: tokio::sync::Mutex::new(BTreeMap::new()),
             immu_apis: tokio::sync::Mutex::new(BTreeMap::new()),
+            agraph_apis: tokio::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -412,6 +470,29 @@ impl Databases {
         Ok(api)
     }
 
+    /// The API of an AllegroGraph cluster, as its super user.
+    async fn agraph_api(
+        &self,
+        db: &Agraph,
+        credentials: &allegrograph::objects::Credentials,
+    ) -> Result<Arc<allegrograph::api::Api>, KubeError> {
+        let key = format!("{}\u{0}{}", db.db.name, credentials.password);
+        let mut apis = self.agraph_apis.lock().await;
+        if let Some(api) = apis.get(&key) {
+            return Ok(api.clone());
+        }
+        let client = self.kube.client().await?.direct();
+        let api = Arc::new(allegrograph::api::Api::new(
+            client,
+            &db.db.name,
+            &db.names.namespace,
+            &credentials.username,
+            &credentials.password,
+        ));
+        apis.insert(key, api.clone());
+        Ok(api)
+    }
+
     /// How many requests the phase sent to database pods this session.
     pub async fn requests(&self) -> usize {
         let couch: usize = self.apis.lock().await.values().map(|a| a.requests()).sum();
@@ -422,7 +503,14 @@ impl Databases {
             .values()
             .map(|a| a.requests())
             .sum();
-        couch + immu
+        let agraph: usize = self
+            .agraph_apis
+            .lock()
+            .await
+            .values()
+            .map(|a| a.requests())
+            .sum();
+        couch + immu + agraph
     }
 
     /// The user's Secrets that replication targets name: name → (username, password).
@@ -565,6 +653,30 @@ impl Databases {
                 plan,
             ));
         }
+        for db in &self.agraph {
+            let credentials = all.allegrograph.get(&db.db.name).cloned().ok_or_else(|| {
+                DatabasesError::NoAgraphCredentials {
+                    cluster: db.db.name.clone(),
+                }
+            })?;
+            let plan = self
+                .plan_agraph(
+                    db,
+                    planned.read,
+                    &credentials,
+                    &own_records,
+                    &objects.changes,
+                    input.cancel,
+                )
+                .await?;
+            plans.push((
+                agraph_address(&db.db.name, "credentials"),
+                AG_CREDENTIALS,
+                db.db.name.clone(),
+                serde_json::to_value(&credentials).expect("credentials serialise"),
+                plan,
+            ));
+        }
         let mut resources = Vec::new();
         let mut observed = Vec::new();
         let mut before = Vec::new();
@@ -600,12 +712,22 @@ impl Databases {
         let operations: Vec<String> = own_records
             .resources
             .iter()
-            .filter(|r| [FORMATION, MEMBERSHIP, PLACEMENT, REPLICATOR].contains(&r.kind.as_str()))
+            .filter(|r| {
+                [
+                    FORMATION,
+                    MEMBERSHIP,
+                    PLACEMENT,
+                    REPLICATOR,
+                    AG_FORMATION,
+                    AG_MEMBERSHIP,
+                ]
+                .contains(&r.kind.as_str())
+            })
             .map(|r| r.address.clone())
             .collect();
         let finished = |address: &String| {
             own_records.get(address).is_some_and(|r| {
-                [FORMATION, REPLICATOR].contains(&r.kind.as_str()) && r.id.is_some()
+                [FORMATION, REPLICATOR, AG_FORMATION].contains(&r.kind.as_str()) && r.id.is_some()
             })
         };
         let declared = own_records.only(|r| !operations.contains(&r.address));
@@ -639,6 +761,9 @@ impl Databases {
             match (change.kind.as_str(), change.action) {
                 (CREDENTIALS, Action::Create) => {
                     change.reason = "generated for the cluster (admin password, Erlang cookie, COUCHDB_SECRET): kept in the state and in its Secrets".into();
+                }
+                (AG_CREDENTIALS, Action::Create) => {
+                    change.reason = "generated for the cluster (the super user's password, set at each instance's first start): kept in the state and in its Secret".into();
                 }
                 (IMMU_CREDENTIALS, Action::Create) => {
                     change.reason = "generated for the cluster (the superuser's password, set at the primary's first start, and the replication user's): kept in the state and in its Secrets".into();
@@ -679,10 +804,10 @@ impl Databases {
         notes: Vec<String>,
         blocked: Vec<String>,
     ) -> PlanPart {
-        let (credentials, rest): (Vec<Change>, Vec<Change>) = declared
-            .changes
-            .into_iter()
-            .partition(|c| c.kind == CREDENTIALS || c.kind == IMMU_CREDENTIALS);
+        let (credentials, rest): (Vec<Change>, Vec<Change>) =
+            declared.changes.into_iter().partition(|c| {
+                [CREDENTIALS, IMMU_CREDENTIALS, AG_CREDENTIALS].contains(&c.kind.as_str())
+            });
         let (removals, rest): (Vec<Change>, Vec<Change>) =
             rest.into_iter().partition(|c| c.action == Action::Delete);
         let (object_removals, object_changes): (Vec<Change>, Vec<Change>) = objects
@@ -1013,6 +1138,137 @@ impl Databases {
         Ok(plan)
     }
 
+    /// An AllegroGraph cluster's operations: formation (the cluster made on
+    /// the controlling instance) and membership (members no pod backs
+    /// removed, copies outside the cluster restarted), planned from what
+    /// the controlling instance says, else from the state.
+    async fn plan_agraph(
+        &self,
+        db: &Agraph,
+        read: bool,
+        credentials: &allegrograph::objects::Credentials,
+        records: &State,
+        object_changes: &[Change],
+        cancel: &crate::engine::Cancel,
+    ) -> Result<ClusterPlan, DatabasesError> {
+        use allegrograph::Formed;
+        let mut plan = ClusterPlan::default();
+        let name = &db.db.name;
+        let repository = db.repository();
+        let formation = agraph_address(name, "cluster");
+        let formed = records.get(&formation).is_some_and(|r| r.id.is_some());
+        let controlling_set = format!("/StatefulSet/{name}-controlling");
+        let made_again = object_changes
+            .iter()
+            .any(|c| c.action == Action::Create && c.address.ends_with(&controlling_set));
+        let live = if read {
+            let api = self.agraph_api(db, credentials).await?;
+            let cluster = self.kube.client().await?;
+            match db
+                .read(cluster, &api, cancel, crate::engine::Level::Soon)
+                .await
+            {
+                Ok(live) => Some(live),
+                Err(err @ allegrograph::AgraphError::Pods { .. }) => return Err(err.into()),
+                Err(err) => {
+                    plan.notes.push(format!(
+                        "AllegroGraph cluster {name} could not be read ({}): planned against the state",
+                        crate::error_chain::error_chain(&err)
+                    ));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let wanted = json!({"repository": repository, "controlling": db.names.controlling()});
+        let formation_change = |action, reason: String, drift: bool| {
+            let mut change = operation(&formation, AG_FORMATION, action, reason);
+            change.drift = drift;
+            change.after = Some(wanted.clone());
+            change
+        };
+        match live.as_ref().map(|l| &l.formed) {
+            None | Some(Formed::Unknown) if !formed || made_again => {
+                plan.after.push(formation_change(
+                    Action::Create,
+                    format!("createCluster on the controlling instance once it is ready (makes repository {repository}); the copies join it by themselves"),
+                    false,
+                ));
+            }
+            None | Some(Formed::Unknown) => {
+                if read {
+                    plan.notes.push(format!(
+                        "the controlling instance of AllegroGraph cluster {name} did not answer: its membership is checked by the health gate"
+                    ));
+                }
+            }
+            Some(Formed::Absent) => plan.after.push(formation_change(
+                if formed { Action::Update } else { Action::Create },
+                if formed {
+                    format!("drift: the controlling instance has no repository {repository} (its volumes were lost?): the cluster is made again and the copies restarted to join it")
+                } else {
+                    format!("createCluster on the controlling instance (makes repository {repository}); the copies join it by themselves")
+                },
+                formed,
+            )),
+            Some(Formed::Standalone) => plan.blocked.push(format!(
+                "AllegroGraph cluster {name}: repository {repository} exists on the controlling instance but is not a replication cluster; delete it (or name another `repository`) so stack can make the cluster"
+            )),
+            Some(Formed::Cluster(_)) => {}
+        }
+        let Some(membership) = live.as_ref().and_then(|l| db.membership(l)) else {
+            return Ok(plan);
+        };
+        if membership.is_empty() {
+            return Ok(plan);
+        }
+        let mut parts = Vec::new();
+        if !membership.leaving.is_empty() {
+            parts.push(format!(
+                "{} leave (each pod's sidecar removes it as the pod stops; what is left is removed)",
+                membership.leaving.join(", ")
+            ));
+        }
+        if !membership.dead.is_empty() {
+            parts.push(format!(
+                "drift: {} no pod backs: removed from the cluster",
+                membership.dead.join(", ")
+            ));
+        }
+        if !membership.outside.is_empty() {
+            parts.push(format!(
+                "drift: {} run but are not members: restarted, to join again empty",
+                membership.outside.join(", ")
+            ));
+        }
+        let mut change = operation(
+            &agraph_address(name, "membership"),
+            AG_MEMBERSHIP,
+            Action::Update,
+            parts.join("; "),
+        );
+        change.drift = membership.drift();
+        let listed: Vec<String> = match live.as_ref().map(|l| &l.formed) {
+            Some(Formed::Cluster(instances)) => instances
+                .iter()
+                .map(|i| format!("{} ({})", i.name, i.state))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut members = vec![db.names.controlling()];
+        members.extend(db.wanted());
+        change.fields.push(field(
+            "members",
+            Some(json!(listed)),
+            Some(json!(members)),
+            change.drift,
+        ));
+        change.after = Some(json!({"members": members}));
+        plan.after.push(change);
+        Ok(plan)
+    }
+
     fn plan_membership(&self, couch: &Couchdb, live: &Live, plan: &mut ClusterPlan) {
         let wanted = couch.wanted_nodes();
         let joining: Vec<String> = wanted
@@ -1209,6 +1465,13 @@ impl Databases {
         }) {
             return self.apply_immudb(db, change, input).await;
         }
+        if let Some(db) = self.agraph.iter().find(|d| {
+            change
+                .address
+                .starts_with(&format!("allegrograph.{}.", d.db.name))
+        }) {
+            return self.apply_agraph(db, change, input).await;
+        }
         let couch = self
             .clusters
             .iter()
@@ -1334,6 +1597,50 @@ impl Databases {
         }
     }
 
+    async fn apply_agraph(
+        &self,
+        db: &Agraph,
+        change: &Change,
+        input: ChangeInput<'_>,
+    ) -> Result<Option<Record>, DatabasesError> {
+        let record = Record {
+            address: change.address.clone(),
+            kind: change.kind.clone(),
+            id: Some(db.db.name.clone()),
+            attrs: change.after.clone().unwrap_or_default(),
+            pending_token: None,
+        };
+        if change.kind == AG_CREDENTIALS {
+            return Ok(Some(record));
+        }
+        let credentials: allegrograph::objects::Credentials = input
+            .state
+            .get(&agraph_address(&db.db.name, "credentials"))
+            .and_then(|r| serde_json::from_value(r.attrs.clone()).ok())
+            .ok_or_else(|| DatabasesError::NoAgraphCredentials {
+                cluster: db.db.name.clone(),
+            })?;
+        let api = self.agraph_api(db, &credentials).await?;
+        let cluster = self.kube.client().await?;
+        let cancel = input.cancel;
+        match (change.kind.as_str(), change.action) {
+            (AG_FORMATION, action) => {
+                db.form(cluster, &api, &credentials, cancel).await?;
+                if action == Action::Update {
+                    // Made again: the copies belong to the lost cluster and
+                    // rejoin once restarted.
+                    db.restart_copies(cluster).await?;
+                }
+                Ok(Some(record))
+            }
+            (AG_MEMBERSHIP, _) => {
+                db.set_membership(cluster, &api, cancel).await?;
+                Ok(None)
+            }
+            _ => Err(DatabasesError::Unknown(change.address.clone())),
+        }
+    }
+
     async fn gate(&self, input: StageInput<'_>) -> Result<(), DatabasesError> {
         self.objects
             .gate(StageInput {
@@ -1368,6 +1675,13 @@ impl Databases {
             };
             let api = self.immu_api(db, credentials).await?;
             db.gate(cluster, &api, credentials, input.cancel).await?;
+        }
+        for db in &self.agraph {
+            let Some(credentials) = all.allegrograph.get(&db.db.name) else {
+                continue;
+            };
+            let api = self.agraph_api(db, credentials).await?;
+            db.gate(cluster, &api, input.cancel).await?;
         }
         Ok(())
     }
@@ -1447,6 +1761,9 @@ impl Databases {
         for db in &self.immu {
             out.push(self.immudb_status(db, state).await);
         }
+        for db in &self.agraph {
+            out.push(self.agraph_status(db, state).await);
+        }
         out
     }
 
@@ -1509,6 +1826,60 @@ impl Databases {
         }
         status
     }
+
+    async fn agraph_status(&self, db: &Agraph, state: &State) -> DatabaseStatus {
+        let names = &db.names;
+        let mut endpoints = vec![names.service_url(db.repository())];
+        if let Some(ingress) = &self.stack.ingress {
+            endpoints.insert(0, format!("https://{}.{}", db.db.name, ingress.domain));
+        }
+        let mut status = DatabaseStatus {
+            name: db.db.name.clone(),
+            kind: "allegrograph".into(),
+            endpoints,
+            credentials_secret: format!("{}/{}", names.namespace, names.admin_secret()),
+            credentials_command: format!(
+                "kubectl --kubeconfig {} -n {} get secret {} -o jsonpath='{{.data.password}}' | base64 -d",
+                self.kube.kubeconfig().display(),
+                names.namespace,
+                names.admin_secret()
+            ),
+            membership: format!("unknown of {} copies running", db.db.replicas),
+            problems: Vec::new(),
+            replications: Vec::new(),
+            replicas: Vec::new(),
+        };
+        let credentials: Option<allegrograph::objects::Credentials> = state
+            .get(&agraph_address(&db.db.name, "credentials"))
+            .and_then(|r| serde_json::from_value(r.attrs.clone()).ok());
+        let read = async {
+            let credentials = credentials.ok_or(DatabasesError::NoAgraphCredentials {
+                cluster: db.db.name.clone(),
+            })?;
+            let api = self.agraph_api(db, &credentials).await?;
+            let cluster = self.kube.client().await?;
+            let cancel = crate::engine::Cancel::new();
+            Ok::<_, DatabasesError>(
+                db.read(cluster, &api, &cancel, crate::engine::Level::Soon)
+                    .await?,
+            )
+        };
+        match read.await {
+            Err(err) => status.problems.push(crate::error_chain::error_chain(&err)),
+            Ok(live) => {
+                if let allegrograph::Formed::Cluster(instances) = &live.formed {
+                    let wanted = db.wanted();
+                    let running = instances
+                        .iter()
+                        .filter(|i| wanted.contains(&i.name) && i.state == "running")
+                        .count();
+                    status.membership = format!("{running} of {} copies running", db.db.replicas);
+                }
+                status.problems = db.unhealthy(&live);
+            }
+        }
+        status
+    }
 }
 
 fn list(items: &[&String]) -> String {
@@ -1544,7 +1915,9 @@ fn assume(records: &State, address: &str, observed: &mut Vec<Observed>) {
 
 fn step_description(change: &Change) -> String {
     match change.kind.as_str() {
-        CREDENTIALS | IMMU_CREDENTIALS => "the cluster's secrets".into(),
+        CREDENTIALS | IMMU_CREDENTIALS | AG_CREDENTIALS => "the cluster's secrets".into(),
+        AG_FORMATION => "formation".into(),
+        AG_MEMBERSHIP => "membership".into(),
         REPLICATOR => "replication user".into(),
         FORMATION => "formation".into(),
         MEMBERSHIP => "membership".into(),

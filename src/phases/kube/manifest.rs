@@ -249,8 +249,13 @@ fn database_service(db: &Database) -> DatabaseService {
             }
         }
         DatabaseKind::Allegrograph => DatabaseService {
+            // The client Service the database phase makes, over every instance.
+            monitor_selector: Some({
+                let mut client = selector.clone();
+                client.insert("app.kubernetes.io/component".into(), "client".into());
+                client
+            }),
             selector,
-            monitor_selector: None,
             scraped_service: n.clone(),
             tcp_selectors: BTreeMap::new(),
             endpoints: vec![http(10035)],
