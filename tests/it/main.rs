@@ -5,6 +5,7 @@
 //! API server can run here). One module per subsystem; the helpers for each
 //! peer are in `support`.
 
+mod allegrograph;
 mod architecture;
 mod bootstrap;
 mod cli;

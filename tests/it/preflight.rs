@@ -35,7 +35,7 @@ fn validate_and_plan_check_files_user_data_and_unbuilt_sections_before_any_call(
     let env = Env::new("checked", 1, proxy.url());
     let long = "x".repeat(17 * 1024);
     let yaml = format!(
-        "{}kubernetes:\n  manifests: [not-there/]\ndatabases:\n  - kind: immudb\n    name: ledger\n",
+        "{}kubernetes:\n  manifests: [not-there/]\ningress:\n  domain: checked.test\n  tcp: entryPoint\n",
         stack_yaml("checked", 1).replace(
             "    instanceType: t3.large\n",
             &format!("    instanceType: t3.large\n    runcmd:\n      - echo {long}\n"),
@@ -52,7 +52,7 @@ fn validate_and_plan_check_files_user_data_and_unbuilt_sections_before_any_call(
             " bytes rendered for checked-worker-0",
             "stack.yaml:20:15: kubernetes.manifests[0]: expected manifests that can be read and applied, found cannot read manifests not-there/: No such file or directory",
             &format!("stack.yaml:19:1: kubernetes: expected no cluster to bootstrap over SSH when EC2 is an emulator on this machine (its instances' addresses are invented and may be others' hosts); remove `kubernetes` to try the EC2 provider offline, as stacks/aws-moto.yaml does, found a cluster to make, with EC2 at {}", proxy.url()),
-            "stack.yaml:22:11: databases[0].kind: expected only what this version of stack builds (remove the section to plan and apply the rest), found immudb primaries and replicas, not built yet",
+            "stack.yaml:23:8: ingress.tcp: expected only what this version of stack builds (remove the section to plan and apply the rest), found TCP entry points of the ingress controller, not built yet",
         ] {
             assert!(message.contains(expected), "{verb:?}: no {expected:?} in\n{message}");
         }

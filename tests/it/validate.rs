@@ -200,15 +200,9 @@ fn example_stacks_validate_and_diagnostics_come_as_json() {
     expect_code(&reference, 1);
     let message = text(&reference.stderr);
     assert!(
-        message.starts_with("error: stacks/reference.yaml has 3 errors:")
+        message.starts_with("error: stacks/reference.yaml has 1 error:")
             && message.contains(
-                "reference.yaml:95:11: databases[1].kind: expected only what this version of stack builds"
-            )
-            && message.contains(
-                "reference.yaml:99:11: databases[2].kind: expected only what this version of stack builds"
-            )
-            && message.contains(
-                "reference.yaml:121:1: upgrades: expected only what this version of stack builds"
+                "reference.yaml:125:1: upgrades: expected only what this version of stack builds"
             ),
         "{message}"
     );
@@ -270,7 +264,7 @@ fn sections_not_built_yet_stop_plan_and_up_by_name() {
     let env = Env::new("later", 1, moto.url());
     let mut yaml = stack_yaml("later", 1);
     yaml.push_str(
-        "kubernetes:\n  channel: 1.32/stable\ndatabases:\n  - kind: immudb\n    name: ledger\n",
+        "kubernetes:\n  channel: 1.32/stable\ningress:\n  domain: later.test\n  tcp: entryPoint\n",
     );
     std::fs::write(env.path().join("stack.yaml"), yaml).unwrap();
     for verb in [&["validate"][..], &["plan"], &["up", "--yes"]] {
@@ -278,7 +272,7 @@ fn sections_not_built_yet_stop_plan_and_up_by_name() {
         expect_code(&output, 1);
         let message = text(&output.stderr);
         assert!(
-            message.contains("stack.yaml:20:11: databases[0].kind: expected only what this version of stack builds (remove the section to plan and apply the rest), found immudb primaries and replicas, not built yet"),
+            message.contains("stack.yaml:21:8: ingress.tcp: expected only what this version of stack builds (remove the section to plan and apply the rest), found TCP entry points of the ingress controller, not built yet"),
             "{message}"
         );
     }
