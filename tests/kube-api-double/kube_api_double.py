@@ -763,6 +763,7 @@ COUCH_ETC = "/opt/couchdb/etc/"
 COUCH_DATA = "/opt/couchdb/data"
 PROXY_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/(pods|services)/([^/]+)/proxy(/.*)?$")
 EVICTION_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/eviction$")
+PORTFORWARD_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/portforward$")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "content-length"}
 NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization"}
@@ -1899,6 +1900,10 @@ class Handler(BaseHTTPRequestHandler):
                 if proxy:
                     self.proxy(method, url, proxy, body)
                     return
+                forward = PORTFORWARD_PATH.match(url.path)
+                if forward and method in ("GET", "POST"):
+                    self.portforward(url, forward)
+                    return
                 with self.store.lock:
                     self.kubelet.reconcile()
                     evict = EVICTION_PATH.match(url.path)
@@ -1952,6 +1957,47 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if method != "HEAD":
             self.wfile.write(out)
+
+    def portforward(self, url, match):
+        """pods/NAME/portforward?ports=P: the API server's port-forward, WebSocket (v4.channel.k8s.io).
+
+        What answers before the upgrade, as the real API server and kubelet do: a missing pod is
+        the API server's 404 Status; a pod without spec.nodeName its 400 Status `pod NAME does
+        not have a host assigned`; then the kubelet answers and the API server passes that on
+        as it is (text/plain, not a Status): `ports` missing or invalid is a 400, a pod whose
+        sandbox does not run (no pod IP yet) a 500 `pod not found ("NAME_NAMESPACE")`. A pod
+        that has a sandbox but whose container does not listen (Pending, starting, crashed,
+        Terminating) upgrades, and each port's error channel says `connection refused`
+        (portforward.py). The store lock is not held while the forward runs."""
+        import portforward
+        ns, name = match.groups()
+        with self.store.lock:
+            self.kubelet.reconcile()
+            pod = self.store.objects.get(POD + (ns, name))
+            if pod is None:
+                raise ApiError(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+            if not pod["spec"].get("nodeName"):
+                raise ApiError(400, "BadRequest", f"pod {name} does not have a host assigned")
+            key = self.kubelet.pod_key(pod)
+            sandbox = bool(pod.get("status", {}).get("podIP")) and \
+                pod.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+            registry = self.kubelet.node_registry(key) or \
+                self.kubelet.db_container(pod["spec"].get("containers", []))[1]
+        self.close_connection = True
+        try:
+            ports = portforward.parse_ports(parse_qs(url.query).get("ports"))
+        except ValueError as e:
+            portforward._plain(self.wfile, 400, "Bad Request", str(e).encode())
+            return
+        if not sandbox:
+            portforward._plain(self.wfile, 500, "Internal Server Error", f'pod not found ("{name}_{ns}")'.encode())
+            return
+        if registry is None:
+            def connect(port):
+                raise NotListening("connection refused")
+        else:
+            connect = portforward.registry_connect(registry, key)
+        portforward.serve(self.rfile, self.wfile, self.headers, ports, connect, pod_key=key)
 
     def pod_network(self, method):
         """An absolute-form request (`GET http://HOST:PORT/path`): a pod's HTTP traffic through its
