@@ -141,6 +141,7 @@ import collections
 import copy
 import datetime
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -1270,20 +1271,80 @@ class Kubelet:
             files[path] = {**files.get(path, {}), **content}
         return files
 
+    @staticmethod
+    def data_paths(registry):
+        return tuple(getattr(registry, "DATA_PATHS", ()))
+
     def claim_uids(self, pod, registry):
-        """The uids of the claims mounted at the registry's data paths (None: the data is the container's own)."""
+        """{data path: uid of the claim mounted there} for the registry's data paths on claims."""
         ns = pod["metadata"]["namespace"]
-        paths = {p.rstrip("/") for p in getattr(registry, "DATA_PATHS", ())}
-        uids = []
+        paths = {p.rstrip("/"): p for p in self.data_paths(registry)}
+        uids = {}
         for c in pod["spec"].get("containers", []):
             for m in c.get("volumeMounts", []):
-                if m.get("mountPath", "").rstrip("/") not in paths:
+                path = paths.get(m.get("mountPath", "").rstrip("/"))
+                if path is None:
                     continue
                 for v in pod["spec"].get("volumes", []):
                     if v.get("name") == m.get("name") and "persistentVolumeClaim" in v:
                         pvc = self.store.objects.get(PVC + (ns, v["persistentVolumeClaim"].get("claimName")))
-                        uids.append(pvc["metadata"]["uid"] if pvc else "missing")
-        return tuple(uids) or None
+                        uids[path] = pvc["metadata"]["uid"] if pvc else "missing"
+        return uids
+
+    def keep_arg(self, registry, kept):
+        """stop_node's keep_data for the data paths kept: True (all), False (none) or the tuple of them."""
+        paths = self.data_paths(registry)
+        kept = tuple(p for p in paths if p in kept)
+        if not paths or not kept:
+            return False
+        return True if len(kept) == len(paths) else kept
+
+    def restart_keep(self, pod, container, registry):
+        """keep_data for a container restarting in its pod: what is on the pod's volumes stays, the
+        container's own file system is new."""
+        mounted = {m.get("mountPath", "").rstrip("/") for m in container.get("volumeMounts", [])}
+        return self.keep_arg(registry, {p for p in self.data_paths(registry) if p.rstrip("/") in mounted})
+
+    @staticmethod
+    def quantity(text):
+        """A resource quantity (2Gi, 512Mi, 1G, 1.5Gi, 1000000) -> bytes."""
+        m = re.match(r"^\s*([0-9.]+)\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?\s*$", str(text))
+        if not m:
+            raise ValueError(f"quantities must match the regular expression: {text!r}")
+        factor = {None: 1, "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50, "Ei": 2 ** 60,
+                  "k": 10 ** 3, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12, "P": 10 ** 15,
+                  "E": 10 ** 18}[m.group(2)]
+        return int(float(m.group(1)) * factor)
+
+    def shm_bytes(self, pod, container):
+        """The size `df` shows for the container's /dev/shm: a Memory emptyDir's sizeLimit (none:
+        unbounded, float('inf')); a disk emptyDir or another volume: the node's disk, taken as
+        unbounded; nothing mounted there: None (the runtime's 64 MiB; the registry decides)."""
+        for m in container.get("volumeMounts", []):
+            if m.get("mountPath", "").rstrip("/") != "/dev/shm":
+                continue
+            vol = next((v for v in pod["spec"].get("volumes", []) if v.get("name") == m.get("name")), None)
+            if vol is None:
+                return None
+            empty = vol.get("emptyDir")
+            if empty is not None and empty.get("medium") == "Memory" and empty.get("sizeLimit") is not None:
+                try:
+                    return self.quantity(empty["sizeLimit"])
+                except ValueError:
+                    return None
+            return float("inf")
+        return None
+
+    def start_node(self, registry, key, pod, container, env, files, fqdn):
+        """registry.start_node, with shm_bytes when the registry takes it."""
+        kwargs = {}
+        try:
+            params = inspect.signature(registry.start_node).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "shm_bytes" in params:
+            kwargs["shm_bytes"] = self.shm_bytes(pod, container)
+        return registry.start_node(key, env, container.get("image", ""), files, fqdn, **kwargs)
 
     def missing_claim(self, pod):
         ns = pod["metadata"]["namespace"]
@@ -1369,7 +1430,7 @@ class Kubelet:
                 st["started"], st["waiting"], st["failures"] = now(), None, 0
             else:
                 if registry is not None:
-                    registry.stop_node(key, keep_data=True)
+                    registry.stop_node(key, keep_data=self.restart_keep(pod, db, registry))
                 st["restarts"] += 1
                 st["failures"] += 1
                 st["next_try"] = t + self.backoff(st)
@@ -1408,15 +1469,18 @@ class Kubelet:
                              "grace": pod["spec"].get("terminationGracePeriodSeconds", 30),
                              "name": pod["metadata"]["name"]}
                 if db is not None:
+                    # Each data path's data survives when the same claim is mounted there as before.
                     uids = self.claim_uids(pod, registry)
-                    if uids is None or self.volumes.get(key) != uids:
-                        registry.stop_node(key, keep_data=False)
+                    previous = self.volumes.get(key) or {}
+                    keep = self.keep_arg(registry, {p for p, u in uids.items() if previous.get(p) == u})
+                    if keep is not True:
+                        registry.stop_node(key, keep_data=keep)
                     self.volumes[key] = uids
                     spec = pod["spec"]
                     fqdn = f"{spec['hostname']}.{spec['subdomain']}.{pod['metadata']['namespace']}.svc.cluster.local" \
                         if spec.get("subdomain") and spec.get("hostname") else None
-                    started = registry.start_node(key, envs[db["name"]], db.get("image", ""),
-                                                  self.mount_files(mounts[db["name"]]), fqdn)
+                    started = self.start_node(registry, key, pod, db, envs[db["name"]],
+                                              self.mount_files(mounts[db["name"]]), fqdn)
                 hooks = [(c["name"], self.hook_command(c, "postStart")) for c in containers
                          if self.hook_command(c, "postStart")]
                 if started and hooks:
@@ -1460,7 +1524,7 @@ class Kubelet:
                                    live.get("failureThreshold", 3))
                         st["live_fail"] = st["live_fail"] or t
                         if t - st["live_fail"] >= allowed:
-                            c_registry.stop_node(key, keep_data=True)
+                            c_registry.stop_node(key, keep_data=self.restart_keep(pod, c, c_registry))
                             st["started"], st["restarts"], st["live_fail"] = None, st["restarts"] + 1, None
                     else:
                         st["live_fail"] = None
@@ -1634,18 +1698,18 @@ class Kubelet:
         self.run_hooks(key, st, "preStop", hooks, timeout=st["ctx"]["grace"], then=then)
 
     def stop(self, key, registry):
+        """The pod's node stops; each data path's data kept while the claim it is on still exists."""
         if registry is None:
             return
         ns, name = key.split("/", 1)
-        uids = self.volumes.get(key)
-        keep = False
-        if uids:
-            current = []
-            for pkey, pvc in self.objects(PVC, ns):
-                current.append(pvc["metadata"]["uid"])
-            keep = all(u in current for u in uids)
-        registry.stop_node(key, keep_data=keep)
-        if not keep:
+        uids = self.volumes.get(key) or {}
+        current = {pvc["metadata"]["uid"] for _, pvc in self.objects(PVC, ns)}
+        kept = {p for p, u in uids.items() if u in current}
+        registry.stop_node(key, keep_data=self.keep_arg(registry, kept))
+        kept_uids = {p: u for p, u in uids.items() if p in kept}
+        if kept_uids:
+            self.volumes[key] = kept_uids
+        else:
             self.volumes.pop(key, None)
 
     # ---- one pass ---------------------------------------------------------
