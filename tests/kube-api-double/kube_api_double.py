@@ -771,6 +771,7 @@ NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization"}
 NODE_NAME = "double-node"
 HOST_IP = "10.0.0.10"
 POSTSTART_TIMEOUT = 300.0       # the kubelet has none; a bound so a stuck hook cannot hang the double
+RUNNER_IMAGE = re.compile(r"(^|/)curlimages/curl(:|@|$)")     # containers run for real (container_runner.py)
 
 
 def expand(value, env):
@@ -819,6 +820,18 @@ def scaled(value, total):
     if isinstance(value, str) and value.endswith("%"):
         return math.ceil(total * int(value[:-1]) / 100)
     return int(value or 0)
+
+
+def redact_query(url):
+    """The URL with every query value whose name holds `password` as `***` (for logs)."""
+    if "?" not in url:
+        return url
+    base, query = url.split("?", 1)
+    parts = []
+    for part in query.split("&"):
+        name = part.split("=", 1)[0]
+        parts.append(name + "=***" if "password" in name.lower() else part)
+    return base + "?" + "&".join(parts)
 
 
 def status_error(code, reason, message, details=None):
@@ -906,7 +919,7 @@ class Kubelet:
         raising NotListening when nothing listens on that port.
     """
 
-    def __init__(self, store, registries, proxy_port=0, hook_log=None):
+    def __init__(self, store, registries, proxy_port=0, hook_log=None, container_log=None, container_env=None):
         self.store = store
         self.registries = list(registries) if isinstance(registries, (list, tuple)) else [registries]
         self.pods = {}          # pod key "ns/name" -> kubelet state of the pod
@@ -922,6 +935,11 @@ class Kubelet:
         self.hooks_lock = threading.Lock()
         self.stopping = set()                           # pod keys whose old container runs its preStop
         self.stopped_registry = {}
+        from container_runner import ContainerRunner
+        # Containers of RUNNER_IMAGE, run for real; the kubelet's back-off scaled down (see backoff).
+        self.runner = ContainerRunner(proxy_port, log_path=container_log, backoff_seconds=1.0,
+                                      max_backoff_seconds=30.0)
+        self.extra_env = dict(container_env or {})  # --container-env: added to every such container's env
         for registry in self.registries:
             registry.resolver = self.resolve
 
@@ -953,14 +971,18 @@ class Kubelet:
                 return (pod, port) if svc["headless"] else None
         return None
 
-    def pod_target(self, host, port):
+    def pod_target(self, host, port, from_pod=None):
         """Where a pod's request to HOST:PORT goes -> ((pod key, port), pod IP) or (None, None).
 
-        The pods it may come from are those running a hook right now: when they are all in one
+        from_pod: the pod the request comes from, when its proxy credentials say (see proxy_url).
+        Else the pods it may come from are those running a hook right now: when they are all in one
         namespace, it completes short names (else: default); localhost is the pod when there is one."""
-        with self.hooks_lock:
-            running = sorted(k for k, n in self.hooks_running.items() if n > 0)
-        from_pod = running[0] if len({k.split("/", 1)[0] for k in running}) == 1 else None
+        if from_pod is not None:
+            running = [from_pod]
+        else:
+            with self.hooks_lock:
+                running = sorted(k for k, n in self.hooks_running.items() if n > 0)
+            from_pod = running[0] if len({k.split("/", 1)[0] for k in running}) == 1 else None
         ip_of = lambda key: (self.store.objects.get(POD + tuple(key.split("/", 1))) or {}).get(
             "status", {}).get("podIP", "")
         if host in ("localhost", "127.0.0.1", "::1"):
@@ -1392,6 +1414,97 @@ class Kubelet:
             port = next((p.get("containerPort") for p in container.get("ports", []) if p.get("name") == port), None)
         return registry.probe(key, get.get("path", "/"), port)
 
+    def proxy_url(self, key):
+        """A pod's http_proxy: this double, the pod named as proxy credentials (NS:NAME), so that
+        the pod network knows where a request comes from (Proxy-Authorization, never forwarded)."""
+        ns, name = key.split("/", 1)
+        return f"http://{ns}:{name}@127.0.0.1:{self.proxy_port}"
+
+    # ---- containers run for real (RUNNER_IMAGE) --------------------------
+
+    @staticmethod
+    def is_runner(container):
+        return bool(RUNNER_IMAGE.search(container.get("image", "")))
+
+    @staticmethod
+    def runner_command(container, env):
+        """command + args, $(VAR) expanded; without a command, curlimages/curl's entrypoint
+        (`curl ARGS`, unless the first arg is a command)."""
+        command = [expand(str(a), env) for a in container.get("command") or []]
+        args = [expand(str(a), env) for a in container.get("args") or []]
+        if command:
+            return command + args
+        if args and not args[0].startswith("-") and shutil.which(args[0]):
+            return args
+        return ["curl"] + args
+
+    @staticmethod
+    def runner_files(mounts):
+        """container_mounts -> ContainerRunner's files {mount path: {name: (text, mode)} | (text, mode)}."""
+        files = {}
+        for path, content, modes, single in mounts:
+            if single:
+                (fname, text), = content.items()
+                files[path] = (text, modes.get(fname, 0o644) & 0o777)
+            else:
+                entry = files.setdefault(path, {})
+                for fname, text in content.items():
+                    entry[fname] = (text, modes.get(fname, 0o644) & 0o777)
+        return files
+
+    def start_runners(self, key, pod, containers, envs, mounts):
+        for c in containers:
+            if not self.is_runner(c):
+                continue
+            env = dict(envs[c["name"]])
+            env.setdefault("HOSTNAME", pod["spec"].get("hostname") or pod["metadata"]["name"])
+            env.update(self.extra_env)
+            self.runner.start(key, c["name"], self.runner_command(c, env), env,
+                              self.runner_files(mounts.get(c["name"], [])), proxy=self.proxy_url(key))
+
+    def runner_status(self, key, st, pod, c, terminating):
+        name = c["name"]
+        counts = st.setdefault("runner_restarts", {})
+        if self.runner.has(key):
+            counts[name] = self.runner.restarts(key, name)
+        restarts = counts.get(name, 0)
+        running = self.runner.running(key, name)
+        seen = st.setdefault("runner_started", {})
+        cs = {"name": name, "image": c.get("image", ""), "imageID": "", "restartCount": restarts,
+              "started": running}
+        if running:
+            if seen.get(name, (None,))[0] != restarts:
+                seen[name] = (restarts, now())
+            cs["state"] = {"running": {"startedAt": seen[name][1]}}
+        elif terminating and name in seen:
+            cs["state"] = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": seen[name][1],
+                                          "finishedAt": now()}}
+        elif restarts:
+            cs["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message":
+                                       f"back-off restarting failed container={name} pod={pod['metadata']['name']}_"
+                                       f"{pod['metadata']['namespace']}({pod['metadata']['uid']})"}}
+        else:
+            cs["state"] = {"waiting": {"reason": "ContainerCreating", "message": ""}}
+        cs["ready"] = running and not terminating     # no probes: ready while running
+        cs["containerID"] = "containerd://" + hashlib.sha256(f"{key}/{name}/{restarts}".encode()).hexdigest()
+        return cs
+
+    def stop_runners(self, key, grace, then=None):
+        """SIGTERM to the pod's runner containers, SIGKILL after grace seconds; on a thread, no lock held.
+        -> the result dict, {"done": True} once they are gone; then() runs afterwards."""
+        result = {"done": False}
+
+        def work():
+            try:
+                self.runner.stop(key, grace_seconds=grace)
+            except Exception as e:  # a double's bug must not wedge the pod
+                print(f"kube-api-double: stopping containers of {key}: {e!r}", file=sys.stderr, flush=True)
+            result["done"] = True
+            if then is not None:
+                then()
+        threading.Thread(target=work, daemon=True, name=f"stop {key}").start()
+        return result
+
     @staticmethod
     def hook_command(container, kind):
         """The exec command of a container's postStart/preStop hook, or None."""
@@ -1457,7 +1570,8 @@ class Kubelet:
                     envs[c["name"]] = env
             if waiting is None:
                 for c in containers:
-                    if c is db or self.hook_command(c, "postStart") or self.hook_command(c, "preStop"):
+                    if c is db or self.is_runner(c) or self.hook_command(c, "postStart") or \
+                            self.hook_command(c, "preStop"):
                         m, error = self.container_mounts(pod, c)
                         if error:
                             waiting = ("ContainerCreating", error)
@@ -1481,6 +1595,8 @@ class Kubelet:
                         if spec.get("subdomain") and spec.get("hostname") else None
                     started = self.start_node(registry, key, pod, db, envs[db["name"]],
                                               self.mount_files(mounts[db["name"]]), fqdn)
+                # The other containers start with it, whatever becomes of it.
+                self.start_runners(key, pod, containers, envs, mounts)
                 hooks = [(c["name"], self.hook_command(c, "postStart")) for c in containers
                          if self.hook_command(c, "postStart")]
                 if started and hooks:
@@ -1503,6 +1619,11 @@ class Kubelet:
         # Container statuses, readiness, liveness.
         statuses, all_ready = [], True
         for c in containers:
+            if self.is_runner(c):
+                cs = self.runner_status(key, st, pod, c, terminating)
+                all_ready &= cs["ready"]
+                statuses.append(cs)
+                continue
             c_registry = registry if c is db else None
             cs = {"name": c["name"], "image": c.get("image", ""), "imageID": "", "restartCount": st["restarts"],
                   "started": st["started"] is not None}
@@ -1619,7 +1740,7 @@ class Kubelet:
                 return arg
             argv = [rewrite(a) for a in command]
             env = dict(ctx["envs"].get(container_name, {}))
-            env["http_proxy"] = f"http://127.0.0.1:{self.proxy_port}"
+            env["http_proxy"] = self.proxy_url(key)
             env["HOSTNAME"] = ctx["name"]
             env["PATH"] = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
             try:
@@ -1659,7 +1780,12 @@ class Kubelet:
                 if self.hook_command(c, "preStop")]
 
     def delete_pod(self, pkey):
-        """A pod deleted (DELETE, eviction, scale-down, rolling update): Terminating while preStop hooks run."""
+        """A pod deleted (DELETE, eviction, scale-down, rolling update): Terminating while preStop hooks
+        run and runner containers stop, gone at once without either.
+
+        As the kubelet does it, each container at once: one with a preStop hook gets SIGTERM after
+        it (the database node stops then), one without gets SIGTERM now (the node stops now); all
+        within terminationGracePeriodSeconds."""
         pod = self.store.objects.get(pkey)
         if pod is None:
             return None
@@ -1667,35 +1793,71 @@ class Kubelet:
             return pod
         key = self.pod_key(pod)
         st = self.pods.get(key)
-        hooks = self.prestop_hooks(st) if st and st["uid"] == pod["metadata"]["uid"] and st["started"] else []
-        if not hooks:
+        mine = st is not None and st["uid"] == pod["metadata"]["uid"]
+        hooks = self.prestop_hooks(st) if mine and st["started"] else []
+        runners = mine and self.runner.has(key)
+        if not hooks and not runners:
             self.store.forget(pkey)
             return pod
-        grace = st["ctx"]["grace"]
+        grace = (st.get("ctx") or {}).get("grace", pod["spec"].get("terminationGracePeriodSeconds", 30))
         pod["metadata"]["deletionTimestamp"] = now()
         pod["metadata"]["deletionGracePeriodSeconds"] = grace
         pod["metadata"]["resourceVersion"] = str(next(self.store.version))
-        self.run_hooks(key, st, "preStop", hooks, timeout=grace)
+        registry = st.get("registry")
+
+        def node_stops(_=None):
+            with self.store.lock:
+                if not st.get("node_stopped"):
+                    st["node_stopped"] = True
+                    self.stop(key, registry)
+        if hooks:
+            self.run_hooks(key, st, "preStop", hooks, timeout=grace, then=node_stops)
+        else:
+            st["node_stopped"] = True
+            self.stop(key, registry)
+        if runners:
+            st["runner_stop"] = self.stop_runners(key, grace)
         return pod
+
+    @staticmethod
+    def terminated(st):
+        """Has a pod that delete_pod made Terminating finished (preStop hooks, runner containers)?"""
+        if st is None or (st.get("prestop") is None and st.get("runner_stop") is None):
+            return False
+        return all(x is None or x.get("done") for x in (st.get("prestop"), st.get("runner_stop")))
 
     def stopped(self, key):
         """A pod that went away: its node stops (after its preStop hooks, when it never got to run them),
-        its data kept when its claims are still there."""
+        its data kept when its claims are still there; its runner containers stop. Meanwhile a new pod
+        of that name waits."""
         st = self.pods.pop(key, None)
         hooks = self.prestop_hooks(st) if st and st["started"] and st.get("prestop") is None else []
         registry = (st or {}).get("registry") or self.stopped_registry.get(key)
         if st is not None and st.get("registry") is not None:
             self.stopped_registry[key] = st["registry"]
+        runners = self.runner.has(key)
         if not hooks:
-            self.stop(key, registry)
-            return
-        self.stopping.add(key)
-
-        def then(_):
-            with self.store.lock:
-                self.stopping.discard(key)
+            if st is None or not st.get("node_stopped"):
+                if st is not None:
+                    st["node_stopped"] = True       # a late preStop callback must not stop a new node
                 self.stop(key, registry)
-        self.run_hooks(key, st, "preStop", hooks, timeout=st["ctx"]["grace"], then=then)
+            if not runners:
+                return
+        self.stopping.add(key)
+        pending = [int(bool(hooks)) + int(runners)]
+        grace = ((st or {}).get("ctx") or {}).get("grace", 30)
+
+        def one_done(stop_node=False):
+            with self.store.lock:
+                if stop_node:
+                    self.stop(key, registry)
+                pending[0] -= 1
+                if pending[0] <= 0:
+                    self.stopping.discard(key)
+        if hooks:
+            self.run_hooks(key, st, "preStop", hooks, timeout=grace, then=lambda _: one_done(True))
+        if runners:
+            self.stop_runners(key, grace, then=one_done)
 
     def stop(self, key, registry):
         """The pod's node stops; each data path's data kept while the claim it is on still exists."""
@@ -1740,8 +1902,8 @@ class Kubelet:
         present = set()
         for key, pod in self.objects(POD):
             st = self.pods.get(self.pod_key(pod))
-            if "deletionTimestamp" in pod["metadata"] and st and (st.get("prestop") or {}).get("done"):
-                store.forget(key)           # Terminating, and its preStop hooks are through
+            if "deletionTimestamp" in pod["metadata"] and self.terminated(st):
+                store.forget(key)           # Terminating, and its preStop hooks and containers are through
                 continue
             present.add(self.pod_key(pod))
             self.sync_pod(key, pod)
@@ -2076,8 +2238,16 @@ class Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP
                    and not k.lower().startswith("proxy-")}
         kubelet = self.kubelet
+        from_pod = None
+        auth = self.headers.get("Proxy-Authorization") or ""
+        if auth[:6].lower() == "basic ":
+            try:
+                ns, _, name = base64.b64decode(auth[6:].strip()).decode().partition(":")
+                from_pod = f"{ns}/{name}" if ns and name else None
+            except (ValueError, UnicodeDecodeError):
+                from_pod = None
         with self.store.lock:
-            target, ip = kubelet.pod_target(host, port)
+            target, ip = kubelet.pod_target(host, port, from_pod)
         status, out_headers, out = 502, {"Content-Type": "text/plain; charset=utf-8"}, b""
         if target is None:
             # What a Go proxy answers when the name does not resolve.
@@ -2087,8 +2257,8 @@ class Handler(BaseHTTPRequestHandler):
                 status, out_headers, out = kubelet.handle(target[0], method, path, headers, body, port=target[1])
             except NotListening:
                 out = f"dial tcp {ip}:{target[1]}: connect: connection refused\n".encode()
-        kubelet.hook_log({"proxy": method, "url": self.path, "pod": target[0] if target else None,
-                          "status": status})
+        kubelet.hook_log({"proxy": method, "url": redact_query(self.path), "pod": target[0] if target else None,
+                          "from": from_pod, "status": status})
         self.send_response_only(status)
         for k, v in out_headers.items():
             if k.lower() not in HOP_BY_HOP:
@@ -2321,6 +2491,9 @@ def main():
     parser.add_argument("--agraph-boot-seconds", type=float, default=None,
                         help="from an AllegroGraph container's start to its port accepting connections")
     parser.add_argument("--hook-log", help="every lifecycle hook run and pod-network request, as JSON lines")
+    parser.add_argument("--container-log", help="the output of the containers run for real (curlimages/curl)")
+    parser.add_argument("--container-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="added to (over) the env of every container run for real (repeatable)")
     args = parser.parse_args()
     Handler.store = Store()
     Handler.log = args.log
@@ -2349,7 +2522,20 @@ def main():
             kwargs["boot_seconds"] = args.agraph_boot_seconds
         registries.append(AgraphRegistry(**kwargs))
     if registries:
-        Handler.kubelet = Kubelet(Handler.store, registries, proxy_port=args.port, hook_log=args.hook_log)
+        extra_env = {}
+        for spec in args.container_env:
+            name, eq, value = spec.partition("=")
+            if not name or not eq:
+                parser.error(f"--container-env wants NAME=VALUE, not {spec!r}")
+            extra_env[name] = value
+        Handler.kubelet = Kubelet(Handler.store, registries, proxy_port=args.port, hook_log=args.hook_log,
+                                  container_log=args.container_log, container_env=extra_env)
+
+        def terminate(signum, frame):
+            # No container run for real outlives the double.
+            Handler.kubelet.runner.kill_all()
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, terminate)
 
         def controllers():
             while True:
