@@ -69,19 +69,43 @@ disruption controller and the kubelet, and proxies like the API server:
   Secret or key: CreateContainerConfigError) and mounts ConfigMap and Secret
   volumes (missing: stuck in ContainerCreating). A container whose image
   matches a database double's registry runs as a node of it, its
-  readinessProbe and livenessProbe ask that node, the claims at the
-  registry's data paths keep its data across restarts; other containers
-  are ready at once. The registries: couchdb (couchdb_double.py, ini files
-  from /opt/couchdb/etc/default.d and local.d, data /opt/couchdb/data),
+  readinessProbe and livenessProbe ask that node; each of the registry's
+  data paths keeps its data while the same claim is mounted there (a new
+  pod of the name with its claims: kept; a claim deleted: lost; a
+  container restarting in its pod keeps what is on the pod's volumes and
+  loses the rest, its own file system); other containers are ready at
+  once. The registries: couchdb (couchdb_double.py, ini files from
+  /opt/couchdb/etc/default.d and local.d, data /opt/couchdb/data),
   codenotary/immudb (immudb_double.py, data /var/lib/immudb) and, with
-  --agraph, agraph_double.AgraphRegistry. The interface is in Kubelet's
-  docstring;
+  --agraph, agraph_double.AgraphRegistry (franzinc/agraph; data
+  /agraph/data and /agraph/etc, kept or lost separately; `shm_bytes` from
+  the container's /dev/shm mount: a `medium: Memory` emptyDir's sizeLimit
+  (Ki/Mi/Gi/K/M/G...), unbounded without one or for another volume there,
+  None with nothing mounted at /dev/shm, which the image refuses). The
+  interface is in Kubelet's docstring;
+- containers whose image matches `(^|/)curlimages/curl(:|@|$)` (sidecars
+  running stack's in-pod scripts, such as manifests/allegrograph-member.sh)
+  run for real as host subprocesses (container_runner.py): command + args
+  ($(VAR) expanded; no command: the image's `curl ARGS`), the env the
+  kubelet builds plus HOSTNAME, http_proxy (below) and every
+  --container-env NAME=VALUE (over the pod's own), their ConfigMap/Secret
+  files in a temporary dir with absolute paths under a mount path in the
+  command and env rewritten into it. They start when the pod's containers
+  start, are restarted with back-off (1s doubling to 30s) when they exit,
+  show in containerStatuses (running and ready while running, as they have
+  no probes; else waiting, CrashLoopBackOff after a first exit;
+  restartCount), and on deletion, eviction, scale-down or rolling update
+  get SIGTERM at once, SIGKILL after terminationGracePeriodSeconds, while
+  the pod is Terminating (a database container without preStop stops at
+  the same moment); the pod goes once they have exited. Their output goes
+  to --container-log. They die with this process (SIGTERM or not);
 - lifecycle hooks `exec` run for real, as subprocesses of this machine: the
   container's ConfigMap/Secret files written into a fresh temporary dir
   mirroring their mount paths (defaultMode/mode honoured, 0644 by default),
   absolute paths under a mount path in the command rewritten into it, the
-  environment the container's own plus http_proxy=http://127.0.0.1:PORT
-  (this double) and HOSTNAME=POD, nothing from the host but PATH.
+  environment the container's own plus http_proxy=http://NS:POD@127.0.0.1:PORT
+  (this double, the pod named as proxy credentials) and HOSTNAME=POD,
+  nothing from the host but PATH.
   postStart runs once the node started; the container stays Waiting
   (ContainerCreating) until it exits 0; a failing one is a Warning event
   FailedPostStartHook, the container killed and restarted with back-off
@@ -92,10 +116,12 @@ disruption controller and the kubelet, and proxies like the API server:
   publishes not-ready addresses, its node still running; then it goes;
 - the pod network: an absolute-form request (`GET http://HOST:PORT/path`,
   what curl sends with http_proxy) goes to the node HOST resolves to as
-  from a pod (the request does not say which: the namespace of the pods
-  running hooks right now completes short names when they share one, else
-  default; localhost is the hook's pod when only one pod runs hooks; pod
-  IPs work too), every header but hop-by-hop and Proxy-* ones forwarded,
+  from the pod its Proxy-Authorization names (Basic NS:POD, what curl sends
+  for the credentials in the pods' http_proxy): short names complete in
+  that pod's namespace, localhost is that pod. Without one, the namespace
+  of the pods running hooks right now completes short names when they
+  share one, else default; localhost is the hook's pod when only one pod
+  runs hooks. Pod IPs work too. Every header but hop-by-hop and Proxy-* ones forwarded,
   Authorization included; 502 text `dial tcp: lookup HOST ...: no such
   host` for a name that does not resolve and `dial tcp IP:PORT: connect:
   connection refused` when nothing listens. Not logged to --log, never
@@ -111,7 +137,22 @@ disruption controller and the kubelet, and proxies like the API server:
   `error trying to reach service: dial tcp IP:PORT: connect: connection
   refused` when nothing listens, 503 `no endpoints available for service`
   without a ready endpoint, 404 for a missing pod or Service. They are
-  logged and may fail with --faults like any other request.
+  logged and may fail with --faults like any other request;
+- GET (or POST) /api/v1/namespaces/NS/pods/POD/portforward?ports=P[,P...]
+  with a WebSocket upgrade: portforward.py (v4.channel.k8s.io, channels
+  2i/2i+1 per port, raw HTTP/1.1 to the pod's database node, every header
+  Authorization included). Before the upgrade, as the API server and the
+  kubelet answer: a missing pod is the API server's 404 Status; a pod
+  without spec.nodeName its 400 Status `pod NAME does not have a host
+  assigned`; then the kubelet's answers, passed on as they are (text/plain,
+  not a Status): `ports` missing or invalid a 400, a pod without a running
+  sandbox (no pod IP) a 500 `pod not found ("NAME_NS")`. A pod that has
+  one but does not listen (Pending, booting, crashed, Terminating: not
+  Running) upgrades, and the port's error channel carries containerd's
+  `... connect: connection refused` (kube-client reports it as an error on
+  that port's stream); there is no 4xx for "not Running" in the real API
+  server. Logged and failed by --faults (before the upgrade) like any other
+  request; the store lock is not held while the forward runs.
 
 Run: kube_api_double.py --port PORT [--log FILE] [--faults SEED:PERCENT]
      [--couchdb [--couchdb-settle-seconds S] [--couchdb-fill-seconds S]
@@ -120,10 +161,17 @@ Run: kube_api_double.py --port PORT [--log FILE] [--faults SEED:PERCENT]
       [--immudb-replication-seconds S (0.05)] [--immudb-lag POD=SECONDS ...]
       [--immudb-sync-wait-seconds S (5)]]
      [--agraph [--agraph-log FILE] [--agraph-boot-seconds S]]
-     [--hook-log FILE]
+     [--hook-log FILE] [--container-log FILE] [--container-env NAME=VALUE ...]
 --hook-log gets one JSON line per hook run {"time", "pod", "container",
 "hook", "command", "argv", "exit_code", "output_tail"} and per pod-network
-request {"time", "proxy": METHOD, "url", "pod", "status"}.
+request {"time", "proxy": METHOD, "url" (password query values as ***),
+"pod" (where it went), "from" (the pod it came from, or null), "status"}.
+--container-log gets the curlimages/curl containers' output, each line
+`NS/POD/CONTAINER: TEXT`, and `exited with code N` when one exits.
+--container-env NAME=VALUE (repeatable) is added to every such container's
+env, over the pod's own: tests make in-pod scripts faster with it
+(STACK_CHECK_SECONDS=1 for allegrograph-member.sh) without changing the
+objects stack renders.
 Every request is appended to --log as one line,
 `METHOD PATH?QUERY user-agent=VALUE` (`-` when no User-Agent was sent).
 
@@ -906,14 +954,19 @@ class Kubelet:
     A container whose image matches a registry's IMAGE runs as a node of that
     database double; any other container is running and ready at once.
 
+    Containers of RUNNER_IMAGE run for real through a ContainerRunner.
+
     A registry (one per database double) provides:
       IMAGE       a compiled regex the container image is searched with;
       DATA_PATHS  mount paths whose PersistentVolumeClaims keep the node's data;
       resolver    set here: resolver(host, port, from_pod) -> (pod key, port) or None;
-      start_node(pod_key, env, image, files, fqdn) -> bool (False: the container exits at once);
-        files: {mount path: {file name: text}} of the ConfigMap/Secret volumes mounted
-        in that container (a subPath mount of one file: {its path: {its base name: text}});
-      stop_node(pod_key, keep_data), running(pod_key) -> bool,
+      start_node(pod_key, env, image, files, fqdn[, shm_bytes=]) -> bool (False: the container
+        exits at once); files: {mount path: {file name: text}} of the ConfigMap/Secret volumes
+        mounted in that container (a subPath mount of one file: {its path: {its base name: text}});
+        shm_bytes (only when start_node has that parameter): see shm_bytes;
+      stop_node(pod_key, keep_data): keep_data True (every data path kept), False (none), or,
+        for a registry with several DATA_PATHS, the tuple of those kept;
+      running(pod_key) -> bool,
       probe(pod_key, path, port) -> bool (an httpGet probe),
       handle(pod_key, method, path, headers, body, port) -> (status, headers, bytes),
         raising NotListening when nothing listens on that port.
