@@ -218,6 +218,14 @@ class AgraphKubeletTest(unittest.TestCase):
         pf = PortForward(self.port, "graph-controlling-9")
         self.assertEqual((pf.status, json.loads(pf.body)["reason"]), (404, "NotFound"))
 
+        # Nothing listens on that port: upgraded, then the port's error channel says so, and the end.
+        pf = PortForward(self.port, CONTROLLING, pod_port=10036)
+        op, data = pf.recv()
+        self.assertEqual(data[:1], b"\x01")
+        self.assertIn(b"dial tcp4 127.0.0.1:10036: connect: connection refused", data)
+        self.assertEqual(pf.recv()[0], 8)
+        pf.sock.close()
+
         query = urlencode({"host": CONTROLLING_HOST, "port": 10035, "user": "admin", "password": self.password,
                            "instanceName": CONTROLLING})
         status, body = self.forward("PUT", "/repositories/kg/repl/createCluster?" + query)
