@@ -140,6 +140,10 @@ class ContainerRunner:
                     os.killpg(c.proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+        deadline = time.monotonic() + 2.0
+        for c in victims:
+            if c.thread is not None:
+                c.thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def stop_all(self, grace_seconds=5.0):
         with self.lock:
@@ -210,6 +214,8 @@ class ContainerRunner:
                 proc = None
             if proc is not None:
                 c.proc = proc
+                if c.stopping.is_set():
+                    self._kill_group(proc)   # stopped (kill_all) while it was being started
                 reader = threading.Thread(target=self._pump, args=(c, proc), daemon=True)
                 reader.start()
                 code = proc.wait()
