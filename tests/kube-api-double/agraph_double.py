@@ -88,7 +88,6 @@ query values written as `***`; no password is ever logged.
 
 import base64
 import collections
-import hashlib
 import json
 import re
 import secrets

@@ -11,19 +11,26 @@ node of a database double.
 What it does like a kubelet, and where it cannot:
 
 - `files` ({mount_path: {filename: text | bytes | (text, mode)}}, the
-  ConfigMap and Secret volumes) are materialised in a fresh temporary
+  ConfigMap and Secret volumes; a value that is not a dict is one file
+  mounted at mount_path, a subPath mount) are materialised in a fresh temporary
   directory per container start, mode 0644 unless given (a ConfigMap's
   defaultMode), and absolute paths under a mount path in the command and
   in env values are rewritten into it; paths inside the files themselves
   are not, and other absolute paths (/bin/sh, /tmp) are the host's;
-- the environment is exactly the given env plus `http_proxy` and the
-  host's PATH, nothing else (no HOME);
+- the environment is exactly the given env plus `http_proxy` (start's
+  `proxy`, default http://127.0.0.1:PROXY_PORT; the kubelet double puts
+  the pod in it as proxy credentials, http://NS:POD@127.0.0.1:PORT, so it
+  knows which pod a request comes from) and the host's PATH, nothing else
+  (no HOME);
 - restartPolicy Always: a container that exits is started again after a
   back-off that doubles from `backoff_seconds` up to `max_backoff_seconds`
   (the real kubelet: 10 s to 300 s), reset after 10 minutes of running;
 - stop: SIGTERM to the container's main process, `grace_seconds` to exit,
   then SIGKILL; when the main process ends, whatever it left running is
   killed too, as a container's processes die with it;
+- the container's main process gets SIGTERM when this process dies
+  (`setpriv --pdeathsig TERM`, when setpriv is there), so no container
+  outlives the double; kill_all() SIGKILLs every container at once;
 - output (stdout and stderr) appended to log_path, each line prefixed by
   `POD_KEY/CONTAINER: `.
 
@@ -43,11 +50,13 @@ import threading
 import time
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SETPRIV = shutil.which("setpriv")
 
 
 class _Container:
-    def __init__(self, pod_key, name, command, env, files):
+    def __init__(self, pod_key, name, command, env, files, proxy=None):
         self.pod_key, self.name, self.command, self.env, self.files = pod_key, name, command, env, files
+        self.proxy = proxy
         self.proc = None
         self.tmp = None
         self.stopping = threading.Event()
@@ -67,8 +76,10 @@ class ContainerRunner:
 
     # ---- the kubelet's side -----------------------------------------------
 
-    def start(self, pod_key, name, command, env, files=None):
-        """Run the container (command = its command + args) until stop(); restarted when it exits."""
+    def start(self, pod_key, name, command, env, files=None, proxy=None):
+        """Run the container (command = its command + args) until stop(); restarted when it exits.
+
+        proxy: the container's http_proxy (default http://127.0.0.1:PROXY_PORT)."""
         if not command:
             raise ValueError(f"container {name} of {pod_key}: no command (the image's entrypoint is not run here)")
         key = (pod_key, name)
@@ -76,10 +87,15 @@ class ContainerRunner:
             old = self.containers.get(key)
             if old is not None and not old.stopping.is_set():
                 return
-            c = self.containers[key] = _Container(pod_key, name, list(command), dict(env or {}), files or {})
+            c = self.containers[key] = _Container(pod_key, name, list(command), dict(env or {}), files or {}, proxy)
             c.thread = threading.Thread(target=self._supervise, args=(c,), daemon=True,
                                         name=f"container {pod_key}/{name}")
             c.thread.start()
+
+    def has(self, pod_key):
+        """Does the pod have containers here (running or backing off)?"""
+        with self.lock:
+            return any(p == pod_key for p, _ in self.containers)
 
     def running(self, pod_key, name):
         with self.lock:
@@ -112,6 +128,23 @@ class ContainerRunner:
             if c.thread is not None:
                 c.thread.join(timeout=5)
 
+    def kill_all(self):
+        """SIGKILL every container at once (this process is going away)."""
+        with self.lock:
+            victims = list(self.containers.values())
+            self.containers.clear()
+        for c in victims:
+            c.stopping.set()
+            if c.proc is not None and c.proc.poll() is None:
+                try:
+                    os.killpg(c.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        deadline = time.monotonic() + 2.0
+        for c in victims:
+            if c.thread is not None:
+                c.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
     def stop_all(self, grace_seconds=5.0):
         with self.lock:
             pods = {p for p, _ in self.containers}
@@ -126,19 +159,31 @@ class ContainerRunner:
         for mount, entries in c.files.items():
             mount = "/" + mount.strip("/")
             target = os.path.join(tmp, mount.lstrip("/"))
+            if not isinstance(entries, dict):
+                # One file mounted at this path (a subPath mount).
+                entries = {os.path.basename(target): entries}
+                target = os.path.dirname(target)
+                os.makedirs(target, exist_ok=True)
+                for filename, value in entries.items():
+                    self._write_file(os.path.join(target, filename), value)
+                mounts[mount] = os.path.join(target, os.path.basename(mount))
+                continue
             os.makedirs(target, exist_ok=True)
             for filename, value in (entries or {}).items():
-                mode = 0o644
-                if isinstance(value, tuple):
-                    value, mode = value
-                data = value.encode() if isinstance(value, str) else value
-                path = os.path.join(target, filename)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(data)
-                os.chmod(path, mode)
+                self._write_file(os.path.join(target, filename), value)
             mounts[mount] = target
         return tmp, mounts
+
+    @staticmethod
+    def _write_file(path, value):
+        mode = 0o644
+        if isinstance(value, tuple):
+            value, mode = value
+        data = value.encode() if isinstance(value, str) else value
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chmod(path, mode)
 
     @staticmethod
     def _rewrite(arg, mounts):
@@ -155,9 +200,11 @@ class ContainerRunner:
                 shutil.rmtree(c.tmp, ignore_errors=True)
             c.tmp, mounts = self._materialise(c)
             env = {k: self._rewrite(v, mounts) for k, v in c.env.items()}
-            env["http_proxy"] = f"http://127.0.0.1:{self.proxy_port}"
+            env["http_proxy"] = c.proxy or f"http://127.0.0.1:{self.proxy_port}"
             env["PATH"] = os.environ.get("PATH") or DEFAULT_PATH
             argv = [self._rewrite(a, mounts) for a in c.command]
+            if SETPRIV:
+                argv = [SETPRIV, "--pdeathsig", "TERM", "--"] + argv
             started = time.monotonic()
             try:
                 proc = subprocess.Popen(argv, env=env, cwd=c.tmp, stdin=subprocess.DEVNULL,
@@ -167,6 +214,8 @@ class ContainerRunner:
                 proc = None
             if proc is not None:
                 c.proc = proc
+                if c.stopping.is_set():
+                    self._kill_group(proc)   # stopped (kill_all) while it was being started
                 reader = threading.Thread(target=self._pump, args=(c, proc), daemon=True)
                 reader.start()
                 code = proc.wait()

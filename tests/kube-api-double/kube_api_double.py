@@ -69,19 +69,43 @@ disruption controller and the kubelet, and proxies like the API server:
   Secret or key: CreateContainerConfigError) and mounts ConfigMap and Secret
   volumes (missing: stuck in ContainerCreating). A container whose image
   matches a database double's registry runs as a node of it, its
-  readinessProbe and livenessProbe ask that node, the claims at the
-  registry's data paths keep its data across restarts; other containers
-  are ready at once. The registries: couchdb (couchdb_double.py, ini files
-  from /opt/couchdb/etc/default.d and local.d, data /opt/couchdb/data),
+  readinessProbe and livenessProbe ask that node; each of the registry's
+  data paths keeps its data while the same claim is mounted there (a new
+  pod of the name with its claims: kept; a claim deleted: lost; a
+  container restarting in its pod keeps what is on the pod's volumes and
+  loses the rest, its own file system); other containers are ready at
+  once. The registries: couchdb (couchdb_double.py, ini files from
+  /opt/couchdb/etc/default.d and local.d, data /opt/couchdb/data),
   codenotary/immudb (immudb_double.py, data /var/lib/immudb) and, with
-  --agraph, agraph_double.AgraphRegistry. The interface is in Kubelet's
-  docstring;
+  --agraph, agraph_double.AgraphRegistry (franzinc/agraph; data
+  /agraph/data and /agraph/etc, kept or lost separately; `shm_bytes` from
+  the container's /dev/shm mount: a `medium: Memory` emptyDir's sizeLimit
+  (Ki/Mi/Gi/K/M/G...), unbounded without one or for another volume there,
+  None with nothing mounted at /dev/shm, which the image refuses). The
+  interface is in Kubelet's docstring;
+- containers whose image matches `(^|/)curlimages/curl(:|@|$)` (sidecars
+  running stack's in-pod scripts, such as manifests/allegrograph-member.sh)
+  run for real as host subprocesses (container_runner.py): command + args
+  ($(VAR) expanded; no command: the image's `curl ARGS`), the env the
+  kubelet builds plus HOSTNAME, http_proxy (below) and every
+  --container-env NAME=VALUE (over the pod's own), their ConfigMap/Secret
+  files in a temporary dir with absolute paths under a mount path in the
+  command and env rewritten into it. They start when the pod's containers
+  start, are restarted with back-off (1s doubling to 30s) when they exit,
+  show in containerStatuses (running and ready while running, as they have
+  no probes; else waiting, CrashLoopBackOff after a first exit;
+  restartCount), and on deletion, eviction, scale-down or rolling update
+  get SIGTERM at once, SIGKILL after terminationGracePeriodSeconds, while
+  the pod is Terminating (a database container without preStop stops at
+  the same moment); the pod goes once they have exited. Their output goes
+  to --container-log. They die with this process (SIGTERM or not);
 - lifecycle hooks `exec` run for real, as subprocesses of this machine: the
   container's ConfigMap/Secret files written into a fresh temporary dir
   mirroring their mount paths (defaultMode/mode honoured, 0644 by default),
   absolute paths under a mount path in the command rewritten into it, the
-  environment the container's own plus http_proxy=http://127.0.0.1:PORT
-  (this double) and HOSTNAME=POD, nothing from the host but PATH.
+  environment the container's own plus http_proxy=http://NS:POD@127.0.0.1:PORT
+  (this double, the pod named as proxy credentials) and HOSTNAME=POD,
+  nothing from the host but PATH.
   postStart runs once the node started; the container stays Waiting
   (ContainerCreating) until it exits 0; a failing one is a Warning event
   FailedPostStartHook, the container killed and restarted with back-off
@@ -92,10 +116,12 @@ disruption controller and the kubelet, and proxies like the API server:
   publishes not-ready addresses, its node still running; then it goes;
 - the pod network: an absolute-form request (`GET http://HOST:PORT/path`,
   what curl sends with http_proxy) goes to the node HOST resolves to as
-  from a pod (the request does not say which: the namespace of the pods
-  running hooks right now completes short names when they share one, else
-  default; localhost is the hook's pod when only one pod runs hooks; pod
-  IPs work too), every header but hop-by-hop and Proxy-* ones forwarded,
+  from the pod its Proxy-Authorization names (Basic NS:POD, what curl sends
+  for the credentials in the pods' http_proxy): short names complete in
+  that pod's namespace, localhost is that pod. Without one, the namespace
+  of the pods running hooks right now completes short names when they
+  share one, else default; localhost is the hook's pod when only one pod
+  runs hooks. Pod IPs work too. Every header but hop-by-hop and Proxy-* ones forwarded,
   Authorization included; 502 text `dial tcp: lookup HOST ...: no such
   host` for a name that does not resolve and `dial tcp IP:PORT: connect:
   connection refused` when nothing listens. Not logged to --log, never
@@ -111,7 +137,22 @@ disruption controller and the kubelet, and proxies like the API server:
   `error trying to reach service: dial tcp IP:PORT: connect: connection
   refused` when nothing listens, 503 `no endpoints available for service`
   without a ready endpoint, 404 for a missing pod or Service. They are
-  logged and may fail with --faults like any other request.
+  logged and may fail with --faults like any other request;
+- GET (or POST) /api/v1/namespaces/NS/pods/POD/portforward?ports=P[,P...]
+  with a WebSocket upgrade: portforward.py (v4.channel.k8s.io, channels
+  2i/2i+1 per port, raw HTTP/1.1 to the pod's database node, every header
+  Authorization included). Before the upgrade, as the API server and the
+  kubelet answer: a missing pod is the API server's 404 Status; a pod
+  without spec.nodeName its 400 Status `pod NAME does not have a host
+  assigned`; then the kubelet's answers, passed on as they are (text/plain,
+  not a Status): `ports` missing or invalid a 400, a pod without a running
+  sandbox (no pod IP) a 500 `pod not found ("NAME_NS")`. A pod that has
+  one but does not listen (Pending, booting, crashed, Terminating: not
+  Running) upgrades, and the port's error channel carries containerd's
+  `... connect: connection refused` (kube-client reports it as an error on
+  that port's stream); there is no 4xx for "not Running" in the real API
+  server. Logged and failed by --faults (before the upgrade) like any other
+  request; the store lock is not held while the forward runs.
 
 Run: kube_api_double.py --port PORT [--log FILE] [--faults SEED:PERCENT]
      [--couchdb [--couchdb-settle-seconds S] [--couchdb-fill-seconds S]
@@ -120,10 +161,17 @@ Run: kube_api_double.py --port PORT [--log FILE] [--faults SEED:PERCENT]
       [--immudb-replication-seconds S (0.05)] [--immudb-lag POD=SECONDS ...]
       [--immudb-sync-wait-seconds S (5)]]
      [--agraph [--agraph-log FILE] [--agraph-boot-seconds S]]
-     [--hook-log FILE]
+     [--hook-log FILE] [--container-log FILE] [--container-env NAME=VALUE ...]
 --hook-log gets one JSON line per hook run {"time", "pod", "container",
 "hook", "command", "argv", "exit_code", "output_tail"} and per pod-network
-request {"time", "proxy": METHOD, "url", "pod", "status"}.
+request {"time", "proxy": METHOD, "url" (password query values as ***),
+"pod" (where it went), "from" (the pod it came from, or null), "status"}.
+--container-log gets the curlimages/curl containers' output, each line
+`NS/POD/CONTAINER: TEXT`, and `exited with code N` when one exits.
+--container-env NAME=VALUE (repeatable) is added to every such container's
+env, over the pod's own: tests make in-pod scripts faster with it
+(STACK_CHECK_SECONDS=1 for allegrograph-member.sh) without changing the
+objects stack renders.
 Every request is appended to --log as one line,
 `METHOD PATH?QUERY user-agent=VALUE` (`-` when no User-Agent was sent).
 
@@ -141,6 +189,7 @@ import collections
 import copy
 import datetime
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -763,12 +812,14 @@ COUCH_ETC = "/opt/couchdb/etc/"
 COUCH_DATA = "/opt/couchdb/data"
 PROXY_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/(pods|services)/([^/]+)/proxy(/.*)?$")
 EVICTION_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/eviction$")
+PORTFORWARD_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/portforward$")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "content-length"}
 NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization"}
 NODE_NAME = "double-node"
 HOST_IP = "10.0.0.10"
 POSTSTART_TIMEOUT = 300.0       # the kubelet has none; a bound so a stuck hook cannot hang the double
+RUNNER_IMAGE = re.compile(r"(^|/)curlimages/curl(:|@|$)")     # containers run for real (container_runner.py)
 
 
 def expand(value, env):
@@ -817,6 +868,18 @@ def scaled(value, total):
     if isinstance(value, str) and value.endswith("%"):
         return math.ceil(total * int(value[:-1]) / 100)
     return int(value or 0)
+
+
+def redact_query(url):
+    """The URL with every query value whose name holds `password` as `***` (for logs)."""
+    if "?" not in url:
+        return url
+    base, query = url.split("?", 1)
+    parts = []
+    for part in query.split("&"):
+        name = part.split("=", 1)[0]
+        parts.append(name + "=***" if "password" in name.lower() else part)
+    return base + "?" + "&".join(parts)
 
 
 def status_error(code, reason, message, details=None):
@@ -891,20 +954,25 @@ class Kubelet:
     A container whose image matches a registry's IMAGE runs as a node of that
     database double; any other container is running and ready at once.
 
+    Containers of RUNNER_IMAGE run for real through a ContainerRunner.
+
     A registry (one per database double) provides:
       IMAGE       a compiled regex the container image is searched with;
       DATA_PATHS  mount paths whose PersistentVolumeClaims keep the node's data;
       resolver    set here: resolver(host, port, from_pod) -> (pod key, port) or None;
-      start_node(pod_key, env, image, files, fqdn) -> bool (False: the container exits at once);
-        files: {mount path: {file name: text}} of the ConfigMap/Secret volumes mounted
-        in that container (a subPath mount of one file: {its path: {its base name: text}});
-      stop_node(pod_key, keep_data), running(pod_key) -> bool,
+      start_node(pod_key, env, image, files, fqdn[, shm_bytes=]) -> bool (False: the container
+        exits at once); files: {mount path: {file name: text}} of the ConfigMap/Secret volumes
+        mounted in that container (a subPath mount of one file: {its path: {its base name: text}});
+        shm_bytes (only when start_node has that parameter): see shm_bytes;
+      stop_node(pod_key, keep_data): keep_data True (every data path kept), False (none), or,
+        for a registry with several DATA_PATHS, the tuple of those kept;
+      running(pod_key) -> bool,
       probe(pod_key, path, port) -> bool (an httpGet probe),
       handle(pod_key, method, path, headers, body, port) -> (status, headers, bytes),
         raising NotListening when nothing listens on that port.
     """
 
-    def __init__(self, store, registries, proxy_port=0, hook_log=None):
+    def __init__(self, store, registries, proxy_port=0, hook_log=None, container_log=None, container_env=None):
         self.store = store
         self.registries = list(registries) if isinstance(registries, (list, tuple)) else [registries]
         self.pods = {}          # pod key "ns/name" -> kubelet state of the pod
@@ -920,6 +988,11 @@ class Kubelet:
         self.hooks_lock = threading.Lock()
         self.stopping = set()                           # pod keys whose old container runs its preStop
         self.stopped_registry = {}
+        from container_runner import ContainerRunner
+        # Containers of RUNNER_IMAGE, run for real; the kubelet's back-off scaled down (see backoff).
+        self.runner = ContainerRunner(proxy_port, log_path=container_log, backoff_seconds=1.0,
+                                      max_backoff_seconds=30.0)
+        self.extra_env = dict(container_env or {})  # --container-env: added to every such container's env
         for registry in self.registries:
             registry.resolver = self.resolve
 
@@ -951,14 +1024,18 @@ class Kubelet:
                 return (pod, port) if svc["headless"] else None
         return None
 
-    def pod_target(self, host, port):
+    def pod_target(self, host, port, from_pod=None):
         """Where a pod's request to HOST:PORT goes -> ((pod key, port), pod IP) or (None, None).
 
-        The pods it may come from are those running a hook right now: when they are all in one
+        from_pod: the pod the request comes from, when its proxy credentials say (see proxy_url).
+        Else the pods it may come from are those running a hook right now: when they are all in one
         namespace, it completes short names (else: default); localhost is the pod when there is one."""
-        with self.hooks_lock:
-            running = sorted(k for k, n in self.hooks_running.items() if n > 0)
-        from_pod = running[0] if len({k.split("/", 1)[0] for k in running}) == 1 else None
+        if from_pod is not None:
+            running = [from_pod]
+        else:
+            with self.hooks_lock:
+                running = sorted(k for k, n in self.hooks_running.items() if n > 0)
+            from_pod = running[0] if len({k.split("/", 1)[0] for k in running}) == 1 else None
         ip_of = lambda key: (self.store.objects.get(POD + tuple(key.split("/", 1))) or {}).get(
             "status", {}).get("podIP", "")
         if host in ("localhost", "127.0.0.1", "::1"):
@@ -1269,20 +1346,80 @@ class Kubelet:
             files[path] = {**files.get(path, {}), **content}
         return files
 
+    @staticmethod
+    def data_paths(registry):
+        return tuple(getattr(registry, "DATA_PATHS", ()))
+
     def claim_uids(self, pod, registry):
-        """The uids of the claims mounted at the registry's data paths (None: the data is the container's own)."""
+        """{data path: uid of the claim mounted there} for the registry's data paths on claims."""
         ns = pod["metadata"]["namespace"]
-        paths = {p.rstrip("/") for p in getattr(registry, "DATA_PATHS", ())}
-        uids = []
+        paths = {p.rstrip("/"): p for p in self.data_paths(registry)}
+        uids = {}
         for c in pod["spec"].get("containers", []):
             for m in c.get("volumeMounts", []):
-                if m.get("mountPath", "").rstrip("/") not in paths:
+                path = paths.get(m.get("mountPath", "").rstrip("/"))
+                if path is None:
                     continue
                 for v in pod["spec"].get("volumes", []):
                     if v.get("name") == m.get("name") and "persistentVolumeClaim" in v:
                         pvc = self.store.objects.get(PVC + (ns, v["persistentVolumeClaim"].get("claimName")))
-                        uids.append(pvc["metadata"]["uid"] if pvc else "missing")
-        return tuple(uids) or None
+                        uids[path] = pvc["metadata"]["uid"] if pvc else "missing"
+        return uids
+
+    def keep_arg(self, registry, kept):
+        """stop_node's keep_data for the data paths kept: True (all), False (none) or the tuple of them."""
+        paths = self.data_paths(registry)
+        kept = tuple(p for p in paths if p in kept)
+        if not paths or not kept:
+            return False
+        return True if len(kept) == len(paths) else kept
+
+    def restart_keep(self, pod, container, registry):
+        """keep_data for a container restarting in its pod: what is on the pod's volumes stays, the
+        container's own file system is new."""
+        mounted = {m.get("mountPath", "").rstrip("/") for m in container.get("volumeMounts", [])}
+        return self.keep_arg(registry, {p for p in self.data_paths(registry) if p.rstrip("/") in mounted})
+
+    @staticmethod
+    def quantity(text):
+        """A resource quantity (2Gi, 512Mi, 1G, 1.5Gi, 1000000) -> bytes."""
+        m = re.match(r"^\s*([0-9.]+)\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?\s*$", str(text))
+        if not m:
+            raise ValueError(f"quantities must match the regular expression: {text!r}")
+        factor = {None: 1, "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50, "Ei": 2 ** 60,
+                  "k": 10 ** 3, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12, "P": 10 ** 15,
+                  "E": 10 ** 18}[m.group(2)]
+        return int(float(m.group(1)) * factor)
+
+    def shm_bytes(self, pod, container):
+        """The size `df` shows for the container's /dev/shm: a Memory emptyDir's sizeLimit (none:
+        unbounded, float('inf')); a disk emptyDir or another volume: the node's disk, taken as
+        unbounded; nothing mounted there: None (the runtime's 64 MiB; the registry decides)."""
+        for m in container.get("volumeMounts", []):
+            if m.get("mountPath", "").rstrip("/") != "/dev/shm":
+                continue
+            vol = next((v for v in pod["spec"].get("volumes", []) if v.get("name") == m.get("name")), None)
+            if vol is None:
+                return None
+            empty = vol.get("emptyDir")
+            if empty is not None and empty.get("medium") == "Memory" and empty.get("sizeLimit") is not None:
+                try:
+                    return self.quantity(empty["sizeLimit"])
+                except ValueError:
+                    return None
+            return float("inf")
+        return None
+
+    def start_node(self, registry, key, pod, container, env, files, fqdn):
+        """registry.start_node, with shm_bytes when the registry takes it."""
+        kwargs = {}
+        try:
+            params = inspect.signature(registry.start_node).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "shm_bytes" in params:
+            kwargs["shm_bytes"] = self.shm_bytes(pod, container)
+        return registry.start_node(key, env, container.get("image", ""), files, fqdn, **kwargs)
 
     def missing_claim(self, pod):
         ns = pod["metadata"]["namespace"]
@@ -1330,6 +1467,97 @@ class Kubelet:
             port = next((p.get("containerPort") for p in container.get("ports", []) if p.get("name") == port), None)
         return registry.probe(key, get.get("path", "/"), port)
 
+    def proxy_url(self, key):
+        """A pod's http_proxy: this double, the pod named as proxy credentials (NS:NAME), so that
+        the pod network knows where a request comes from (Proxy-Authorization, never forwarded)."""
+        ns, name = key.split("/", 1)
+        return f"http://{ns}:{name}@127.0.0.1:{self.proxy_port}"
+
+    # ---- containers run for real (RUNNER_IMAGE) --------------------------
+
+    @staticmethod
+    def is_runner(container):
+        return bool(RUNNER_IMAGE.search(container.get("image", "")))
+
+    @staticmethod
+    def runner_command(container, env):
+        """command + args, $(VAR) expanded; without a command, curlimages/curl's entrypoint
+        (`curl ARGS`, unless the first arg is a command)."""
+        command = [expand(str(a), env) for a in container.get("command") or []]
+        args = [expand(str(a), env) for a in container.get("args") or []]
+        if command:
+            return command + args
+        if args and not args[0].startswith("-") and shutil.which(args[0]):
+            return args
+        return ["curl"] + args
+
+    @staticmethod
+    def runner_files(mounts):
+        """container_mounts -> ContainerRunner's files {mount path: {name: (text, mode)} | (text, mode)}."""
+        files = {}
+        for path, content, modes, single in mounts:
+            if single:
+                (fname, text), = content.items()
+                files[path] = (text, modes.get(fname, 0o644) & 0o777)
+            else:
+                entry = files.setdefault(path, {})
+                for fname, text in content.items():
+                    entry[fname] = (text, modes.get(fname, 0o644) & 0o777)
+        return files
+
+    def start_runners(self, key, pod, containers, envs, mounts):
+        for c in containers:
+            if not self.is_runner(c):
+                continue
+            env = dict(envs[c["name"]])
+            env.setdefault("HOSTNAME", pod["spec"].get("hostname") or pod["metadata"]["name"])
+            env.update(self.extra_env)
+            self.runner.start(key, c["name"], self.runner_command(c, env), env,
+                              self.runner_files(mounts.get(c["name"], [])), proxy=self.proxy_url(key))
+
+    def runner_status(self, key, st, pod, c, terminating):
+        name = c["name"]
+        counts = st.setdefault("runner_restarts", {})
+        if self.runner.has(key):
+            counts[name] = self.runner.restarts(key, name)
+        restarts = counts.get(name, 0)
+        running = self.runner.running(key, name)
+        seen = st.setdefault("runner_started", {})
+        cs = {"name": name, "image": c.get("image", ""), "imageID": "", "restartCount": restarts,
+              "started": running}
+        if running:
+            if seen.get(name, (None,))[0] != restarts:
+                seen[name] = (restarts, now())
+            cs["state"] = {"running": {"startedAt": seen[name][1]}}
+        elif terminating and name in seen:
+            cs["state"] = {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": seen[name][1],
+                                          "finishedAt": now()}}
+        elif restarts:
+            cs["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message":
+                                       f"back-off restarting failed container={name} pod={pod['metadata']['name']}_"
+                                       f"{pod['metadata']['namespace']}({pod['metadata']['uid']})"}}
+        else:
+            cs["state"] = {"waiting": {"reason": "ContainerCreating", "message": ""}}
+        cs["ready"] = running and not terminating     # no probes: ready while running
+        cs["containerID"] = "containerd://" + hashlib.sha256(f"{key}/{name}/{restarts}".encode()).hexdigest()
+        return cs
+
+    def stop_runners(self, key, grace, then=None):
+        """SIGTERM to the pod's runner containers, SIGKILL after grace seconds; on a thread, no lock held.
+        -> the result dict, {"done": True} once they are gone; then() runs afterwards."""
+        result = {"done": False}
+
+        def work():
+            try:
+                self.runner.stop(key, grace_seconds=grace)
+            except Exception as e:  # a double's bug must not wedge the pod
+                print(f"kube-api-double: stopping containers of {key}: {e!r}", file=sys.stderr, flush=True)
+            result["done"] = True
+            if then is not None:
+                then()
+        threading.Thread(target=work, daemon=True, name=f"stop {key}").start()
+        return result
+
     @staticmethod
     def hook_command(container, kind):
         """The exec command of a container's postStart/preStop hook, or None."""
@@ -1368,7 +1596,7 @@ class Kubelet:
                 st["started"], st["waiting"], st["failures"] = now(), None, 0
             else:
                 if registry is not None:
-                    registry.stop_node(key, keep_data=True)
+                    registry.stop_node(key, keep_data=self.restart_keep(pod, db, registry))
                 st["restarts"] += 1
                 st["failures"] += 1
                 st["next_try"] = t + self.backoff(st)
@@ -1395,7 +1623,8 @@ class Kubelet:
                     envs[c["name"]] = env
             if waiting is None:
                 for c in containers:
-                    if c is db or self.hook_command(c, "postStart") or self.hook_command(c, "preStop"):
+                    if c is db or self.is_runner(c) or self.hook_command(c, "postStart") or \
+                            self.hook_command(c, "preStop"):
                         m, error = self.container_mounts(pod, c)
                         if error:
                             waiting = ("ContainerCreating", error)
@@ -1407,15 +1636,20 @@ class Kubelet:
                              "grace": pod["spec"].get("terminationGracePeriodSeconds", 30),
                              "name": pod["metadata"]["name"]}
                 if db is not None:
+                    # Each data path's data survives when the same claim is mounted there as before.
                     uids = self.claim_uids(pod, registry)
-                    if uids is None or self.volumes.get(key) != uids:
-                        registry.stop_node(key, keep_data=False)
+                    previous = self.volumes.get(key) or {}
+                    keep = self.keep_arg(registry, {p for p, u in uids.items() if previous.get(p) == u})
+                    if keep is not True:
+                        registry.stop_node(key, keep_data=keep)
                     self.volumes[key] = uids
                     spec = pod["spec"]
                     fqdn = f"{spec['hostname']}.{spec['subdomain']}.{pod['metadata']['namespace']}.svc.cluster.local" \
                         if spec.get("subdomain") and spec.get("hostname") else None
-                    started = registry.start_node(key, envs[db["name"]], db.get("image", ""),
-                                                  self.mount_files(mounts[db["name"]]), fqdn)
+                    started = self.start_node(registry, key, pod, db, envs[db["name"]],
+                                              self.mount_files(mounts[db["name"]]), fqdn)
+                # The other containers start with it, whatever becomes of it.
+                self.start_runners(key, pod, containers, envs, mounts)
                 hooks = [(c["name"], self.hook_command(c, "postStart")) for c in containers
                          if self.hook_command(c, "postStart")]
                 if started and hooks:
@@ -1438,6 +1672,11 @@ class Kubelet:
         # Container statuses, readiness, liveness.
         statuses, all_ready = [], True
         for c in containers:
+            if self.is_runner(c):
+                cs = self.runner_status(key, st, pod, c, terminating)
+                all_ready &= cs["ready"]
+                statuses.append(cs)
+                continue
             c_registry = registry if c is db else None
             cs = {"name": c["name"], "image": c.get("image", ""), "imageID": "", "restartCount": st["restarts"],
                   "started": st["started"] is not None}
@@ -1459,7 +1698,7 @@ class Kubelet:
                                    live.get("failureThreshold", 3))
                         st["live_fail"] = st["live_fail"] or t
                         if t - st["live_fail"] >= allowed:
-                            c_registry.stop_node(key, keep_data=True)
+                            c_registry.stop_node(key, keep_data=self.restart_keep(pod, c, c_registry))
                             st["started"], st["restarts"], st["live_fail"] = None, st["restarts"] + 1, None
                     else:
                         st["live_fail"] = None
@@ -1554,7 +1793,7 @@ class Kubelet:
                 return arg
             argv = [rewrite(a) for a in command]
             env = dict(ctx["envs"].get(container_name, {}))
-            env["http_proxy"] = f"http://127.0.0.1:{self.proxy_port}"
+            env["http_proxy"] = self.proxy_url(key)
             env["HOSTNAME"] = ctx["name"]
             env["PATH"] = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
             try:
@@ -1594,7 +1833,12 @@ class Kubelet:
                 if self.hook_command(c, "preStop")]
 
     def delete_pod(self, pkey):
-        """A pod deleted (DELETE, eviction, scale-down, rolling update): Terminating while preStop hooks run."""
+        """A pod deleted (DELETE, eviction, scale-down, rolling update): Terminating while preStop hooks
+        run and runner containers stop, gone at once without either.
+
+        As the kubelet does it, each container at once: one with a preStop hook gets SIGTERM after
+        it (the database node stops then), one without gets SIGTERM now (the node stops now); all
+        within terminationGracePeriodSeconds."""
         pod = self.store.objects.get(pkey)
         if pod is None:
             return None
@@ -1602,49 +1846,85 @@ class Kubelet:
             return pod
         key = self.pod_key(pod)
         st = self.pods.get(key)
-        hooks = self.prestop_hooks(st) if st and st["uid"] == pod["metadata"]["uid"] and st["started"] else []
-        if not hooks:
+        mine = st is not None and st["uid"] == pod["metadata"]["uid"]
+        hooks = self.prestop_hooks(st) if mine and st["started"] else []
+        runners = mine and self.runner.has(key)
+        if not hooks and not runners:
             self.store.forget(pkey)
             return pod
-        grace = st["ctx"]["grace"]
+        grace = (st.get("ctx") or {}).get("grace", pod["spec"].get("terminationGracePeriodSeconds", 30))
         pod["metadata"]["deletionTimestamp"] = now()
         pod["metadata"]["deletionGracePeriodSeconds"] = grace
         pod["metadata"]["resourceVersion"] = str(next(self.store.version))
-        self.run_hooks(key, st, "preStop", hooks, timeout=grace)
+        registry = st.get("registry")
+
+        def node_stops(_=None):
+            with self.store.lock:
+                if not st.get("node_stopped"):
+                    st["node_stopped"] = True
+                    self.stop(key, registry)
+        if hooks:
+            self.run_hooks(key, st, "preStop", hooks, timeout=grace, then=node_stops)
+        else:
+            st["node_stopped"] = True
+            self.stop(key, registry)
+        if runners:
+            st["runner_stop"] = self.stop_runners(key, grace)
         return pod
+
+    @staticmethod
+    def terminated(st):
+        """Has a pod that delete_pod made Terminating finished (preStop hooks, runner containers)?"""
+        if st is None or (st.get("prestop") is None and st.get("runner_stop") is None):
+            return False
+        return all(x is None or x.get("done") for x in (st.get("prestop"), st.get("runner_stop")))
 
     def stopped(self, key):
         """A pod that went away: its node stops (after its preStop hooks, when it never got to run them),
-        its data kept when its claims are still there."""
+        its data kept when its claims are still there; its runner containers stop. Meanwhile a new pod
+        of that name waits."""
         st = self.pods.pop(key, None)
         hooks = self.prestop_hooks(st) if st and st["started"] and st.get("prestop") is None else []
         registry = (st or {}).get("registry") or self.stopped_registry.get(key)
         if st is not None and st.get("registry") is not None:
             self.stopped_registry[key] = st["registry"]
+        runners = self.runner.has(key)
         if not hooks:
-            self.stop(key, registry)
-            return
-        self.stopping.add(key)
-
-        def then(_):
-            with self.store.lock:
-                self.stopping.discard(key)
+            if st is None or not st.get("node_stopped"):
+                if st is not None:
+                    st["node_stopped"] = True       # a late preStop callback must not stop a new node
                 self.stop(key, registry)
-        self.run_hooks(key, st, "preStop", hooks, timeout=st["ctx"]["grace"], then=then)
+            if not runners:
+                return
+        self.stopping.add(key)
+        pending = [int(bool(hooks)) + int(runners)]
+        grace = ((st or {}).get("ctx") or {}).get("grace", 30)
+
+        def one_done(stop_node=False):
+            with self.store.lock:
+                if stop_node:
+                    self.stop(key, registry)
+                pending[0] -= 1
+                if pending[0] <= 0:
+                    self.stopping.discard(key)
+        if hooks:
+            self.run_hooks(key, st, "preStop", hooks, timeout=grace, then=lambda _: one_done(True))
+        if runners:
+            self.stop_runners(key, grace, then=one_done)
 
     def stop(self, key, registry):
+        """The pod's node stops; each data path's data kept while the claim it is on still exists."""
         if registry is None:
             return
         ns, name = key.split("/", 1)
-        uids = self.volumes.get(key)
-        keep = False
-        if uids:
-            current = []
-            for pkey, pvc in self.objects(PVC, ns):
-                current.append(pvc["metadata"]["uid"])
-            keep = all(u in current for u in uids)
-        registry.stop_node(key, keep_data=keep)
-        if not keep:
+        uids = self.volumes.get(key) or {}
+        current = {pvc["metadata"]["uid"] for _, pvc in self.objects(PVC, ns)}
+        kept = {p for p, u in uids.items() if u in current}
+        registry.stop_node(key, keep_data=self.keep_arg(registry, kept))
+        kept_uids = {p: u for p, u in uids.items() if p in kept}
+        if kept_uids:
+            self.volumes[key] = kept_uids
+        else:
             self.volumes.pop(key, None)
 
     # ---- one pass ---------------------------------------------------------
@@ -1675,8 +1955,8 @@ class Kubelet:
         present = set()
         for key, pod in self.objects(POD):
             st = self.pods.get(self.pod_key(pod))
-            if "deletionTimestamp" in pod["metadata"] and st and (st.get("prestop") or {}).get("done"):
-                store.forget(key)           # Terminating, and its preStop hooks are through
+            if "deletionTimestamp" in pod["metadata"] and self.terminated(st):
+                store.forget(key)           # Terminating, and its preStop hooks and containers are through
                 continue
             present.add(self.pod_key(pod))
             self.sync_pod(key, pod)
@@ -1899,6 +2179,10 @@ class Handler(BaseHTTPRequestHandler):
                 if proxy:
                     self.proxy(method, url, proxy, body)
                     return
+                forward = PORTFORWARD_PATH.match(url.path)
+                if forward and method in ("GET", "POST"):
+                    self.portforward(url, forward)
+                    return
                 with self.store.lock:
                     self.kubelet.reconcile()
                     evict = EVICTION_PATH.match(url.path)
@@ -1953,6 +2237,47 @@ class Handler(BaseHTTPRequestHandler):
         if method != "HEAD":
             self.wfile.write(out)
 
+    def portforward(self, url, match):
+        """pods/NAME/portforward?ports=P: the API server's port-forward, WebSocket (v4.channel.k8s.io).
+
+        What answers before the upgrade, as the real API server and kubelet do: a missing pod is
+        the API server's 404 Status; a pod without spec.nodeName its 400 Status `pod NAME does
+        not have a host assigned`; then the kubelet answers and the API server passes that on
+        as it is (text/plain, not a Status): `ports` missing or invalid is a 400, a pod whose
+        sandbox does not run (no pod IP yet) a 500 `pod not found ("NAME_NAMESPACE")`. A pod
+        that has a sandbox but whose container does not listen (Pending, starting, crashed,
+        Terminating) upgrades, and each port's error channel says `connection refused`
+        (portforward.py). The store lock is not held while the forward runs."""
+        import portforward
+        ns, name = match.groups()
+        with self.store.lock:
+            self.kubelet.reconcile()
+            pod = self.store.objects.get(POD + (ns, name))
+            if pod is None:
+                raise ApiError(404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"})
+            if not pod["spec"].get("nodeName"):
+                raise ApiError(400, "BadRequest", f"pod {name} does not have a host assigned")
+            key = self.kubelet.pod_key(pod)
+            sandbox = bool(pod.get("status", {}).get("podIP")) and \
+                pod.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+            registry = self.kubelet.node_registry(key) or \
+                self.kubelet.db_container(pod["spec"].get("containers", []))[1]
+        self.close_connection = True
+        try:
+            ports = portforward.parse_ports(parse_qs(url.query).get("ports"))
+        except ValueError as e:
+            portforward._plain(self.wfile, 400, "Bad Request", str(e).encode())
+            return
+        if not sandbox:
+            portforward._plain(self.wfile, 500, "Internal Server Error", f'pod not found ("{name}_{ns}")'.encode())
+            return
+        if registry is None:
+            def connect(port):
+                raise NotListening("connection refused")
+        else:
+            connect = portforward.registry_connect(registry, key)
+        portforward.serve(self.rfile, self.wfile, self.headers, ports, connect, pod_key=key)
+
     def pod_network(self, method):
         """An absolute-form request (`GET http://HOST:PORT/path`): a pod's HTTP traffic through its
         http_proxy, the pod network. HOST resolves as from a pod; every header, Authorization
@@ -1966,8 +2291,16 @@ class Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP
                    and not k.lower().startswith("proxy-")}
         kubelet = self.kubelet
+        from_pod = None
+        auth = self.headers.get("Proxy-Authorization") or ""
+        if auth[:6].lower() == "basic ":
+            try:
+                ns, _, name = base64.b64decode(auth[6:].strip()).decode().partition(":")
+                from_pod = f"{ns}/{name}" if ns and name else None
+            except (ValueError, UnicodeDecodeError):
+                from_pod = None
         with self.store.lock:
-            target, ip = kubelet.pod_target(host, port)
+            target, ip = kubelet.pod_target(host, port, from_pod)
         status, out_headers, out = 502, {"Content-Type": "text/plain; charset=utf-8"}, b""
         if target is None:
             # What a Go proxy answers when the name does not resolve.
@@ -1977,8 +2310,8 @@ class Handler(BaseHTTPRequestHandler):
                 status, out_headers, out = kubelet.handle(target[0], method, path, headers, body, port=target[1])
             except NotListening:
                 out = f"dial tcp {ip}:{target[1]}: connect: connection refused\n".encode()
-        kubelet.hook_log({"proxy": method, "url": self.path, "pod": target[0] if target else None,
-                          "status": status})
+        kubelet.hook_log({"proxy": method, "url": redact_query(self.path), "pod": target[0] if target else None,
+                          "from": from_pod, "status": status})
         self.send_response_only(status)
         for k, v in out_headers.items():
             if k.lower() not in HOP_BY_HOP:
@@ -2211,6 +2544,9 @@ def main():
     parser.add_argument("--agraph-boot-seconds", type=float, default=None,
                         help="from an AllegroGraph container's start to its port accepting connections")
     parser.add_argument("--hook-log", help="every lifecycle hook run and pod-network request, as JSON lines")
+    parser.add_argument("--container-log", help="the output of the containers run for real (curlimages/curl)")
+    parser.add_argument("--container-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="added to (over) the env of every container run for real (repeatable)")
     args = parser.parse_args()
     Handler.store = Store()
     Handler.log = args.log
@@ -2239,7 +2575,20 @@ def main():
             kwargs["boot_seconds"] = args.agraph_boot_seconds
         registries.append(AgraphRegistry(**kwargs))
     if registries:
-        Handler.kubelet = Kubelet(Handler.store, registries, proxy_port=args.port, hook_log=args.hook_log)
+        extra_env = {}
+        for spec in args.container_env:
+            name, eq, value = spec.partition("=")
+            if not name or not eq:
+                parser.error(f"--container-env wants NAME=VALUE, not {spec!r}")
+            extra_env[name] = value
+        Handler.kubelet = Kubelet(Handler.store, registries, proxy_port=args.port, hook_log=args.hook_log,
+                                  container_log=args.container_log, container_env=extra_env)
+
+        def terminate(signum, frame):
+            # No container run for real outlives the double.
+            Handler.kubelet.runner.kill_all()
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, terminate)
 
         def controllers():
             while True:
