@@ -107,12 +107,16 @@ if [ "$STACK_SELF" = "$STACK_CONTROLLING" ]; then
 fi
 
 join
-# Every $CHECK_SECONDS s: does this pod's AllegroGraph still hold the repository? A
-# restarted container comes back empty; then join again. (Membership is not
-# checked here: repl/status's shape is not known well enough to act on.)
+# Every $CHECK_SECONDS s: does this pod's AllegroGraph still hold the
+# repository (a restarted container comes back empty), and does the
+# controlling instance still list this pod (a cluster made again after the
+# controlling instance lost its volumes does not)? If not, join again. A
+# controlling instance that does not answer is no reason to.
 while :; do
   pause "$CHECK_SECONDS"
   if ! ag 10 "$SELF/repositories/$STACK_REPOSITORY/size" >/dev/null 2>&1; then
     log "the repository is gone here; joining again"; join
+  elif ag 10 "$REPL/status" >"$TMP" 2>&1 && ! listed; then
+    log "the cluster does not list this pod; joining again"; join
   fi
 done

@@ -1181,6 +1181,20 @@ impl Databases {
         } else {
             None
         };
+        if let (true, Some(license)) = (read, &db.db.license_secret) {
+            let secret = kinds::find("v1", "Secret").expect("Secret is a known kind");
+            let cluster = self.kube.client().await?;
+            let found = cluster
+                .get(secret, Some(&db.names.namespace), license)
+                .await
+                .map_err(KubeError::from)?;
+            if found.is_none_or(|s| s["data"]["license"].as_str().is_none()) {
+                plan.blocked.push(format!(
+                    "AllegroGraph cluster {name}: licenseSecret names Secret {license}, which is not in namespace {} with key license (its pods could not start)",
+                    db.names.namespace
+                ));
+            }
+        }
         let wanted = json!({"repository": repository, "controlling": db.names.controlling()});
         let formation_change = |action, reason: String, drift: bool| {
             let mut change = operation(&formation, AG_FORMATION, action, reason);
