@@ -43,10 +43,23 @@ ag() {
   wait $!
 }
 
+# The HTTP status of a GET of the repository's size on this pod's
+# AllegroGraph (000 when it did not answer): 404 alone means it is gone.
+held() {
+  {
+    printf 'user = "%s:%s"\n' "$(quoted "$AGRAPH_SUPER_USER")" "$(quoted "$AGRAPH_SUPER_PASSWORD")"
+  } | curl -K - -sS -o /dev/null -w '%{http_code}' --max-time 10 \
+      "$SELF/repositories/$STACK_REPOSITORY/size" 2>/dev/null &
+  wait $!
+}
+
+# $TMP as logged: an answer that echoes the request shows no password.
+answer() { sed 's/password=[^&[:space:]"]*/password=***/g' "$TMP"; }
+
 # PUT .../repl/remove?instanceName=$POD_NAME on the controlling instance.
 remove() {
   ag "$1" -X PUT -G --data-urlencode "instanceName=$POD_NAME" "$REPL/remove" >"$TMP" 2>&1 \
-    && log "removed from the cluster" || log "remove: $(cat "$TMP")"
+    && log "removed from the cluster" || log "remove: $(answer)"
 }
 
 leave() {
@@ -79,11 +92,15 @@ join() {
   until ag 5 "$SELF/version" >/dev/null 2>&1; do backoff; done
   while :; do
     if ag 10 "$REPL/status" >"$TMP" 2>&1; then
-      if ag 10 "$SELF/repositories/$STACK_REPOSITORY/size" >/dev/null 2>&1; then
+      here=$(held)
+      if [ "$here" = 200 ]; then
         listed && { log "a member already"; return; }
         # A copy left standalone by an earlier remove: growCluster needs the name free.
         log "deleting the repository left here by an earlier remove"
         ag 60 -X DELETE "$SELF/repositories/$STACK_REPOSITORY" >/dev/null || { backoff; continue; }
+      elif [ "$here" != 404 ]; then
+        # This pod's AllegroGraph did not say: no reason to leave the cluster.
+        log "the repository here answered $here; trying again"; backoff; continue
       fi
       # Perhaps listed under this name from an earlier life (the container came
       # back empty): out first. Not a member: an error, and that is fine.
@@ -93,9 +110,9 @@ join() {
           --data-urlencode "instanceName=$POD_NAME" "$REPL/growCluster" >"$TMP" 2>&1; then
         log "joined the cluster"; return
       fi
-      log "growCluster: $(cat "$TMP")"
+      log "growCluster: $(answer)"
     else
-      log "waiting for the cluster: $(cat "$TMP")"
+      log "waiting for the cluster: $(answer)"
     fi
     backoff
   done
@@ -114,7 +131,7 @@ join
 # controlling instance that does not answer is no reason to.
 while :; do
   pause "$CHECK_SECONDS"
-  if ! ag 10 "$SELF/repositories/$STACK_REPOSITORY/size" >/dev/null 2>&1; then
+  if [ "$(held)" = 404 ]; then
     log "the repository is gone here; joining again"; join
   elif ag 10 "$REPL/status" >"$TMP" 2>&1 && ! listed; then
     log "the cluster does not list this pod; joining again"; join

@@ -15,6 +15,14 @@ use crate::support::{expect_code, text, Env};
 
 const NAMESPACE: &str = "graphs";
 
+/// `up --yes`, which must succeed; what it printed is kept in `printed`.
+fn up(env: &Env, printed: &mut String) {
+    let out = env.run(&["up", "--yes"]);
+    expect_code(&out, 0);
+    printed.push_str(&text(&out.stdout));
+    printed.push_str(&text(&out.stderr));
+}
+
 fn write_stack(env: &Env, copies: u32) {
     std::fs::write(
         env.path().join("stack.yaml"),
@@ -62,6 +70,7 @@ fn membership(env: &Env) -> String {
 
 #[test]
 fn an_allegrograph_cluster_follows_its_copies_both_ways_and_takes_back_a_copy_restarted_empty() {
+    let mut printed = String::new();
     let env = Env::new("ag", 1, String::new());
     let log = env.path().join("agraph.log").display().to_string();
     let double = KubeDouble::start_with(
@@ -74,13 +83,17 @@ fn an_allegrograph_cluster_follows_its_copies_both_ways_and_takes_back_a_copy_re
             "0.3",
             "--container-env",
             "STACK_CHECK_SECONDS=1",
+            "--container-log",
+            &env.path().join("containers.log").display().to_string(),
+            "--hook-log",
+            &env.path().join("pod-network.log").display().to_string(),
         ],
     );
     write_stack(&env, 2);
 
     // Up: the objects, the cluster made on the controlling instance, the
     // copies joined by their sidecars under their pod names.
-    expect_code(&env.run(&["up", "--yes"]), 0);
+    up(&env, &mut printed);
     let created = calls(&env, "/repl/createCluster");
     assert_eq!(created.len(), 1, "{created:?}");
     let made = &created[0];
@@ -142,7 +155,7 @@ fn an_allegrograph_cluster_follows_its_copies_both_ways_and_takes_back_a_copy_re
 
     // 2 → 3: the new copy joins.
     write_stack(&env, 3);
-    expect_code(&env.run(&["up", "--yes"]), 0);
+    up(&env, &mut printed);
     assert_eq!(membership(&env), "3 of 3 copies running");
     assert_eq!(calls(&env, "/repl/createCluster").len(), 1, "made once");
     expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
@@ -156,7 +169,7 @@ fn an_allegrograph_cluster_follows_its_copies_both_ways_and_takes_back_a_copy_re
         shown.contains("graph-copy-1, graph-copy-2 leave"),
         "{shown}"
     );
-    expect_code(&env.run(&["up", "--yes"]), 0);
+    up(&env, &mut printed);
     let removed = calls(&env, "/repl/remove?instanceName=graph-copy-");
     for copy in ["graph-copy-1", "graph-copy-2"] {
         assert!(
@@ -217,12 +230,42 @@ fn an_allegrograph_cluster_follows_its_copies_both_ways_and_takes_back_a_copy_re
         .unwrap()
         .to_string();
     assert!(password.len() >= 16);
-    let logs = std::fs::read_to_string(&log).unwrap();
+    // What every `up` printed (the first one made the secrets), then plans and statuses.
+    let mut shown = printed.clone();
+    for args in [
+        &["plan"][..],
+        &["plan", "--output", "json"],
+        &["status"],
+        &["status", "--output", "json"],
+    ] {
+        let out = env.run(args);
+        shown.push_str(&text(&out.stdout));
+        shown.push_str(&text(&out.stderr));
+    }
+    for file in ["agraph.log", "containers.log", "pod-network.log"] {
+        shown.push_str(&std::fs::read_to_string(env.path().join(file)).unwrap_or_default());
+    }
     assert!(
-        !logs.contains(&password),
-        "the password is in the AllegroGraph log"
+        shown.contains("joined the cluster"),
+        "the sidecars' output is among what is searched"
     );
-    assert!(!logs.contains("xyzzy"));
+    use base64::Engine as _;
+    for secret in [
+        password.clone(),
+        base64::engine::general_purpose::STANDARD.encode(&password),
+    ] {
+        assert!(
+            !shown.contains(&secret),
+            "the super user's password was shown"
+        );
+    }
+    assert!(!shown.contains("xyzzy"));
+    let sets = double
+        .get(&format!(
+            "/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets"
+        ))
+        .to_string();
+    assert!(!sets.contains("xyzzy") && !sets.contains(&password));
 
     // Down leaves nothing.
     expect_code(&env.run(&["down", "--yes"]), 0);

@@ -18,6 +18,14 @@ fn b64(text: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(text)
 }
 
+/// `up --yes`, which must succeed; what it printed is kept in `printed`.
+fn up(env: &Env, printed: &mut String) {
+    let out = env.run(&["up", "--yes"]);
+    expect_code(&out, 0);
+    printed.push_str(&text(&out.stdout));
+    printed.push_str(&text(&out.stderr));
+}
+
 fn write_stack(env: &Env, replicas: u32) {
     std::fs::write(
         env.path().join("stack.yaml"),
@@ -97,6 +105,7 @@ fn committed(double: &KubeDouble, pod: &str, db: &str) -> u64 {
 
 #[test]
 fn an_immudb_primary_gets_replicas_that_catch_up_under_a_dedicated_user() {
+    let mut printed = String::new();
     let env = Env::new("immu", 1, String::new());
     let log = env.path().join("immudb.log").display().to_string();
     let double = KubeDouble::start_with(
@@ -131,7 +140,7 @@ fn an_immudb_primary_gets_replicas_that_catch_up_under_a_dedicated_user() {
     );
 
     // Up with no replica: the objects, then the replication user.
-    expect_code(&env.run(&["up", "--yes"]), 0);
+    up(&env, &mut printed);
     let requests = immu_log(&env);
     let posted = |path: &str| -> Vec<&Value> {
         requests
@@ -208,7 +217,7 @@ fn an_immudb_primary_gets_replicas_that_catch_up_under_a_dedicated_user() {
     expect_code(&plan, 0);
     let shown = text(&plan.stdout);
     assert!(shown.contains("ledger-replica"), "{shown}");
-    expect_code(&env.run(&["up", "--yes"]), 0);
+    up(&env, &mut printed);
     for pod in ["ledger-replica-0", "ledger-replica-1"] {
         for db in ["defaultdb", "systemdb"] {
             assert_eq!(
@@ -249,9 +258,13 @@ fn an_immudb_primary_gets_replicas_that_catch_up_under_a_dedicated_user() {
         "{shown}"
     );
 
-    // Drift: the user loses its permission on systemdb; up grants it again.
+    // Drift: the user loses its permission on systemdb and is deactivated
+    // (immudb refuses to grant to an inactive user); up repairs both.
     let revoke = json!({"action": "REVOKE", "username": "stack_replicator", "database": "systemdb", "permission": 254});
     let (code, answer) = call(&double, &token, "/api/user/changepermission", &revoke);
+    assert_eq!(code, 200, "{answer}");
+    let deactivate = json!({"active": false, "username": "stack_replicator"});
+    let (code, answer) = call(&double, &token, "/api/user/setactiveUser", &deactivate);
     assert_eq!(code, 200, "{answer}");
     let drift = env.run(&["plan", "--detailed-exitcode"]);
     expect_code(&drift, 2);
@@ -260,7 +273,7 @@ fn an_immudb_primary_gets_replicas_that_catch_up_under_a_dedicated_user() {
         shown.contains("drift: user stack_replicator lacks"),
         "{shown}"
     );
-    expect_code(&env.run(&["up", "--yes"]), 0);
+    up(&env, &mut printed);
     expect_code(&env.run(&["plan", "--detailed-exitcode"]), 0);
 
     // No vendor default and no generated secret where they do not belong.
@@ -276,7 +289,8 @@ fn an_immudb_primary_gets_replicas_that_catch_up_under_a_dedicated_user() {
         .iter()
         .map(|k| credentials[k].as_str().unwrap().to_string())
         .collect();
-    let mut shown = String::new();
+    // What every `up` printed (the first one made the secrets), then plans and statuses.
+    let mut shown = printed.clone();
     for args in [
         &["plan"][..],
         &["status"],

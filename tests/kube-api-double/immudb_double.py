@@ -450,6 +450,7 @@ class ImmudbRegistry:
             ("POST", "/login"): self._login, ("POST", "/logout"): self._logout,
             ("POST", "/user"): self._create_user, ("GET", "/user/list"): self._list_users,
             ("POST", "/user/changepermission"): self._change_permission,
+            ("POST", "/user/setactiveUser"): self._set_active_user,
             ("POST", "/user/password/change"): self._change_password,
             ("POST", "/db/set"): self._set, ("GET", "/db/state"): self._state,
             ("GET", "/health"): self._health, ("GET", "/serverinfo"): self._serverinfo,
@@ -651,6 +652,29 @@ class ImmudbRegistry:
         if action == 0:
             perms.append({"database": database, "permission": permission})
         target = {**target, "permissions": perms, "createdBy": me["username"], "createdAt": time.time()}
+        self._write_users(node, target)
+        with self.lock:
+            node.logged_in.discard(username)
+        return self._json(200, {})
+
+    def _set_active_user(self, node, headers, req):
+        """SetActiveUser as pkg/server/user.go has it: plain errors (500, code 2)."""
+        username = req.get("username") or ""
+        if not username:
+            raise GrpcError(2, "username can not be empty")
+        me = self._user_of(node, headers)
+        if me["username"] != SYSADMIN and not any(p["permission"] == PERM_ADMIN for p in me.get("permissions", [])):
+            raise GrpcError(2, "user is not system admin nor admin in any of the databases")
+        if username == me["username"]:
+            raise GrpcError(2, "changing your own status is not allowed")
+        with self.lock:
+            target = node.data.users().get(username)
+        if target is None:
+            raise GrpcError(2, f"user {username} not found")
+        if me["username"] != SYSADMIN and not any(self._has(me, p["database"], PERM_ADMIN)
+                                                   for p in target.get("permissions", [])):
+            raise GrpcError(2, "you are not allowed to change the status of this user")
+        target = {**target, "active": bool(req.get("active", False))}
         self._write_users(node, target)
         with self.lock:
             node.logged_in.discard(username)

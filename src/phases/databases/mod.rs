@@ -162,20 +162,20 @@ async fn credentials(
             continue;
         }
         let namespace = Some(db.names.namespace.as_str());
-        let mut found = None;
-        if let Some(cluster) = cluster {
-            let admin = cluster
-                .get(secret, namespace, &db.names.admin_secret())
-                .await?;
-            let replication = cluster
-                .get(secret, namespace, &db.names.replication_secret())
-                .await?;
-            if let (Some(admin), Some(replication)) = (admin, replication) {
-                found = immudb::objects::Credentials::from_cluster(&admin, &replication);
+        let credentials = match cluster {
+            Some(cluster) => {
+                let admin = cluster
+                    .get(secret, namespace, &db.names.admin_secret())
+                    .await?;
+                let replication = cluster
+                    .get(secret, namespace, &db.names.replication_secret())
+                    .await?;
+                immudb::objects::Credentials::from_cluster(
+                    name,
+                    admin.as_ref(),
+                    replication.as_ref(),
+                )?
             }
-        }
-        let credentials = match found {
-            Some(found) => found,
             None => immudb::objects::Credentials::generate(name)?,
         };
         immu.insert(name.clone(), credentials);
@@ -643,7 +643,13 @@ impl Databases {
                 }
             })?;
             let plan = self
-                .plan_immudb(db, &credentials, planned.read, &own_records, input.cancel)
+                .plan_immudb(
+                    db,
+                    &credentials,
+                    (planned.read, &own_records),
+                    &objects.changes,
+                    input.cancel,
+                )
                 .await?;
             plans.push((
                 immu_address(&db.db.name, "credentials"),
@@ -725,10 +731,25 @@ impl Databases {
             })
             .map(|r| r.address.clone())
             .collect();
+        // A finished operation of a cluster the stack no longer has is
+        // forgotten: the cluster added again starts from nothing.
+        let prefixes: Vec<String> = self
+            .clusters
+            .iter()
+            .map(|c| format!("couchdb.{}.", c.db.name))
+            .chain(self.immu.iter().map(|d| format!("immudb.{}.", d.db.name)))
+            .chain(
+                self.agraph
+                    .iter()
+                    .map(|d| format!("allegrograph.{}.", d.db.name)),
+            )
+            .collect();
         let finished = |address: &String| {
-            own_records.get(address).is_some_and(|r| {
-                [FORMATION, REPLICATOR, AG_FORMATION].contains(&r.kind.as_str()) && r.id.is_some()
-            })
+            prefixes.iter().any(|p| address.starts_with(p))
+                && own_records.get(address).is_some_and(|r| {
+                    [FORMATION, REPLICATOR, AG_FORMATION].contains(&r.kind.as_str())
+                        && r.id.is_some()
+                })
         };
         let declared = own_records.only(|r| !operations.contains(&r.address));
         let mut part = crate::engine::plan::diff(&resources, &declared, &observed);
@@ -1050,14 +1071,20 @@ impl Databases {
         &self,
         db: &Immudb,
         credentials: &immudb::objects::Credentials,
-        read: bool,
-        records: &State,
+        (read, records): (bool, &State),
+        object_changes: &[Change],
         cancel: &crate::engine::Cancel,
     ) -> Result<ClusterPlan, DatabasesError> {
         let mut plan = ClusterPlan::default();
         let name = &db.db.name;
         let address = immu_address(name, "replicator");
-        let recorded = records.get(&address).is_some_and(|r| r.id.is_some());
+        // A primary made (again) starts empty: its users are made again too.
+        let primary_set = format!("/StatefulSet/{name}-primary");
+        let made_again = object_changes.iter().any(|c| {
+            matches!(c.action, Action::Create | Action::Replace)
+                && c.address.ends_with(&primary_set)
+        });
+        let recorded = records.get(&address).is_some_and(|r| r.id.is_some()) && !made_again;
         let live = if read {
             let api = self.immu_api(db, credentials).await?;
             let cluster = self.kube.client().await?;
@@ -1158,9 +1185,10 @@ impl Databases {
         let formation = agraph_address(name, "cluster");
         let formed = records.get(&formation).is_some_and(|r| r.id.is_some());
         let controlling_set = format!("/StatefulSet/{name}-controlling");
-        let made_again = object_changes
-            .iter()
-            .any(|c| c.action == Action::Create && c.address.ends_with(&controlling_set));
+        let made_again = object_changes.iter().any(|c| {
+            matches!(c.action, Action::Create | Action::Replace)
+                && c.address.ends_with(&controlling_set)
+        });
         let live = if read {
             let api = self.agraph_api(db, credentials).await?;
             let cluster = self.kube.client().await?;
@@ -1643,7 +1671,7 @@ impl Databases {
                 if action == Action::Update {
                     // Made again: the copies belong to the lost cluster and
                     // rejoin once restarted.
-                    db.restart_copies(cluster).await?;
+                    db.restart_copies(cluster, cancel).await?;
                 }
                 Ok(Some(record))
             }

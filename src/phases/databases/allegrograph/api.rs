@@ -5,11 +5,12 @@
 //! header on its pod proxy, so the proxy the other kinds use cannot carry
 //! its credentials; a port-forward is a plain TCP tunnel to the pod.
 //!
-//! One forward per request; every request has a timeout, ends when the run
-//! is stopped, reads its answer up to a bound, and names the cluster, the
-//! pod and the request (with a `password` query value shown as `***`)
-//! when it fails. A forward that cannot connect (the pod not running,
-//! nothing listening yet) is retried a few times.
+//! One forward per request; every request has a timeout (30 s for a read,
+//! 120 s for a change), ends when the run is stopped, reads its answer up
+//! to a bound, and names the cluster, the pod and the request (with a
+//! `password` query value shown as `***`) when it fails. A forward that
+//! cannot connect (the pod not running, nothing listening yet) is retried
+//! a few times; a change that may have reached the pod is not sent again.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -23,8 +24,9 @@ use super::objects::PORT;
 use crate::engine::{Cancel, Level};
 use crate::phases::databases::pod_http::{Answer, PodHttpError};
 
-/// How long one request may take (a growCluster copies the repository).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a read may take, and a change (createCluster, remove).
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Retries of a forward that did not get through.
 const RETRIES: u32 = 3;
 /// The longest answer read.
@@ -187,6 +189,8 @@ impl Api {
         match result {
             Ok(answer) => Ok(answer),
             Err(reason) => {
+                // Once a change may have gone out, it is not sent again.
+                let again = method == http::Method::GET;
                 // Why the forward broke, as the API server said it.
                 let said = match failure {
                     Some(failure) => tokio::time::timeout(Duration::from_secs(2), failure)
@@ -195,7 +199,7 @@ impl Api {
                         .flatten(),
                     None => None,
                 };
-                Err((said.unwrap_or(reason), true))
+                Err((said.unwrap_or(reason), again))
             }
         }
     }
@@ -216,18 +220,19 @@ impl Api {
             method: method.to_string(),
             path: shown(path),
         };
+        let limit = if method == http::Method::GET {
+            READ_TIMEOUT
+        } else {
+            CHANGE_TIMEOUT
+        };
         let mut attempt = 0;
         loop {
-            let once =
-                tokio::time::timeout(REQUEST_TIMEOUT, self.send_once(pod, &method, path, body));
+            let once = tokio::time::timeout(limit, self.send_once(pod, &method, path, body));
             let result = cancel.until(level, once).await.map_err(|_| stopped())?;
             let (reason, again) = match result {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(failed)) => failed,
-                Err(_) => (
-                    format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
-                    false,
-                ),
+                Err(_) => (format!("no answer within {}s", limit.as_secs()), false),
             };
             if !again || attempt == RETRIES {
                 return Err(self.error(pod, &method, path, reason));

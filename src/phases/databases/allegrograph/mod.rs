@@ -42,6 +42,9 @@ use objects::{Credentials, Names, PORT};
 
 /// How often waits look again.
 const POLL: Duration = Duration::from_millis(500);
+/// How long a copy outside the cluster may take to join by itself before
+/// it is restarted.
+const JOIN_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgraphError {
@@ -104,6 +107,8 @@ pub enum Formed {
 pub struct Live {
     pub pods: Vec<Pod>,
     pub formed: Formed,
+    /// Why the cluster is `Unknown`, when something was said.
+    pub why: Option<String>,
 }
 
 /// `repl/status` as a list of instances.
@@ -229,8 +234,10 @@ impl Agraph {
         let mut live = Live {
             pods,
             formed: Formed::Unknown,
+            why: None,
         };
         if !Agraph::ready(&live, &controlling) {
+            live.why = Some(format!("pod {controlling} is not ready"));
             return Ok(live);
         }
         let status = api
@@ -243,9 +250,31 @@ impl Agraph {
                 level,
             )
             .await;
+        let cut = |body: &Value| {
+            let text = match body {
+                Value::String(t) => t.trim().to_string(),
+                other => other.to_string(),
+            };
+            text.chars().take(200).collect::<String>()
+        };
         live.formed = match status {
-            Ok(answer) if answer.ok() => Formed::Cluster(instances(&answer.body)),
-            Ok(_) => {
+            Ok(answer) if answer.ok() => {
+                let listed = instances(&answer.body);
+                if listed
+                    .iter()
+                    .any(|i| i.controlling || i.name == controlling)
+                {
+                    Formed::Cluster(listed)
+                } else {
+                    // Not what this is built to read: act on nothing.
+                    live.why = Some(format!(
+                        "repl/status not understood (it lists no controlling instance): {}",
+                        cut(&answer.body)
+                    ));
+                    Formed::Unknown
+                }
+            }
+            Ok(answer) if matches!(answer.status, 400 | 404) => {
                 match api
                     .call(
                         &controlling,
@@ -268,14 +297,32 @@ impl Agraph {
                             Formed::Absent
                         }
                     }
-                    Ok(_) => Formed::Unknown,
+                    Ok(list) => {
+                        live.why = Some(format!(
+                            "GET /repositories answered {}: {}",
+                            list.status,
+                            cut(&list.body)
+                        ));
+                        Formed::Unknown
+                    }
                     Err(err @ PodHttpError::Stopped { .. }) => return Err(err.into()),
-                    Err(_) => Formed::Unknown,
+                    Err(err) => {
+                        live.why = Some(crate::error_chain::error_chain(&err));
+                        Formed::Unknown
+                    }
                 }
+            }
+            Ok(answer) => {
+                live.why = Some(format!(
+                    "repl/status answered {}: {}",
+                    answer.status,
+                    cut(&answer.body)
+                ));
+                Formed::Unknown
             }
             Err(err @ PodHttpError::Stopped { .. }) => return Err(err.into()),
             Err(err) => {
-                tracing::debug!(error = %err, "the controlling instance did not answer");
+                live.why = Some(crate::error_chain::error_chain(&err));
                 Formed::Unknown
             }
         };
@@ -325,9 +372,10 @@ impl Agraph {
         let mut problems = Vec::new();
         match &live.formed {
             Formed::Unknown => {
-                problems.push(format!(
-                    "the controlling instance {controlling} does not answer"
-                ));
+                problems.push(match &live.why {
+                    Some(why) => format!("the controlling instance {controlling}: {why}"),
+                    None => format!("the controlling instance {controlling} does not answer"),
+                });
                 return problems;
             }
             Formed::Absent => problems.push(format!(
@@ -419,8 +467,11 @@ impl Agraph {
                 cancel,
                 "the controlling instance answers",
                 |live| {
-                    (live.formed == Formed::Unknown)
-                        .then(|| format!("pod {} is not ready", self.names.controlling()))
+                    (live.formed == Formed::Unknown).then(|| {
+                        live.why
+                            .clone()
+                            .unwrap_or_else(|| "it does not answer".into())
+                    })
                 },
             )
             .await?;
@@ -508,21 +559,58 @@ impl Agraph {
                 return Err(api.refused(&controlling, "PUT", &path, &answer).into());
             }
         }
-        let outside: Vec<String> = membership
-            .outside
-            .into_iter()
-            .filter(|p| wanted.contains(p))
-            .collect();
-        self.restart(cluster, &outside).await
+        if membership.outside.is_empty() {
+            return Ok(());
+        }
+        // A copy outside may be joining right now (its sidecar copies the
+        // repository): it gets a while to finish before it is restarted.
+        let begun = Instant::now();
+        let mut outside = membership.outside;
+        while begun.elapsed() < JOIN_GRACE.min(self.healthy) {
+            self.sleep(cancel, "the copies outside the cluster have joined")
+                .await?;
+            let live = self.read(cluster, api, cancel, Level::Now).await?;
+            match self.membership(&live) {
+                Some(now) => outside.retain(|p| now.outside.contains(p)),
+                None => return Ok(()),
+            }
+            if outside.is_empty() {
+                return Ok(());
+            }
+        }
+        outside.retain(|p| wanted.contains(p));
+        self.restart(cluster, &outside, cancel).await
     }
 
     /// Deletes the pods of `copies`; their StatefulSet makes them again,
     /// empty, and their sidecars join them to the cluster.
-    async fn restart(&self, cluster: &Cluster, copies: &[String]) -> Result<(), AgraphError> {
+    async fn restart(
+        &self,
+        cluster: &Cluster,
+        copies: &[String],
+        cancel: &Cancel,
+    ) -> Result<(), AgraphError> {
         let pods: kube::Api<PodObject> =
             kube::Api::namespaced(cluster.direct(), &self.names.namespace);
+        let params = kube::api::DeleteParams::default();
         for pod in copies {
-            match pods.delete(pod, &Default::default()).await {
+            let delete = tokio::time::timeout(Duration::from_secs(30), pods.delete(pod, &params));
+            let deleted =
+                cancel
+                    .until(Level::Now, delete)
+                    .await
+                    .map_err(|_| AgraphError::Stopped {
+                        cluster: self.db.name.clone(),
+                        what: format!("pod {pod} is restarted"),
+                    })?;
+            let Ok(deleted) = deleted else {
+                return Err(AgraphError::Restart {
+                    cluster: self.db.name.clone(),
+                    pod: pod.clone(),
+                    reason: "no answer within 30s".into(),
+                });
+            };
+            match deleted {
                 Ok(_) => {}
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
                 Err(err) => {
@@ -538,7 +626,11 @@ impl Agraph {
     }
 
     /// Restarts every copy that runs (after the cluster was made again).
-    pub async fn restart_copies(&self, cluster: &Cluster) -> Result<(), AgraphError> {
+    pub async fn restart_copies(
+        &self,
+        cluster: &Cluster,
+        cancel: &Cancel,
+    ) -> Result<(), AgraphError> {
         let copies: Vec<String> = self
             .pods(cluster)
             .await?
@@ -546,7 +638,7 @@ impl Agraph {
             .filter(|p| self.names.copy_ordinal(&p.name).is_some())
             .map(|p| p.name)
             .collect();
-        self.restart(cluster, &copies).await
+        self.restart(cluster, &copies, cancel).await
     }
 
     /// The health gate: the controlling instance lists itself and every
@@ -603,6 +695,7 @@ mod tests {
                 })
                 .collect(),
             formed: Formed::Cluster(instances(&status)),
+            why: None,
         }
     }
 

@@ -234,6 +234,19 @@ impl Immudb {
             )
             .await?;
         }
+        // immudb refuses to change the permissions of an inactive user.
+        if existing.is_some_and(|u| !u.active) {
+            let body = json!({"active": true, "username": name});
+            api.expect(
+                &primary,
+                Method::POST,
+                "/api/user/setactiveUser",
+                Some(&body),
+                cancel,
+                Level::Now,
+            )
+            .await?;
+        }
         for db in REPLICATED {
             let has = existing.and_then(|u| u.permissions.get(db)) == Some(&ADMIN_PERMISSION);
             if has || (existing.is_none() && db == "defaultdb") {
@@ -249,18 +262,6 @@ impl Immudb {
                 &primary,
                 Method::POST,
                 "/api/user/changepermission",
-                Some(&body),
-                cancel,
-                Level::Now,
-            )
-            .await?;
-        }
-        if existing.is_some_and(|u| !u.active) {
-            let body = json!({"active": true, "username": name});
-            api.expect(
-                &primary,
-                Method::POST,
-                "/api/user/setactiveUser",
                 Some(&body),
                 cancel,
                 Level::Now,
@@ -302,14 +303,16 @@ impl Immudb {
                 match (&head, read(pod.clone()).await?) {
                     (Err(why), _) => Err(format!("the primary's metrics: {why}")),
                     (_, Err(why)) => Err(why),
+                    (Ok(head), _) if REPLICATED.iter().any(|db| !head.contains_key(*db)) => {
+                        Err(format!(
+                            "the primary's metrics have no {} of {}",
+                            api::LAST_COMMITTED,
+                            REPLICATED.join(" and ")
+                        ))
+                    }
                     (Ok(head), Ok(mine)) => Ok(REPLICATED
                         .iter()
-                        .map(|db| {
-                            head.get(*db)
-                                .copied()
-                                .unwrap_or(0)
-                                .saturating_sub(mine.get(*db).copied().unwrap_or(0))
-                        })
+                        .map(|db| head[*db].saturating_sub(mine.get(*db).copied().unwrap_or(0)))
                         .max()
                         .unwrap_or(0)),
                 }

@@ -122,19 +122,36 @@ impl Credentials {
         })
     }
 
-    /// The secrets as the cluster's Secrets hold them; `None` when any is missing.
-    pub fn from_cluster(admin: &Value, replication: &Value) -> Option<Credentials> {
-        let field = |secret: &Value, key: &str| -> Option<String> {
+    /// The secrets as the cluster's Secrets hold them, each Secret on its
+    /// own (the superuser's password lives on the primary's volume from its
+    /// first start, so it is never made anew while its Secret is there);
+    /// what is missing is generated.
+    pub fn from_cluster(
+        cluster: &str,
+        admin: Option<&Value>,
+        replication: Option<&Value>,
+    ) -> Result<Credentials, RandomError> {
+        let field = |secret: Option<&Value>, key: &str| -> Option<String> {
             let bytes = base64::engine::general_purpose::STANDARD
-                .decode(secret["data"][key].as_str()?)
+                .decode(secret?["data"][key].as_str()?)
                 .ok()?;
             String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
         };
-        Some(Credentials {
-            username: field(admin, "username")?,
-            password: field(admin, "password")?,
-            replicator: field(replication, "username")?,
-            replicator_password: field(replication, "password")?,
+        let pair =
+            |secret: Option<&Value>| Some((field(secret, "username")?, field(secret, "password")?));
+        let (username, superuser_password) = match pair(admin) {
+            Some(found) => found,
+            None => (SUPERUSER.to_string(), password(cluster)?),
+        };
+        let (replicator, replicator_password) = match pair(replication) {
+            Some(found) => found,
+            None => (REPLICATOR.to_string(), password(cluster)?),
+        };
+        Ok(Credentials {
+            username,
+            password: superuser_password,
+            replicator,
+            replicator_password,
         })
     }
 }
