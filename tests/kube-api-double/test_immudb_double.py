@@ -142,6 +142,24 @@ class ImmudbRegistryTest(unittest.TestCase):
         self.assertEqual(logged[0]["body"]["password"], "***")
         self.assertEqual([line["status"] for line in logged], [200, 500])
 
+    def test_an_inactive_user_cannot_log_in_nor_be_granted_until_activated(self):
+        x = self.x
+        token = x.login(PRIMARY)
+        body = {"user": B("repl"), "password": B("Repl1!pass"), "permission": 254, "database": "defaultdb"}
+        self.assertEqual(x.call(PRIMARY, "POST", "/api/user", body, token)[0], 200)
+        off = {"active": False, "username": "repl"}
+        self.assertEqual(x.call(PRIMARY, "POST", "/api/user/setactiveUser", off, token), (200, {}))
+        grant = {"action": "GRANT", "username": "repl", "database": "systemdb", "permission": 254}
+        status, out = x.call(PRIMARY, "POST", "/api/user/changepermission", grant, token)
+        self.assertEqual((status, out["message"]), (400, "user repl is not active"))
+        me = {"active": False, "username": "immudb"}
+        status, out = x.call(PRIMARY, "POST", "/api/user/setactiveUser", me, token)
+        self.assertEqual((status, out["message"]), (500, "changing your own status is not allowed"))
+        on = {"active": True, "username": "repl"}
+        self.assertEqual(x.call(PRIMARY, "POST", "/api/user/setactiveUser", on, token), (200, {}))
+        self.assertEqual(x.call(PRIMARY, "POST", "/api/user/changepermission", grant, token), (200, {}))
+        x.login(PRIMARY, "repl", "Repl1!pass")
+
     def test_replica_needs_admin_on_each_database_then_catches_up(self):
         x = self.x
         token = x.login(PRIMARY)
