@@ -108,17 +108,6 @@ pub enum DatabasesError {
     },
 }
 
-/// A size as a Kubernetes quantity (`10Gi`, `512Mi`, or bytes).
-pub(crate) fn quantity(size: crate::model::ByteSize) -> String {
-    const MI: u64 = 1 << 20;
-    const GI: u64 = 1 << 30;
-    match size.0 {
-        b if b % GI == 0 => format!("{}Gi", b / GI),
-        b if b % MI == 0 => format!("{}Mi", b / MI),
-        b => b.to_string(),
-    }
-}
-
 fn record_address(cluster: &str, what: &str) -> String {
     format!("couchdb.{cluster}.{what}")
 }

@@ -91,6 +91,17 @@ pub fn id(namespace: Option<&str>, name: &str) -> String {
     }
 }
 
+/// A size as a Kubernetes quantity (`10Gi`, `512Mi`, or bytes).
+pub fn quantity(size: crate::model::ByteSize) -> String {
+    const MI: u64 = 1 << 20;
+    const GI: u64 = 1 << 30;
+    match size.0 {
+        b if b % GI == 0 => format!("{}Gi", b / GI),
+        b if b % MI == 0 => format!("{}Mi", b / MI),
+        b => b.to_string(),
+    }
+}
+
 /// The label selector that finds every object of a stack.
 pub fn selector(stack: &str) -> String {
     format!("{MANAGED_BY}=stack,{PART_OF}={stack}")

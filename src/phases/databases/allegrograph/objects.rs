@@ -184,7 +184,7 @@ pub fn objects(
     let flow = |labels: &BTreeMap<String, String>| json!(labels).to_string();
     let controlling = names.role_selector("controlling");
     let copy = names.role_selector("copy");
-    let quantity = crate::phases::databases::quantity;
+    let quantity = crate::phases::kube::manifest::quantity;
     let args = Args {
         name: &db.name,
         namespace,

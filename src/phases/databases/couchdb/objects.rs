@@ -181,7 +181,7 @@ pub fn objects(
         namespace,
         image: db.image.to_string(),
         replicas: db.replicas,
-        storage: crate::phases::databases::quantity(db.storage),
+        storage: crate::phases::kube::manifest::quantity(db.storage),
         storage_class: db.storage_class.as_deref(),
         shards: settings.map_or(2, |c| c.shards),
         copies: default_copies(db),
@@ -230,7 +230,7 @@ mod tests {
 
     #[test]
     fn quantities_are_written_the_way_kubernetes_writes_them() {
-        use crate::phases::databases::quantity;
+        use crate::phases::kube::manifest::quantity;
         assert_eq!(quantity(ByteSize::gib(10)), "10Gi");
         assert_eq!(quantity(ByteSize(512 << 20)), "512Mi");
         assert_eq!(quantity(ByteSize(1000)), "1000");

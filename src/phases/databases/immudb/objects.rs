@@ -214,7 +214,7 @@ pub fn objects(
         name: &db.name,
         namespace,
         image: db.image.to_string(),
-        storage: crate::phases::databases::quantity(db.storage),
+        storage: crate::phases::kube::manifest::quantity(db.storage),
         storage_class: db.storage_class.as_deref(),
         sync_acks: db.sync_acks,
         credentials: credentials.map(|c| Encoded {
