@@ -15,6 +15,7 @@ pub mod allegrograph;
 pub mod couchdb;
 pub mod immudb;
 pub mod pod_http;
+pub mod pods;
 pub mod random;
 
 use std::collections::BTreeMap;
@@ -1726,22 +1727,13 @@ impl Databases {
             if let Some(domain) = &ingress {
                 endpoints.insert(0, format!("https://{}.{domain}", couch.db.name));
             }
-            let mut status = DatabaseStatus {
-                name: couch.db.name.clone(),
-                kind: "couchdb".into(),
+            let mut status = self.status_of(
+                &couch.db.name,
+                "couchdb",
                 endpoints,
-                credentials_secret: format!("{}/{}", names.namespace, names.admin_secret()),
-                credentials_command: format!(
-                    "kubectl --kubeconfig {} -n {} get secret {} -o jsonpath='{{.data.password}}' | base64 -d",
-                    self.kube.kubeconfig().display(),
-                    names.namespace,
-                    names.admin_secret()
-                ),
-                membership: format!("unknown of {}", couch.db.replicas),
-                problems: Vec::new(),
-                replications: Vec::new(),
-                replicas: Vec::new(),
-            };
+                (&names.namespace, &names.admin_secret()),
+                format!("unknown of {}", couch.db.replicas),
+            );
             let credentials: Option<Credentials> = state
                 .get(&record_address(&couch.db.name, "credentials"))
                 .and_then(|r| serde_json::from_value(r.attrs.clone()).ok());
@@ -1798,6 +1790,33 @@ impl Databases {
         out
     }
 
+    /// A cluster's status before it is read: where it is reached, which
+    /// Secret holds its admin's credentials and the command that prints the
+    /// password.
+    fn status_of(
+        &self,
+        name: &str,
+        kind: &str,
+        endpoints: Vec<String>,
+        (namespace, admin_secret): (&str, &str),
+        membership: String,
+    ) -> DatabaseStatus {
+        DatabaseStatus {
+            name: name.to_string(),
+            kind: kind.to_string(),
+            endpoints,
+            credentials_secret: format!("{namespace}/{admin_secret}"),
+            credentials_command: format!(
+                "kubectl --kubeconfig {} -n {namespace} get secret {admin_secret} -o jsonpath='{{.data.password}}' | base64 -d",
+                self.kube.kubeconfig().display(),
+            ),
+            membership,
+            problems: Vec::new(),
+            replications: Vec::new(),
+            replicas: Vec::new(),
+        }
+    }
+
     async fn immudb_status(&self, db: &Immudb, state: &State) -> DatabaseStatus {
         let names = &db.names;
         let (write, read) = names.endpoints();
@@ -1808,22 +1827,13 @@ impl Databases {
         if let Some(ingress) = &self.stack.ingress {
             endpoints.insert(0, format!("https://{}.{}", db.db.name, ingress.domain));
         }
-        let mut status = DatabaseStatus {
-            name: db.db.name.clone(),
-            kind: "immudb".into(),
+        let mut status = self.status_of(
+            &db.db.name,
+            "immudb",
             endpoints,
-            credentials_secret: format!("{}/{}", names.namespace, names.admin_secret()),
-            credentials_command: format!(
-                "kubectl --kubeconfig {} -n {} get secret {} -o jsonpath='{{.data.password}}' | base64 -d",
-                self.kube.kubeconfig().display(),
-                names.namespace,
-                names.admin_secret()
-            ),
-            membership: format!("unknown of {} replicas in sync", db.db.replicas),
-            problems: Vec::new(),
-            replications: Vec::new(),
-            replicas: Vec::new(),
-        };
+            (&names.namespace, &names.admin_secret()),
+            format!("unknown of {} replicas in sync", db.db.replicas),
+        );
         let credentials: Option<immudb::objects::Credentials> = state
             .get(&immu_address(&db.db.name, "credentials"))
             .and_then(|r| serde_json::from_value(r.attrs.clone()).ok());
@@ -1864,22 +1874,13 @@ impl Databases {
         if let Some(ingress) = &self.stack.ingress {
             endpoints.insert(0, format!("https://{}.{}", db.db.name, ingress.domain));
         }
-        let mut status = DatabaseStatus {
-            name: db.db.name.clone(),
-            kind: "allegrograph".into(),
+        let mut status = self.status_of(
+            &db.db.name,
+            "allegrograph",
             endpoints,
-            credentials_secret: format!("{}/{}", names.namespace, names.admin_secret()),
-            credentials_command: format!(
-                "kubectl --kubeconfig {} -n {} get secret {} -o jsonpath='{{.data.password}}' | base64 -d",
-                self.kube.kubeconfig().display(),
-                names.namespace,
-                names.admin_secret()
-            ),
-            membership: format!("unknown of {} copies running", db.db.replicas),
-            problems: Vec::new(),
-            replications: Vec::new(),
-            replicas: Vec::new(),
-        };
+            (&names.namespace, &names.admin_secret()),
+            format!("unknown of {} copies running", db.db.replicas),
+        );
         let credentials: Option<allegrograph::objects::Credentials> = state
             .get(&agraph_address(&db.db.name, "credentials"))
             .and_then(|r| serde_json::from_value(r.attrs.clone()).ok());

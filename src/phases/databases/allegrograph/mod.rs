@@ -36,6 +36,7 @@ use serde_json::Value;
 use crate::engine::{Cancel, Level};
 use crate::model::Database;
 use crate::phases::databases::pod_http::PodHttpError;
+use crate::phases::databases::pods::{self, Pod};
 use crate::phases::kube::{Cluster, ClusterError};
 use api::{encode, Api};
 use objects::{Credentials, Names, PORT};
@@ -72,13 +73,6 @@ pub enum AgraphError {
     Stopped { cluster: String, what: String },
     #[error("AllegroGraph cluster {cluster}: repository {repository} exists on the controlling instance but is not a replication cluster; delete it (or name another `repository`) so stack can make the cluster")]
     Standalone { cluster: String, repository: String },
-}
-
-/// A pod of the cluster as Kubernetes reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pod {
-    pub name: String,
-    pub ready: bool,
 }
 
 /// One instance of the cluster as the controlling instance lists it.
@@ -125,15 +119,6 @@ pub fn instances(status: &Value) -> Vec<Instance> {
             })
         })
         .collect()
-}
-
-fn is_ready(pod: &Value) -> bool {
-    pod["metadata"]["deletionTimestamp"].is_null()
-        && pod["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
 /// How the membership of a cluster differs from the stack's.
@@ -189,31 +174,12 @@ impl Agraph {
     }
 
     pub async fn pods(&self, cluster: &Cluster) -> Result<Vec<Pod>, AgraphError> {
-        let selector = self
-            .names
-            .selector()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let pods = cluster
-            .pods(&self.names.namespace, &selector)
+        pods::list(cluster, &self.names.namespace, &self.names.selector())
             .await
             .map_err(|source| AgraphError::Pods {
                 cluster: self.db.name.clone(),
                 source,
-            })?;
-        let mut out: Vec<Pod> = pods
-            .iter()
-            .filter_map(|p| {
-                Some(Pod {
-                    name: p["metadata"]["name"].as_str()?.to_string(),
-                    ready: is_ready(p),
-                })
             })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
     }
 
     fn ready(live: &Live, pod: &str) -> bool {

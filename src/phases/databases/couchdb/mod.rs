@@ -125,15 +125,6 @@ pub struct Couchdb {
     pub healthy: Duration,
 }
 
-fn is_ready(pod: &Value) -> bool {
-    pod["metadata"]["deletionTimestamp"].is_null()
-        && pod["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-}
-
 /// The id of the `_replicator` document of replication `name`.
 pub fn replication_id(stack: &str, cluster: &str, name: &str) -> String {
     format!("stack-{stack}-{cluster}-{name}")
@@ -157,12 +148,7 @@ impl Couchdb {
     }
 
     pub fn selector(&self) -> String {
-        self.names
-            .selector()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        crate::phases::databases::pods::selector(&self.names.selector())
     }
 
     /// The nodes the stack wants: one per member.
@@ -197,7 +183,7 @@ impl Couchdb {
                 Some(Member {
                     pod: name.to_string(),
                     ordinal,
-                    ready: is_ready(pod),
+                    ready: crate::phases::databases::pods::is_ready(pod),
                     node: None,
                 })
             })

@@ -18,11 +18,12 @@ pub mod objects;
 use std::time::{Duration, Instant};
 
 use http::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::engine::{Cancel, Level};
 use crate::model::Database;
 use crate::phases::databases::pod_http::PodHttpError;
+use crate::phases::databases::pods::{self, Pod};
 use crate::phases::kube::{Cluster, ClusterError};
 use api::{Api, User};
 use objects::{Credentials, Names};
@@ -54,13 +55,6 @@ pub enum ImmuError {
     Stopped { cluster: String, what: String },
 }
 
-/// A pod of the cluster as Kubernetes reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pod {
-    pub name: String,
-    pub ready: bool,
-}
-
 /// What stack read of a cluster.
 #[derive(Debug, Clone, Default)]
 pub struct Live {
@@ -86,15 +80,6 @@ pub struct Immudb {
     healthy: Duration,
 }
 
-fn is_ready(pod: &Value) -> bool {
-    pod["metadata"]["deletionTimestamp"].is_null()
-        && pod["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-}
-
 impl Immudb {
     pub fn new(db: &Database, namespace: &str, healthy: Duration) -> Immudb {
         Immudb {
@@ -113,31 +98,12 @@ impl Immudb {
     }
 
     pub async fn pods(&self, cluster: &Cluster) -> Result<Vec<Pod>, ImmuError> {
-        let selector = self
-            .names
-            .selector()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let pods = cluster
-            .pods(&self.names.namespace, &selector)
+        pods::list(cluster, &self.names.namespace, &self.names.selector())
             .await
             .map_err(|source| ImmuError::Pods {
                 cluster: self.db.name.clone(),
                 source,
-            })?;
-        let mut out: Vec<Pod> = pods
-            .iter()
-            .filter_map(|p| {
-                Some(Pod {
-                    name: p["metadata"]["name"].as_str()?.to_string(),
-                    ready: is_ready(p),
-                })
             })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
     }
 
     fn ready(&self, live: &Live, pod: &str) -> bool {
