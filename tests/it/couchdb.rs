@@ -319,20 +319,7 @@ fn a_crashing_replication_is_drift_and_no_generated_secret_is_ever_shown() {
         stack + "ingress:\n  domain: crash.test\n  className: public\nmonitoring: {}\n",
     )
     .unwrap();
-    let crd = r#"{"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition","metadata":{"name":"servicemonitors.monitoring.coreos.com"},"spec":{"group":"monitoring.coreos.com","names":{"kind":"ServiceMonitor","plural":"servicemonitors"},"scope":"Namespaced","versions":[{"name":"v1","served":true,"storage":true}]}}"#;
-    let (code, body) = double.request(
-        "POST",
-        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-        "application/json",
-        crd,
-    );
-    assert_eq!(code, 201, "{body}");
-    double.request(
-        "POST",
-        "/api/v1/namespaces",
-        "application/json",
-        r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"observability"}}"#,
-    );
+    double.install_prometheus_operator();
     // The user's Secret for the target, made as kubectl would.
     let offsite = r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"offsite","namespace":"couch"},"stringData":{"username":"remote","password":"user-given-pass-4711"}}"#;
     double.request(

@@ -124,20 +124,7 @@ fn an_immudb_primary_gets_replicas_that_catch_up_under_a_dedicated_user() {
     write_stack(&env, 0);
     // Monitored: the cluster has the Prometheus Operator's CRD and the
     // observability namespace.
-    let crd = r#"{"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition","metadata":{"name":"servicemonitors.monitoring.coreos.com"},"spec":{"group":"monitoring.coreos.com","names":{"kind":"ServiceMonitor","plural":"servicemonitors"},"scope":"Namespaced","versions":[{"name":"v1","served":true,"storage":true}]}}"#;
-    let (code, body) = double.request(
-        "POST",
-        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-        "application/json",
-        crd,
-    );
-    assert_eq!(code, 201, "{body}");
-    double.request(
-        "POST",
-        "/api/v1/namespaces",
-        "application/json",
-        r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"observability"}}"#,
-    );
+    double.install_prometheus_operator();
 
     // Up with no replica: the objects, then the replication user.
     up(&env, &mut printed);

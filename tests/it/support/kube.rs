@@ -21,6 +21,25 @@ pub(crate) struct KubeDouble {
 }
 
 impl KubeDouble {
+    /// What the monitoring addon leaves in a cluster: the Prometheus
+    /// Operator's ServiceMonitor CRD and the observability namespace.
+    pub(crate) fn install_prometheus_operator(&self) {
+        let crd = r#"{"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition","metadata":{"name":"servicemonitors.monitoring.coreos.com"},"spec":{"group":"monitoring.coreos.com","names":{"kind":"ServiceMonitor","plural":"servicemonitors"},"scope":"Namespaced","versions":[{"name":"v1","served":true,"storage":true}]}}"#;
+        let (code, body) = self.request(
+            "POST",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            "application/json",
+            crd,
+        );
+        assert_eq!(code, 201, "{body}");
+        self.request(
+            "POST",
+            "/api/v1/namespaces",
+            "application/json",
+            r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"observability"}}"#,
+        );
+    }
+
     /// `faults` is `SEED:PERCENT` of stack's requests to fail transiently.
     fn start(dir: &Path, faults: Option<&str>) -> KubeDouble {
         let faults: Vec<&str> = faults.into_iter().flat_map(|f| ["--faults", f]).collect();
