@@ -21,6 +21,7 @@ pub mod phases;
 pub mod ssh;
 pub mod state;
 pub mod templates;
+pub mod upgrade;
 pub mod yamljson;
 
 // The stack file's model and its diagnostics live in crates/stack-model.

@@ -124,6 +124,20 @@ impl UnderWay {
             Event::GatePassed { stage, .. } => {
                 self.waits.remove(&gate_key(stage.number));
             }
+            Event::MemberRolling {
+                database,
+                pod,
+                limit,
+                ..
+            } => self.begin(
+                pod.clone(),
+                format!("database {database}: still waiting for {pod} to be healthy"),
+                Some(*limit),
+                now,
+            ),
+            Event::MemberHealthy { pod, .. } | Event::RollingBack { pod, .. } => {
+                self.waits.remove(pod);
+            }
             Event::Refreshing { .. }
             | Event::PlanReady { .. }
             | Event::StageSkipped { .. }

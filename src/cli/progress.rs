@@ -178,6 +178,35 @@ impl Progress {
                     self.line(&format!("{stage}: ready after {seconds:.1}s"));
                 }
             }
+            Event::MemberRolling {
+                database,
+                pod,
+                image,
+                limit,
+            } => self.start(
+                &pod,
+                format!(
+                    "database {database}: {pod} onto {image} (healthy within {})",
+                    heartbeat::short(limit)
+                ),
+            ),
+            Event::MemberHealthy {
+                database,
+                pod,
+                seconds,
+            } => self.finish(
+                &pod,
+                format!("database {database}: {pod} healthy after {seconds:.1}s"),
+            ),
+            Event::RollingBack {
+                database,
+                pod,
+                image,
+                reason,
+            } => {
+                self.finish(&pod, format!("database {database}: {pod} failed: {reason}"));
+                self.line(&format!("database {database}: rolling back to {image}"));
+            }
             Event::StageSkipped { stage, reason } => {
                 self.line(&format!("{stage} skipped: {reason}"))
             }

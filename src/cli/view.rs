@@ -264,6 +264,7 @@ pub fn status(status: &Status) -> String {
             "database {} ({}): membership {}",
             db.name, db.kind, db.membership
         );
+        let _ = writeln!(out, "  image: {}", db.image);
         for endpoint in &db.endpoints {
             let _ = writeln!(out, "  endpoint: {endpoint}");
         }
@@ -290,6 +291,26 @@ pub fn status(status: &Status) -> String {
                 (None, None) => "lag unknown".to_string(),
             };
             let _ = writeln!(out, "  replica {}: {lag}", r.pod);
+        }
+        // The last few; `--output json` has them all.
+        for u in db.upgrades.iter().rev().take(5).rev() {
+            let result = serde_json::to_value(u.result).unwrap_or_default();
+            let _ = write!(
+                out,
+                "  upgrade {}: {} -> {}: {}",
+                u.started,
+                u.from,
+                u.to,
+                result.as_str().unwrap_or_default()
+            );
+            match &u.detail {
+                Some(detail) => {
+                    let _ = writeln!(out, " ({detail})");
+                }
+                None => {
+                    let _ = writeln!(out);
+                }
+            }
         }
         for problem in &db.problems {
             let _ = writeln!(out, "  problem: {problem}");

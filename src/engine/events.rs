@@ -78,6 +78,28 @@ pub enum Event {
         stage: Option<StageRef>,
         message: String,
     },
+    /// `stack upgrade` replaces a member of a database cluster with one on
+    /// `image`; it lasts until the member is ready and the cluster healthy.
+    MemberRolling {
+        database: String,
+        pod: String,
+        image: String,
+        #[serde(rename = "limit_seconds", serialize_with = "seconds")]
+        limit: Duration,
+    },
+    MemberHealthy {
+        database: String,
+        pod: String,
+        seconds: f64,
+    },
+    /// A member failed its health gate: the rollout stops and puts `image`
+    /// back.
+    RollingBack {
+        database: String,
+        pod: String,
+        image: String,
+        reason: String,
+    },
     /// A stop was asked for and the engine acts on it.
     Stopping {
         reason: StopReason,

@@ -143,6 +143,39 @@ pub struct DatabaseStatus {
     pub replications: Vec<ReplicationStatus>,
     /// Read replicas and how far each is behind its primary (immudb).
     pub replicas: Vec<ReplicaStatus>,
+    /// The image it runs: the stack file's, or one `stack upgrade` pinned.
+    pub image: String,
+    /// Its image upgrades, oldest first.
+    pub upgrades: Vec<ImageUpgrade>,
+}
+
+/// How an upgrade of a database's image ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpgradeResult {
+    /// Under way, or stopped before it ended.
+    Running,
+    Succeeded,
+    /// A member failed its health gate; the cluster is back on `from`.
+    RolledBack,
+    /// A member failed and the cluster was left as it stood (`rollback:
+    /// false`, or the rollback failed too).
+    Failed,
+}
+
+/// One upgrade of a database's image, as the state keeps it and `stack
+/// status` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageUpgrade {
+    pub from: String,
+    pub to: String,
+    /// RFC 3339.
+    pub started: String,
+    pub finished: Option<String>,
+    pub result: UpgradeResult,
+    /// Why it failed: the member and its health gate's answer.
+    pub detail: Option<String>,
 }
 
 /// A read replica as `stack status` shows it.

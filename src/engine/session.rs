@@ -136,6 +136,11 @@ impl StateHandle {
         })
     }
 
+    /// The state as it was read.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
     /// The state's own id, which what it makes is marked with.
     pub fn lineage(&self) -> &str {
         &self.state.lineage
@@ -430,6 +435,24 @@ impl Session {
             }),
             Err(Halt::Error(err)) => Err(err),
         }
+    }
+
+    /// The state as it stands.
+    pub fn state(&self) -> &State {
+        &self.handle.state
+    }
+
+    /// Saves records of what a caller did outside a plan (an image rollout),
+    /// under the session's lock; the state's new serial.
+    pub async fn record(&mut self, records: Vec<Record>) -> Result<u64, EngineError> {
+        let Some(lock) = self.handle.lock.as_mut() else {
+            return Err(EngineError::ReadOnly(self.stack.clone()));
+        };
+        for record in records {
+            self.handle.state.put(record);
+        }
+        lock.save(&mut self.handle.state).await?;
+        Ok(self.handle.state.serial)
     }
 
     /// The retries of the session's calls so far, one entry per service that retried.

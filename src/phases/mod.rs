@@ -63,11 +63,12 @@ pub fn check(stack: &Stack) -> Result<(), LoadError> {
 
 /// The stage list of a stack, in the order the engine applies it.
 async fn stage_list(
-    stack: &Stack,
+    running: &databases::pins::Running,
     artifacts: &Artifacts,
     access: Access,
     lineage: &str,
 ) -> Result<Vec<Arc<dyn Phase>>, OpenError> {
+    let stack = &running.stack;
     let key = match access {
         Access::Write => keys::ensure(artifacts)?,
         Access::Read => keys::existing(artifacts)?,
@@ -91,7 +92,7 @@ async fn stage_list(
     if let Some(kube) = kube {
         phases.push(kube.stage(Stage::Foundation));
         phases.push(kube.stage(Stage::Workloads));
-        if let Some(databases) = databases::Databases::for_stack(stack, &kube) {
+        if let Some(databases) = databases::Databases::for_stack(running, &kube) {
             phases.push(Arc::new(databases));
         }
         phases.push(kube.stage(Stage::Ingress));
@@ -119,7 +120,8 @@ pub async fn open(stack: &Stack, access: Access) -> Result<Session, OpenError> {
     let backend = Box::new(LocalBackend::new(&dir, &stack.name, provider));
     let handle = StateHandle::open(backend, access, &stack.name, provider).await?;
     let artifacts = Artifacts::new(&dir, &stack.name);
-    let phases = stage_list(stack, &artifacts, access, handle.lineage()).await?;
+    let running = databases::pins::running(stack, handle.state());
+    let phases = stage_list(&running, &artifacts, access, handle.lineage()).await?;
     Ok(Session::new(
         &stack.name,
         provider,

@@ -14,6 +14,7 @@
 pub mod allegrograph;
 pub mod couchdb;
 pub mod immudb;
+pub mod pins;
 pub mod pod_http;
 pub mod pods;
 pub mod random;
@@ -355,6 +356,10 @@ pub struct Databases {
     immu: Vec<Immudb>,
     agraph: Vec<Agraph>,
     stack: Stack,
+    /// What plans say about the images upgrades pinned.
+    pin_notes: Vec<String>,
+    /// Pins the plan drops from the state.
+    stale_pins: Vec<String>,
     /// One API client per cluster and password.
     apis: tokio::sync::Mutex<BTreeMap<String, Arc<Api>>>,
     immu_apis: tokio::sync::Mutex<BTreeMap<String, Arc<immudb::api::Api>>>,
@@ -402,7 +407,8 @@ fn field(path: &str, observed: Option<Value>, after: Option<Value>, drift: bool)
 
 impl Databases {
     /// The phase of a stack with database clusters; `None` without any.
-    pub fn for_stack(stack: &Stack, kube: &Arc<Kube>) -> Option<Databases> {
+    pub fn for_stack(running: &pins::Running, kube: &Arc<Kube>) -> Option<Databases> {
+        let stack = &running.stack;
         let clusters = Clusters::of(stack);
         if clusters.is_empty() {
             return None;
@@ -414,6 +420,8 @@ impl Databases {
             immu: clusters.immu,
             agraph: clusters.agraph,
             stack: stack.clone(),
+            pin_notes: running.notes.clone(),
+            stale_pins: running.stale.clone(),
             apis: tokio::sync::Mutex::new(BTreeMap::new()),
             immu_apis: tokio::sync::Mutex::new(BTreeMap::new()),
             agraph_apis: tokio::sync::Mutex::new(BTreeMap::new()),
@@ -538,7 +546,7 @@ impl Databases {
     }
 
     async fn plan(&self, input: PlanInput<'_>) -> Result<PlanPart, DatabasesError> {
-        let kube_records = input.records.only(|r| !is_own(r));
+        let kube_records = input.records.only(|r| !is_own(r) && !pins::is_upgrade(r));
         let own_records = input.records.only(is_own);
         let inner_input = PlanInput {
             mode: input.mode,
@@ -559,9 +567,14 @@ impl Databases {
         if input.mode == Mode::Destroy {
             // The data goes with the StatefulSet's volumes (or the nodes):
             // the phase's own records are only forgotten.
-            objects
-                .forget
-                .extend(own_records.resources.iter().map(|r| r.address.clone()));
+            objects.forget.extend(
+                input
+                    .records
+                    .resources
+                    .iter()
+                    .filter(|r| is_own(r) || pins::is_upgrade(r))
+                    .map(|r| r.address.clone()),
+            );
             return Ok(objects);
         }
         let planned = self.kube.planned(&input).await?;
@@ -677,7 +690,7 @@ impl Databases {
         let mut observed = Vec::new();
         let mut before = Vec::new();
         let mut after = Vec::new();
-        let mut notes = Vec::new();
+        let mut notes = self.pin_notes.clone();
         let mut blocked = Vec::new();
         for (address, kind, id, credentials, plan) in plans {
             resources.push(Resource {
@@ -743,6 +756,7 @@ impl Databases {
         };
         let declared = own_records.only(|r| !operations.contains(&r.address));
         let mut part = crate::engine::plan::diff(&resources, &declared, &observed);
+        part.forget.extend(self.stale_pins.iter().cloned());
         part.forget.extend(
             operations
                 .iter()
@@ -1693,29 +1707,86 @@ impl Databases {
         let all: DatabaseCredentials =
             serde_json::from_value(self.kube.planned_secrets(input.plan_id).await?)
                 .unwrap_or_default();
-        let cluster = self.kube.client().await?;
-        for couch in &self.clusters {
-            let Some(credentials) = all.couchdb.get(&couch.db.name) else {
-                continue;
-            };
-            let api = self.api(couch, credentials).await?;
-            couch.gate(cluster, &api, input.cancel).await?;
-        }
-        for db in &self.immu {
-            let Some(credentials) = all.immudb.get(&db.db.name) else {
-                continue;
-            };
-            let api = self.immu_api(db, credentials).await?;
-            db.gate(cluster, &api, credentials, input.cancel).await?;
-        }
-        for db in &self.agraph {
-            let Some(credentials) = all.allegrograph.get(&db.db.name) else {
-                continue;
-            };
-            let api = self.agraph_api(db, credentials).await?;
-            db.gate(cluster, &api, input.cancel).await?;
+        for db in &self.stack.databases {
+            // A cluster whose secrets were not planned has nothing to check yet.
+            let planned = all.couchdb.contains_key(&db.name)
+                || all.immudb.contains_key(&db.name)
+                || all.allegrograph.contains_key(&db.name);
+            if planned {
+                self.health(&db.name, &all, input.cancel).await?;
+            }
         }
         Ok(())
+    }
+
+    /// Waits until the cluster `database` is healthy by its own account
+    /// (the stack's `healthy` timeout bounds the wait).
+    pub async fn health(
+        &self,
+        database: &str,
+        all: &DatabaseCredentials,
+        cancel: &crate::engine::Cancel,
+    ) -> Result<(), DatabasesError> {
+        let cluster = self.kube.client().await?;
+        if let Some(couch) = self.clusters.iter().find(|c| c.db.name == database) {
+            let credentials =
+                all.couchdb
+                    .get(database)
+                    .ok_or_else(|| DatabasesError::NoCredentials {
+                        cluster: database.to_string(),
+                    })?;
+            let api = self.api(couch, credentials).await?;
+            couch.gate(cluster, &api, cancel).await?;
+        }
+        if let Some(db) = self.immu.iter().find(|c| c.db.name == database) {
+            let credentials =
+                all.immudb
+                    .get(database)
+                    .ok_or_else(|| DatabasesError::NoImmuCredentials {
+                        cluster: database.to_string(),
+                    })?;
+            let api = self.immu_api(db, credentials).await?;
+            db.gate(cluster, &api, credentials, cancel).await?;
+        }
+        if let Some(db) = self.agraph.iter().find(|c| c.db.name == database) {
+            let credentials = all.allegrograph.get(database).ok_or_else(|| {
+                DatabasesError::NoAgraphCredentials {
+                    cluster: database.to_string(),
+                }
+            })?;
+            let api = self.agraph_api(db, credentials).await?;
+            db.gate(cluster, &api, cancel).await?;
+        }
+        Ok(())
+    }
+
+    /// The secrets of every cluster, as the state recorded them (else as
+    /// the cluster's Secrets hold them).
+    pub async fn recorded_credentials(
+        &self,
+        state: &State,
+    ) -> Result<DatabaseCredentials, DatabasesError> {
+        let cluster = self.kube.client().await?;
+        credentials(&Clusters::of(&self.stack), state, Some(cluster))
+            .await
+            .map_err(|e| DatabasesError::Objects(Box::new(e)))
+    }
+
+    /// The StatefulSets an image upgrade of `database` rolls, in order:
+    /// replicas and copies before the primary or controlling instance.
+    pub fn rolling_sets(&self, database: &str) -> Vec<pods::RollingSet> {
+        let mut out = Vec::new();
+        for couch in self.clusters.iter().filter(|c| c.db.name == database) {
+            out.extend(couch.names.rolling_sets(couch.db.replicas));
+        }
+        for db in self.immu.iter().filter(|c| c.db.name == database) {
+            out.extend(db.names.rolling_sets(db.db.replicas));
+        }
+        for db in self.agraph.iter().filter(|c| c.db.name == database) {
+            out.extend(db.names.rolling_sets(db.db.replicas));
+        }
+        out.retain(|set| set.replicas > 0);
+        out
     }
 
     async fn status(&self, state: &State) -> Vec<DatabaseStatus> {
@@ -1787,6 +1858,9 @@ impl Databases {
         for db in &self.agraph {
             out.push(self.agraph_status(db, state).await);
         }
+        for status in &mut out {
+            status.upgrades = pins::history(state, &status.name);
+        }
         out
     }
 
@@ -1814,6 +1888,14 @@ impl Databases {
             problems: Vec::new(),
             replications: Vec::new(),
             replicas: Vec::new(),
+            image: self
+                .stack
+                .databases
+                .iter()
+                .find(|d| d.name == name)
+                .map(|d| d.image.to_string())
+                .unwrap_or_default(),
+            upgrades: Vec::new(),
         }
     }
 
@@ -1966,7 +2048,7 @@ impl Phase for Databases {
     }
 
     fn owns(&self, record: &Record) -> bool {
-        is_own(record) || self.objects.owns(record)
+        is_own(record) || pins::is_upgrade(record) || self.objects.owns(record)
     }
 
     fn plan<'a>(&'a self, input: PlanInput<'a>) -> BoxFuture<'a, Result<PlanPart, PhaseError>> {

@@ -7,6 +7,16 @@ use serde_json::Value;
 
 use crate::phases::kube::{Cluster, ClusterError};
 
+/// A StatefulSet `stack upgrade` rolls to a new image one member at a
+/// time, from the highest ordinal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollingSet {
+    pub statefulset: String,
+    /// The container whose image changes (sidecars keep theirs).
+    pub container: String,
+    pub replicas: u32,
+}
+
 /// A pod of a cluster: its name and whether it is ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pod {

@@ -63,6 +63,16 @@ fn describe(err: &kube::Error) -> String {
     }
 }
 
+fn pod_resource() -> ApiResource {
+    ApiResource {
+        group: String::new(),
+        version: "v1".into(),
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        plural: "pods".into(),
+    }
+}
+
 fn not_found(err: &kube::Error) -> bool {
     matches!(err, kube::Error::Api(status) if status.code == 404)
 }
@@ -131,15 +141,8 @@ impl Cluster {
 
     /// The pods in `namespace` matching `selector`, with one request.
     pub async fn pods(&self, namespace: &str, selector: &str) -> Result<Vec<Value>, ClusterError> {
-        let pods = ApiResource {
-            group: String::new(),
-            version: "v1".into(),
-            api_version: "v1".into(),
-            kind: "Pod".into(),
-            plural: "pods".into(),
-        };
         let list = self
-            .api(&pods, Some(namespace))
+            .api(&pod_resource(), Some(namespace))
             .list(&ListParams::default().labels(selector))
             .await
             .map_err(self.failed("listing", format!("pods {selector} in {namespace}")))?;
@@ -148,6 +151,18 @@ impl Cluster {
             .into_iter()
             .map(|item| serde_json::to_value(item).expect("an object serialises"))
             .collect())
+    }
+
+    /// Deletes a pod (its controller makes it again); one already gone is fine.
+    pub async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), ClusterError> {
+        let api = self.api(&pod_resource(), Some(namespace));
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(err) if not_found(&err) => Ok(()),
+            Err(err) => Err(self.failed("deleting", format!("pod {namespace}/{name}"))(
+                err,
+            )),
+        }
     }
 
     fn api(&self, resource: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
@@ -243,8 +258,24 @@ impl Cluster {
         body: &Value,
         dry_run: bool,
     ) -> Result<Value, ClusterError> {
+        self.apply_as(FIELD_MANAGER, kind, namespace, name, body, dry_run)
+            .await
+    }
+
+    /// Server-side apply under field manager `manager`, taking over the
+    /// fields it sets (`stack upgrade` sets a StatefulSet's image and
+    /// partition this way, leaving the rest to stack's own apply).
+    pub async fn apply_as(
+        &self,
+        manager: &str,
+        kind: &Kind,
+        namespace: Option<&str>,
+        name: &str,
+        body: &Value,
+        dry_run: bool,
+    ) -> Result<Value, ClusterError> {
         let api = self.api(&kind.resource(), namespace);
-        let mut params = PatchParams::apply(FIELD_MANAGER).force();
+        let mut params = PatchParams::apply(manager).force();
         params.dry_run = dry_run;
         let verb = if dry_run {
             "dry-run applying"

@@ -4,6 +4,7 @@
 //! `manifests/allegrograph-member.sh`), the names they give its instances,
 //! and its generated secrets.
 
+use crate::phases::databases::pods::RollingSet;
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
@@ -38,6 +39,17 @@ impl Names {
             cluster: cluster.to_string(),
             namespace: namespace.to_string(),
         }
+    }
+
+    /// The copies' StatefulSet, then the controlling instance's, as `stack
+    /// upgrade` rolls them (the copies' sidecar keeps its image).
+    pub fn rolling_sets(&self, copies: u32) -> Vec<RollingSet> {
+        let set = |role: &str, replicas| RollingSet {
+            statefulset: format!("{}-{role}", self.cluster),
+            container: "agraph".into(),
+            replicas,
+        };
+        vec![set("copy", copies), set("controlling", 1)]
     }
 
     /// The controlling instance's pod (and instance name).

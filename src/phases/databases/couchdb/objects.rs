@@ -2,6 +2,7 @@
 //! (a pure builder over `manifests/couchdb.yaml.hbs`), and the names they
 //! give its members: pod `NAME-i`, node `couchdb@NAME-i.NAME-headless.NS.svc.cluster.local`.
 
+use crate::phases::databases::pods::RollingSet;
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
@@ -33,6 +34,15 @@ impl Names {
             cluster: cluster.to_string(),
             namespace: namespace.to_string(),
         }
+    }
+
+    /// The StatefulSet of the members, as `stack upgrade` rolls it.
+    pub fn rolling_sets(&self, replicas: u32) -> Vec<RollingSet> {
+        vec![RollingSet {
+            statefulset: self.cluster.clone(),
+            container: "couchdb".into(),
+            replicas,
+        }]
     }
 
     pub fn pod(&self, ordinal: u32) -> String {

@@ -2,6 +2,7 @@
 //! from the stack alone (a pure builder over `manifests/immudb.yaml.hbs`),
 //! the names they give its pods and Services, and its generated secrets.
 
+use crate::phases::databases::pods::RollingSet;
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
@@ -35,6 +36,17 @@ impl Names {
             cluster: cluster.to_string(),
             namespace: namespace.to_string(),
         }
+    }
+
+    /// The replicas' StatefulSet, then the primary's, as `stack upgrade`
+    /// rolls them.
+    pub fn rolling_sets(&self, replicas: u32) -> Vec<RollingSet> {
+        let set = |role: &str, replicas| RollingSet {
+            statefulset: format!("{}-{role}", self.cluster),
+            container: "immudb".into(),
+            replicas,
+        };
+        vec![set("replica", replicas), set("primary", 1)]
     }
 
     pub fn primary(&self) -> String {
