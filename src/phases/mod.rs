@@ -101,6 +101,31 @@ async fn stage_list(
     Ok(phases)
 }
 
+/// The database phase of a running stack on its own, for `stack upgrade`
+/// to roll and gate members with: its health gates wait at most `health`.
+/// `None` without databases.
+pub fn databases_alone(
+    running: &databases::pins::Running,
+    artifacts: &Artifacts,
+    health: std::time::Duration,
+) -> Result<Option<databases::Databases>, OpenError> {
+    let mut running = databases::pins::Running {
+        stack: running.stack.clone(),
+        notes: Vec::new(),
+        stale: Vec::new(),
+    };
+    running.stack.timeouts.healthy = health;
+    let stack = &running.stack;
+    let contribution = databases::contribution(stack);
+    let kube = kube::Kube::for_stack(stack, artifacts, contribution).map_err(|source| {
+        OpenError::Kube {
+            stack: stack.name.clone(),
+            source: Box::new(source),
+        }
+    })?;
+    Ok(kube.and_then(|kube| databases::Databases::for_stack(&running, &kube)))
+}
+
 /// The kubeconfig and context of the stack's cluster (whether the file is
 /// there yet or not); `None` when the stack has no `kubernetes` section.
 pub fn kubeconfig(stack: &Stack) -> Result<Option<(std::path::PathBuf, String)>, OpenError> {

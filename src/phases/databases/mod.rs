@@ -1772,6 +1772,11 @@ impl Databases {
             .map_err(|e| DatabasesError::Objects(Box::new(e)))
     }
 
+    /// The cluster's API.
+    pub async fn cluster(&self) -> Result<&Cluster, DatabasesError> {
+        Ok(self.kube.client().await?)
+    }
+
     /// The StatefulSets an image upgrade of `database` rolls, in order:
     /// replicas and copies before the primary or controlling instance.
     pub fn rolling_sets(&self, database: &str) -> Vec<pods::RollingSet> {

@@ -1,0 +1,183 @@
+//! Rolls the chosen images out on a stack's databases, one database after
+//! another, under the session's state lock: each upgrade is recorded as
+//! running before its first member moves and with its result after, and a
+//! successful one pins the new image, so the state tells what runs even
+//! after an interruption.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::rollout::{Ended, Rollout, RolloutError};
+use crate::engine::{Cancel, EngineError, Events, ImageUpgrade, Session, UpgradeResult};
+use crate::model::Stack;
+use crate::phases::databases::{self, pins, DatabasesError};
+use crate::phases::{self, OpenError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Databases(#[from] DatabasesError),
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
+    #[error("stack {0} has no database cluster `{1}`")]
+    NoDatabase(String, String),
+}
+
+/// A database's image to roll out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Target {
+    pub database: String,
+    /// What it runs now.
+    pub from: String,
+    /// Pinned by digest.
+    pub to: String,
+}
+
+/// What became of a target.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rolled {
+    pub database: String,
+    pub from: String,
+    pub to: String,
+    pub result: UpgradeResult,
+    /// The member that failed and why, when one did.
+    pub detail: Option<String>,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// Rolls `targets` out on the stack of `file` (as the stack file says it)
+/// through `session`, which holds the state's lock.
+pub async fn roll_out(
+    file: &Stack,
+    session: &mut Session,
+    targets: &[Target],
+    cancel: &Cancel,
+    events: &Events,
+) -> Result<Vec<Rolled>, ApplyError> {
+    let (health_timeout, rollback) = file
+        .upgrades
+        .as_ref()
+        .map_or((crate::model::defaults::UPGRADE_HEALTH_TIMEOUT, true), |u| {
+            (u.health_timeout, u.rollback)
+        });
+    let running = pins::running(file, session.state());
+    let Some(databases) =
+        phases::databases_alone(&running, session.artifacts(), health_timeout)?
+    else {
+        return Ok(Vec::new());
+    };
+    let credentials = databases.recorded_credentials(session.state()).await?;
+    let namespace = running
+        .stack
+        .kubernetes
+        .as_ref()
+        .map(|k| k.namespace.clone())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for target in targets {
+        let Some(named) = file.databases.iter().find(|d| d.name == target.database) else {
+            return Err(ApplyError::NoDatabase(
+                file.name.clone(),
+                target.database.clone(),
+            ));
+        };
+        let mut entry = ImageUpgrade {
+            from: target.from.clone(),
+            to: target.to.clone(),
+            started: now(),
+            finished: None,
+            result: UpgradeResult::Running,
+            detail: None,
+        };
+        let record = pins::history_record(session.state(), &target.database, &entry);
+        session.record(vec![record]).await?;
+        let rollout = Rollout {
+            database: target.database.clone(),
+            namespace: namespace.clone(),
+            from: target.from.clone(),
+            to: target.to.clone(),
+            sets: databases.rolling_sets(&target.database),
+            health_timeout,
+            rollback,
+        };
+        let health = async |_left| {
+            databases
+                .health(&target.database, &credentials, cancel)
+                .await
+                .map_err(|e| crate::error_chain::error_chain(&e))
+        };
+        let cluster = databases.cluster().await?;
+        let ended = rollout.run(cluster, health, cancel, events).await?;
+        entry.finished = Some(now());
+        let mut records = Vec::new();
+        match &ended {
+            Ended::Succeeded => {
+                entry.result = UpgradeResult::Succeeded;
+                records.push(pins::pin_record(
+                    &target.database,
+                    &pins::Pin {
+                        image: target.to.clone(),
+                        file_image: named.image.to_string(),
+                        since: now(),
+                    },
+                ));
+            }
+            Ended::RolledBack { pod, reason } => {
+                entry.result = UpgradeResult::RolledBack;
+                entry.detail = Some(format!("{pod}: {reason}"));
+            }
+            Ended::Failed {
+                pod,
+                reason,
+                rollback,
+            } => {
+                entry.result = UpgradeResult::Failed;
+                entry.detail = Some(match rollback {
+                    Some(why) => format!("{pod}: {reason}; the rollback failed too: {why}"),
+                    None => format!("{pod}: {reason}; left as it stood (rollback: false)"),
+                });
+            }
+        }
+        records.push(pins::history_record(
+            session.state(),
+            &target.database,
+            &entry,
+        ));
+        session.record(records).await?;
+        out.push(Rolled {
+            database: target.database.clone(),
+            from: entry.from,
+            to: entry.to,
+            result: entry.result,
+            detail: entry.detail,
+        });
+        if entry.result != UpgradeResult::Succeeded {
+            // The databases after it keep their images: a failure needs a look first.
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The images pinned by upgrades and in force, as `--write` puts them into
+/// the stack file: (database, image).
+pub fn pins_in_force(file: &Stack, session: &Session) -> Vec<(String, String)> {
+    let running = databases::pins::running(file, session.state());
+    running
+        .stack
+        .databases
+        .iter()
+        .zip(&file.databases)
+        .filter(|(run, named)| run.image != named.image)
+        .map(|(run, _)| (run.name.clone(), run.image.to_string()))
+        .collect()
+}
