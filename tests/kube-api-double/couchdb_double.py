@@ -51,6 +51,24 @@ CouchDB 3.5 sources):
   after it works again; credentials stripped from the scheduler's output;
 - `_prometheus` (admin only) with the bare `\\r` between `# HELP` and
   `# TYPE` of 3.5.0 and 3.5.1.
+- faults a test injects into the node of one pod started from a given
+  image (`faults`: (POD or NS/POD, IMAGE substring, KIND); a later start of
+  that pod from another image is not affected), each something a real node
+  can show:
+  `isolated`: the node has an Erlang cookie of its own (as an image that
+  ignores COUCHDB_ERLANG_COOKIE would), so it connects to no other node:
+  with seeds other than itself it is `seeding` for good (mem3_seeds is
+  ready only after a pull from a seed, which needs the connection), its
+  `_up` 404 and the pod never Ready (without such seeds: 200 at once, as
+  mem3_seeds starts ready with none), its all_nodes itself alone, absent
+  from the others' all_nodes (their cluster_nodes keep it);
+  `partitioned`: the node reaches a seed, so `_up` is 200 for good
+  (mem3_seeds' ready is never reset), then loses every connection, as a
+  node cut off by a network partition right after it seeded: Ready by its
+  probes, all_nodes itself alone, absent from the others' all_nodes, so
+  only a membership check sees it;
+  `unready`: the container exits at once at every start (as an image that
+  cannot start: CrashLoopBackOff, never Ready, nothing listens).
 
 Every request a node serves (not the kubelet's probes, not the simulated
 replicator's own traffic) is appended to the log as one JSON line
@@ -95,6 +113,7 @@ NO_SHARDS = "No DB shards could be opened."
 NOT_ADMIN = "You are not a server admin."
 BAD_CREDENTIALS = "Name or password is incorrect."
 FEATURES = ["access-ready", "partitioned", "pluggable-storage-engines", "reshard", "scheduler"]
+NODE_FAULTS = ("isolated", "partitioned", "unready")
 
 
 class NotListening(Exception):
@@ -285,6 +304,7 @@ class Node:
         self.stats = collections.Counter()
         self.version = "3.5.1"
         self.crash = None
+        self.fault = None         # a NODE_FAULTS value the test injected, for this start
         self.seeds = []
         self.seeded = False
         self.seed_status = {}
@@ -470,8 +490,9 @@ class CouchRegistry:
     """Every simulated CouchDB node of the process, by pod key ("NAMESPACE/POD")."""
 
     def __init__(self, settle_seconds=60.0, fill_seconds=2.0, log_path=None, setup_wait_seconds=5.0,
-                 boot_seconds=2.0):
+                 boot_seconds=2.0, faults=()):
         self.boot = float(boot_seconds)     # from container start to port 5984 accepting connections
+        self.faults = list(faults)          # (POD or NS/POD, IMAGE substring, kind): see the module docstring
         self.settle = float(settle_seconds)
         self.fill = float(fill_seconds)
         self.log_path = log_path
@@ -502,6 +523,12 @@ class CouchRegistry:
             if node is None:
                 node = self.nodes[pod_key] = Node(pod_key)
             self._configure(node, env or {}, ini_text or "", local_ini_text or "", image or "", fqdn)
+            node.fault = next((kind for pod, part, kind in self.faults
+                               if pod in (pod_key, pod_key.split("/", 1)[-1]) and part in (image or "")), None)
+            if node.fault == "isolated":
+                node.cookie = "isolated-" + uuid.uuid4().hex
+            elif node.fault == "unready":
+                node.crash = "the container exits at start (fault unready)"
             if node.crash:
                 node.running = False
                 return False
@@ -719,6 +746,8 @@ class CouchRegistry:
 
     def _connected(self, a, b):
         if not (a.distributed and b.distributed) or a.cookie != b.cookie or a.name == b.name:
+            return False
+        if any(n.fault == "partitioned" and n.seeded for n in (a, b)):
             return False
         return (b.name in a.known() and self._resolves(a, b)) or (a.name in b.known() and self._resolves(b, a))
 

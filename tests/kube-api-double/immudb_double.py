@@ -288,7 +288,8 @@ class ImmudbRegistry:
             node = self.nodes.get(pod_key) or Node(pod_key)
             self.nodes[pod_key] = node
             node.env = dict(env or {})
-            node.version = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else "1.11.0"
+            tag = image.rsplit("/", 1)[-1].split("@", 1)[0]     # no digest (IMAGE@sha256:...)
+            node.version = tag.split(":", 1)[1] if ":" in tag else "1.11.0"
             admin_password = node.env["IMMUDB_ADMIN_PASSWORD"].strip() \
                 if "IMMUDB_ADMIN_PASSWORD" in node.env else DEFAULT_ADMIN_PASSWORD
             if admin_password.startswith("enc:"):

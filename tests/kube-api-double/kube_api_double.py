@@ -60,7 +60,15 @@ disruption controller and the kubelet, and proxies like the API server:
   persistentVolumeClaimRetentionPolicy.whenScaled is Delete, with the set
   when whenDeleted is Delete), rolling updates one pod at a time from the
   highest ordinal, each Ready before the next (partition honoured), and a
-  status worked out from the pods (readyReplicas, currentRevision, ...);
+  status worked out from the pods (readyReplicas, currentRevision, ...),
+  in the order of the real controller's updateStatefulSet (see
+  Kubelet.statefulset): under OrderedReady a pod that is Terminating or not
+  Running and Ready stops the controller there, so no higher ordinal is
+  created, nothing scaled down and nothing rolled, a rollback of the
+  template included (kubernetes#67250: the broken pod has to be deleted);
+  a template put back gets its old revision name as updateRevision, and
+  currentRevision becomes updateRevision only once all pods are on it and
+  Ready (never with OnDelete);
 - a deleted pod (DELETE, or POST .../eviction, refused with 429 while a
   PodDisruptionBudget allows no disruption) comes back with its claims, so
   its database node restarts with its data;
@@ -156,16 +164,29 @@ disruption controller and the kubelet, and proxies like the API server:
 
 Run: kube_api_double.py --port PORT [--log FILE] [--faults SEED:PERCENT]
      [--couchdb [--couchdb-settle-seconds S] [--couchdb-fill-seconds S]
-      [--couchdb-setup-wait-seconds S] [--couchdb-boot-seconds S] [--couchdb-log FILE]]
+      [--couchdb-setup-wait-seconds S] [--couchdb-boot-seconds S] [--couchdb-log FILE]
+      [--couchdb-fault POD@IMAGE=KIND ...]]
      [--immudb [--immudb-log FILE] [--immudb-boot-seconds S (0.5)]
       [--immudb-replication-seconds S (0.05)] [--immudb-lag POD=SECONDS ...]
       [--immudb-sync-wait-seconds S (5)]]
      [--agraph [--agraph-log FILE] [--agraph-boot-seconds S]]
-     [--hook-log FILE] [--container-log FILE] [--container-env NAME=VALUE ...]
+     [--hook-log FILE] [--controller-log FILE] [--container-log FILE]
+     [--container-env NAME=VALUE ...]
 --hook-log gets one JSON line per hook run {"time", "pod", "container",
 "hook", "command", "argv", "exit_code", "output_tail"} and per pod-network
 request {"time", "proxy": METHOD, "url" (password query values as ***),
 "pod" (where it went), "from" (the pod it came from, or null), "status"}.
+--controller-log gets one JSON line per pod the StatefulSet controller
+creates or deletes (scale-down, rolling update; not a pod deleted through
+the API, whose replacement is a create): {"time" (RFC 3339, milliseconds),
+"statefulset": "NS/NAME", "pod", "action": "create" | "delete",
+"revision" (its controller-revision-hash), "images": {container: image}}.
+--couchdb-fault POD@IMAGE=KIND (repeatable): the CouchDB node of pod POD
+(a name, or NS/NAME) started from a container whose image contains IMAGE
+has fault KIND: isolated (its own Erlang cookie: seeding for good, never
+Ready), partitioned (reaches a seed, so Ready, then connected to no other
+node) or unready (exits at every start: CrashLoopBackOff); see
+couchdb_double.py. The same pod started from another image is healthy.
 --container-log gets the curlimages/curl containers' output, each line
 `NS/POD/CONTAINER: TEXT`, and `exited with code N` when one exits.
 --container-env NAME=VALUE (repeatable) is added to every such container's
@@ -212,7 +233,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from couchdb_double import IMAGE_DEFAULT_D, CouchRegistry, NotListening  # noqa: E402
+from couchdb_double import IMAGE_DEFAULT_D, NODE_FAULTS, CouchRegistry, NotListening  # noqa: E402
 
 # (group, version, plural) -> (kind, namespaced)
 RESOURCES = {
@@ -576,9 +597,10 @@ def pod_defaults(spec, job=False):
     spec.setdefault("securityContext", {})
     spec.setdefault("terminationGracePeriodSeconds", 30)
     for c in spec.get("containers", []) + spec.get("initContainers", []):
-        image = c.get("image", "")
-        tag = image.rsplit("/", 1)[-1]
-        c.setdefault("imagePullPolicy", "Always" if ":" not in tag or tag.endswith(":latest") else "IfNotPresent")
+        # Always for the tag latest, given or implied (no tag, no digest): ParseImageName's tag.
+        name, _, digest = c.get("image", "").rsplit("/", 1)[-1].partition("@")
+        tag = name.split(":", 1)[1] if ":" in name else ("" if digest else "latest")
+        c.setdefault("imagePullPolicy", "Always" if tag == "latest" else "IfNotPresent")
         c.setdefault("terminationMessagePath", "/dev/termination-log")
         c.setdefault("terminationMessagePolicy", "File")
         c.setdefault("resources", {})
@@ -972,8 +994,10 @@ class Kubelet:
         raising NotListening when nothing listens on that port.
     """
 
-    def __init__(self, store, registries, proxy_port=0, hook_log=None, container_log=None, container_env=None):
+    def __init__(self, store, registries, proxy_port=0, hook_log=None, container_log=None, container_env=None,
+                 controller_log=None):
         self.store = store
+        self.controller_log_path = controller_log       # --controller-log
         self.registries = list(registries) if isinstance(registries, (list, tuple)) else [registries]
         self.pods = {}          # pod key "ns/name" -> kubelet state of the pod
         self.revisions = {}     # StatefulSet store key -> {revision: template}
@@ -1149,15 +1173,52 @@ class Kubelet:
         meta_defaults(pod, ns, self.store)
         self.store.objects[POD + (ns, name)] = pod
 
+    def controller_log(self, key, action, pod):
+        """--controller-log: one JSON line per pod the StatefulSet controller creates or deletes."""
+        if self.controller_log_path:
+            line = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+                    .replace("+00:00", "Z"), "statefulset": f"{key[3]}/{key[4]}",
+                    "pod": pod["metadata"]["name"], "action": action,
+                    "revision": pod["metadata"]["labels"].get("controller-revision-hash"),
+                    "images": {c["name"]: c.get("image", "") for c in pod["spec"].get("containers", [])}}
+            with open(self.controller_log_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def condemn(self, key, pkey, pod):
+        """A pod the controller deletes (scale-down, rolling update)."""
+        self.controller_log(key, "delete", pod)
+        self.delete_pod(pkey)
+
     def statefulset(self, key, sts):
+        """One sync of the StatefulSet controller (stateful_set_control.go, updateStatefulSet).
+
+        The revisions: the pod template's revision is updateRevision (an equal template, such as the
+        previous one put back, gets the same name again, as the controller reuses the equal
+        ControllerRevision); currentRevision stays until a rolling update completes (every one of
+        spec.replicas pods on updateRevision and Running and Ready), OnDelete never completes one.
+        Then, for the replicas 0..replicas-1 in ordinal order: a missing one is created (on
+        currentRevision below a RollingUpdate's partition, else updateRevision) and, OrderedReady,
+        nothing more happens this round; a Terminating one, or one not Running and Ready, ends an
+        OrderedReady round there. Only when none did: the pods at or above replicas are deleted, the
+        highest first (OrderedReady: one per round, waiting while that one is Terminating, or is not
+        Running and Ready while a lower one is not either; Parallel: all). Then the rolling update,
+        from the highest ordinal down to the partition: the first pod not on updateRevision and not
+        Terminating is deleted, and the round ends there or at the first pod not Running and Ready,
+        Parallel too. So under OrderedReady a broken pod stops everything, a rollback included
+        (kubernetes/kubernetes#67250): it must be deleted for the controller to go on; under
+        Parallel a rollback replaces it (it is not on updateRevision). currentReplicas and
+        updatedReplicas count the pods not Terminating. Pods never fail here (restartPolicy
+        Always), so the controller's deletion of Failed and Succeeded pods has nothing to do.
+        """
         spec = sts.get("spec", {})
         ns = key[3]
         update = template_revision(sts)
         self.revisions.setdefault(key, {})[update] = copy.deepcopy(spec.get("template", {}))
         current = self.current.setdefault(key, update)
         want = spec.get("replicas", 1)
-        parallel = spec.get("podManagementPolicy") == "Parallel"
+        monotonic = spec.get("podManagementPolicy") != "Parallel"
         strategy = spec.get("updateStrategy") or {}
+        rolling = strategy.get("type", "RollingUpdate") == "RollingUpdate"
         partition = (strategy.get("rollingUpdate") or {}).get("partition", 0) or 0
         policy = spec.get("persistentVolumeClaimRetentionPolicy") or {}
         owned = {}
@@ -1167,46 +1228,55 @@ class Kubelet:
                     owned[int(pod["metadata"]["name"].rsplit("-", 1)[1])] = (pkey, pod)
                 except ValueError:
                     pass
-        # Scale down: the highest ordinals first.
-        for ordinal in sorted((o for o in owned if o >= want), reverse=True):
-            pkey, pod = owned.pop(ordinal)
-            if policy.get("whenScaled") == "Delete":
-                for claim in self.claims(sts, pod["metadata"]["name"]):
-                    self.delete(PVC + (ns, claim))
-            self.delete_pod(pkey)
-            if not parallel:
-                break
-        # Create what is missing.
-        for ordinal in range(want):
-            if ordinal in owned:
-                continue
-            if not parallel and not all(o in owned and self.healthy(owned[o][1]) for o in range(ordinal)):
-                break
-            rolling = strategy.get("type", "RollingUpdate") == "RollingUpdate"
-            revision = update if (not rolling or ordinal >= partition or current not in self.revisions[key]) \
-                else current
-            self.create_pod(key, sts, ordinal, revision)
-            owned[ordinal] = (POD + (ns, f"{key[4]}-{ordinal}"), self.store.objects[POD + (ns, f"{key[4]}-{ordinal}")])
-        # A rolling update: one pod at a time, the highest ordinal first, each Ready before the next.
-        if strategy.get("type", "RollingUpdate") == "RollingUpdate":
-            for ordinal in range(want - 1, partition - 1, -1):
-                if ordinal not in owned:
-                    break
-                pkey, pod = owned[ordinal]
-                if pod["metadata"]["labels"].get("controller-revision-hash") != update:
-                    self.delete_pod(pkey)
-                    owned.pop(ordinal)
-                    break
-                if not self.healthy(pod):
-                    break
-        pods = [p for _, p in owned.values()]
+        terminating = lambda pod: "deletionTimestamp" in pod["metadata"]
         rev = lambda p: p["metadata"]["labels"].get("controller-revision-hash")
+
+        def sync():
+            for ordinal in range(want):
+                if ordinal not in owned:
+                    self.create_pod(key, sts, ordinal, current if rolling and ordinal < partition else update)
+                    pkey = POD + (ns, f"{key[4]}-{ordinal}")
+                    owned[ordinal] = (pkey, self.store.objects[pkey])
+                    self.controller_log(key, "create", owned[ordinal][1])
+                    if monotonic:
+                        return
+                elif monotonic and not self.healthy(owned[ordinal][1]):
+                    return
+            condemned = sorted((o for o in owned if o >= want), reverse=True)
+            unhealthy = [o for o in reversed(condemned) if not self.healthy(owned[o][1])]
+            for ordinal in condemned:
+                pkey, pod = owned[ordinal]
+                if terminating(pod):
+                    if monotonic:
+                        return
+                    continue
+                if monotonic and not self.healthy(pod) and ordinal != unhealthy[0]:
+                    return
+                if policy.get("whenScaled") == "Delete":
+                    for claim in self.claims(sts, pod["metadata"]["name"]):
+                        self.delete(PVC + (ns, claim))
+                self.condemn(key, pkey, pod)
+                if monotonic:
+                    return
+            if not rolling:
+                return
+            for ordinal in range(want - 1, partition - 1, -1):
+                pkey, pod = owned[ordinal]
+                if rev(pod) != update and not terminating(pod):
+                    self.condemn(key, pkey, pod)
+                    return
+                if not self.healthy(pod):
+                    return
+        sync()
+        # The status, from the pods as they are now (gone ones no longer listed).
+        pods = [p for pkey, p in owned.values() if pkey in self.store.objects]
+        live = [p for p in pods if not terminating(p)]
         ready = sum(1 for p in pods if self.healthy(p))
-        updated = sum(1 for p in pods if rev(p) == update)
-        if updated == len(pods) == want and ready == want:
+        updated = sum(1 for p in live if rev(p) == update)
+        if rolling and updated == len(pods) == want and ready == want:
             current = self.current[key] = update
         status = {"observedGeneration": sts["metadata"].get("generation", 1), "replicas": len(pods),
-                  "readyReplicas": ready, "currentReplicas": sum(1 for p in pods if rev(p) == current),
+                  "readyReplicas": ready, "currentReplicas": sum(1 for p in live if rev(p) == current),
                   "updatedReplicas": updated, "availableReplicas": ready, "currentRevision": current,
                   "updateRevision": update, "collisionCount": 0}
         for field in ("readyReplicas", "currentReplicas", "updatedReplicas", "collisionCount"):
@@ -2527,6 +2597,9 @@ def main():
     parser.add_argument("--couchdb-boot-seconds", type=float, default=2.0,
                         help="from a CouchDB container's start to its port accepting connections")
     parser.add_argument("--couchdb-log", help="every request a CouchDB node serves, as JSON lines")
+    parser.add_argument("--couchdb-fault", action="append", default=[], metavar="POD@IMAGE=KIND",
+                        help="the node of pod POD started from an image containing IMAGE has fault KIND "
+                             f"({', '.join(NODE_FAULTS)}; see couchdb_double.py; repeatable)")
     parser.add_argument("--immudb", action="store_true",
                         help="run StatefulSet pods, immudb containers as nodes of the immudb double")
     parser.add_argument("--immudb-log", help="every request an immudb node serves, as JSON lines")
@@ -2544,6 +2617,8 @@ def main():
     parser.add_argument("--agraph-boot-seconds", type=float, default=None,
                         help="from an AllegroGraph container's start to its port accepting connections")
     parser.add_argument("--hook-log", help="every lifecycle hook run and pod-network request, as JSON lines")
+    parser.add_argument("--controller-log",
+                        help="every pod the StatefulSet controller creates or deletes, as JSON lines")
     parser.add_argument("--container-log", help="the output of the containers run for real (curlimages/curl)")
     parser.add_argument("--container-env", action="append", default=[], metavar="NAME=VALUE",
                         help="added to (over) the env of every container run for real (repeatable)")
@@ -2553,9 +2628,17 @@ def main():
     Handler.faults = Faults(args.faults) if args.faults else None
     registries = []
     if args.couchdb:
+        faults = []
+        for spec in args.couchdb_fault:
+            target, eq, kind = spec.rpartition("=")
+            pod, at, image = target.partition("@")
+            if not (eq and at and pod and image and kind in NODE_FAULTS):
+                parser.error(f"--couchdb-fault wants POD@IMAGE=KIND, KIND one of {', '.join(NODE_FAULTS)}, "
+                             f"not {spec!r}")
+            faults.append((pod, image, kind))
         registries.append(CouchAdapter(CouchRegistry(args.couchdb_settle_seconds, args.couchdb_fill_seconds,
                                                      args.couchdb_log, args.couchdb_setup_wait_seconds,
-                                                     args.couchdb_boot_seconds)))
+                                                     args.couchdb_boot_seconds, faults=faults)))
     if args.immudb:
         from immudb_double import ImmudbRegistry
         lag = {}
@@ -2582,7 +2665,8 @@ def main():
                 parser.error(f"--container-env wants NAME=VALUE, not {spec!r}")
             extra_env[name] = value
         Handler.kubelet = Kubelet(Handler.store, registries, proxy_port=args.port, hook_log=args.hook_log,
-                                  container_log=args.container_log, container_env=extra_env)
+                                  container_log=args.container_log, container_env=extra_env,
+                                  controller_log=args.controller_log)
 
         def terminate(signum, frame):
             # No container run for real outlives the double.

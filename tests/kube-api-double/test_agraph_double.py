@@ -146,6 +146,15 @@ class ServerTest(Fixture):
         self.assertEqual(self.call(0, "GET", "/metrics", creds=None)[0], 401)
         self.assertEqual(self.call(0, "PUT", f"/repositories/{REPO}/repl/status", creds=None)[0], 401)
 
+    def test_image_pinned_by_digest(self):
+        image = "127.0.0.1:5000/franzinc/agraph:v8.2.0@sha256:" + "f" * 64
+        self.assertTrue(AgraphRegistry.IMAGE.search(image))
+        self.pods.add(pod(0))
+        self.assertTrue(self.reg.start_node(pod(0), {"AGRAPH_SUPER_USER": USER, "AGRAPH_SUPER_PASSWORD": PASSWORD},
+                                            image=image, files={}, fqdn=fqdn(0), shm_bytes=2 * GiB))
+        wait_for(lambda: self.up(0))
+        self.assertEqual(self.call(0, "GET", "/version", creds=None)[2].strip(), b"8.2.0")
+
     def test_super_user_from_env_only_at_first_start(self):
         self.start(0)
         self.reg.stop_node(pod(0), keep_data=True)

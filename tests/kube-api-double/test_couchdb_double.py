@@ -17,6 +17,8 @@ import tempfile
 import time
 import unittest
 
+from kube_api_double import pod_defaults
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "kube_api_double.py")
 NS = "demo"
@@ -34,7 +36,7 @@ def node_name(i):
     return f"couchdb@docs-{i}.docs-headless.{NS}.svc.cluster.local"
 
 
-def objects(replicas=3, seeds=3, when_scaled="Delete"):
+def objects(replicas=3, seeds=3, when_scaled="Delete", policy="Parallel"):
     """What stack applies for a CouchDB cluster `docs`."""
     labels = {"app.kubernetes.io/name": "couchdb", "app.kubernetes.io/instance": "docs"}
     seedlist = ",".join(node_name(i) for i in range(seeds))
@@ -56,19 +58,21 @@ def objects(replicas=3, seeds=3, when_scaled="Delete"):
         ("poddisruptionbudgets", {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
                                   "metadata": {"name": "docs", "labels": labels},
                                   "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}}}),
-        ("statefulsets", statefulset(replicas, labels, when_scaled)),
+        ("statefulsets", statefulset(replicas, labels, when_scaled, policy)),
     ]
 
 
-def statefulset(replicas, labels=None, when_scaled="Delete"):
+def statefulset(replicas, labels=None, when_scaled="Delete", policy="Parallel", image="couchdb:3.5.1",
+                partition=0):
     labels = labels or {"app.kubernetes.io/name": "couchdb", "app.kubernetes.io/instance": "docs"}
     secret = lambda name, key: {"valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
     return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "docs", "labels": labels},
-            "spec": {"serviceName": "docs-headless", "replicas": replicas, "podManagementPolicy": "Parallel",
+            "spec": {"serviceName": "docs-headless", "replicas": replicas, "podManagementPolicy": policy,
+                     "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": partition}},
                      "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": when_scaled},
                      "selector": {"matchLabels": labels},
                      "template": {"metadata": {"labels": labels}, "spec": {"containers": [{
-                         "name": "couchdb", "image": "couchdb:3.5.1",
+                         "name": "couchdb", "image": image,
                          "ports": [{"name": "http", "containerPort": 5984}],
                          "env": [
                              {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -103,16 +107,19 @@ def api_path(plural, name, ns=NS):
 class Double:
     """One API double with --couchdb, on a free port."""
 
-    def __init__(self, couchdb=True):
+    def __init__(self, couchdb=True, faults=()):
         self.dir = tempfile.mkdtemp(prefix="couchdb-double-")
         self.port = free_port()
         self.couch_log = os.path.join(self.dir, "couchdb.log")
         self.api_log = os.path.join(self.dir, "api.log")
+        self.controller_log = os.path.join(self.dir, "controller.log")
         args = [sys.executable, SCRIPT, "--port", str(self.port), "--log", self.api_log]
         if couchdb:
             args += ["--couchdb", "--couchdb-settle-seconds", str(SETTLE), "--couchdb-fill-seconds", str(FILL),
                      "--couchdb-setup-wait-seconds", str(SETUP_WAIT), "--couchdb-boot-seconds", str(BOOT),
-                     "--couchdb-log", self.couch_log]
+                     "--couchdb-log", self.couch_log, "--controller-log", self.controller_log]
+            for fault in faults:
+                args += ["--couchdb-fault", fault]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
@@ -174,6 +181,19 @@ class Double:
             return []
         with open(self.couch_log) as f:
             return [json.loads(line) for line in f]
+
+    def controller_log_lines(self):
+        """--controller-log as (action, pod, revision, the couchdb container's image)."""
+        if not os.path.exists(self.controller_log):
+            return []
+        with open(self.controller_log) as f:
+            lines = [json.loads(line) for line in f]
+        for line in lines:
+            assert line["statefulset"] == f"{NS}/docs" and line["time"].endswith("Z"), line
+        return [(x["action"], x["pod"], x["revision"], x["images"]["couchdb"]) for x in lines]
+
+    def sts_status(self):
+        return self.get("statefulsets", "docs")[2].get("status", {})
 
 
 def wait_for(what, check, timeout=15.0):
@@ -591,6 +611,134 @@ class CouchdbDoubleTest(unittest.TestCase):
 
 
 NO_SHARDS = "No DB shards could be opened."
+
+
+# Images pinned by digest, as `stack upgrade` renders them.
+OLD_IMAGE = "couchdb:3.5.1@sha256:" + "c" * 64
+NEW_IMAGE = "127.0.0.1:5000/couchdb:3.5.2@sha256:" + "a" * 64
+
+
+class StatefulSetControllerTest(unittest.TestCase):
+    """The StatefulSet controller's order of work, a rollback, --controller-log and --couchdb-fault."""
+
+    def double(self, *faults):
+        d = Double(faults=faults)
+        self.addCleanup(d.stop)
+        return d
+
+    def pod(self, d, name):
+        """The pod, or {} while it is gone (between its deletion and its replacement)."""
+        status, _, pod = d.get("pods", name)
+        return pod if status == 200 else {}
+
+    def revision(self, d, name):
+        return self.pod(d, name).get("metadata", {}).get("labels", {}).get("controller-revision-hash")
+
+    def waiting_reason(self, d, name):
+        statuses = self.pod(d, name).get("status", {}).get("containerStatuses") or [{}]
+        return statuses[0].get("state", {}).get("waiting", {}).get("reason")
+
+    def test_ordered_ready_a_broken_pod_blocks_the_rollback_until_it_is_deleted(self):
+        d = self.double("docs-2@couchdb:3.5.2=unready")
+        for plural, obj in objects(seeds=1, policy="OrderedReady")[:-1]:
+            d.apply(plural, obj)
+        d.apply("statefulsets", statefulset(3, policy="OrderedReady", image=OLD_IMAGE))
+        wait_for("pods ready", lambda: all(d.pod_ready(f"docs-{i}") for i in range(3)))
+        old = d.sts_status()["updateRevision"]
+        self.assertEqual(d.controller_log_lines(), [("create", f"docs-{i}", old, OLD_IMAGE) for i in range(3)])
+
+        # The new image on docs-2 alone (partition 2): it never starts.
+        d.apply("statefulsets", statefulset(3, policy="OrderedReady", image=NEW_IMAGE, partition=2))
+        wait_for("docs-2 crash looping", lambda: self.waiting_reason(d, "docs-2") == "CrashLoopBackOff")
+        new = self.revision(d, "docs-2")
+        self.assertNotEqual(new, old)
+        status = d.sts_status()
+        self.assertEqual((status["currentRevision"], status["updateRevision"]), (old, new))
+        self.assertEqual((status["currentReplicas"], status["updatedReplicas"], status["readyReplicas"]), (2, 1, 2))
+
+        # The old image back (and one replica more): its revision is the update revision again,
+        # but the broken pod is not replaced (kubernetes#67250), nor docs-3 created.
+        d.apply("statefulsets", statefulset(4, policy="OrderedReady", image=OLD_IMAGE))
+        wait_for("rollback seen", lambda: d.sts_status()["updateRevision"] == old)
+        broken = d.get("pods", "docs-2")[2]["metadata"]["uid"]
+        time.sleep(1.5)
+        pod = d.get("pods", "docs-2")[2]
+        self.assertEqual(pod["metadata"]["uid"], broken)
+        self.assertEqual(pod["spec"]["containers"][0]["image"], NEW_IMAGE)
+        self.assertEqual(d.get("pods", "docs-3")[0], 404)
+        self.assertEqual(d.sts_status()["currentRevision"], old)
+        self.assertEqual(len(d.controller_log_lines()), 5)
+
+        # Deleted by hand, it comes back on the old revision, then docs-3, and the rollback completes.
+        self.assertEqual(d.request("DELETE", api_path("pods", "docs-2"))[0], 200)
+        wait_for("docs-2 and docs-3 ready", lambda: d.pod_ready("docs-2") and d.pod_ready("docs-3"))
+        self.assertEqual(d.get("pods", "docs-2")[2]["spec"]["containers"][0]["image"], OLD_IMAGE)
+        status = wait_for("rollback done", lambda: (lambda st: st.get("currentReplicas") == 4 and st)(d.sts_status()))
+        self.assertEqual((status["currentRevision"], status["updateRevision"], status["updatedReplicas"]),
+                         (old, old, 4))
+        self.assertEqual(d.controller_log_lines()[3:], [("delete", "docs-2", old, OLD_IMAGE),
+                                                        ("create", "docs-2", new, NEW_IMAGE),
+                                                        ("create", "docs-2", old, OLD_IMAGE),
+                                                        ("create", "docs-3", old, OLD_IMAGE)])
+
+    def test_faulty_members_on_the_new_image_and_a_parallel_rollback(self):
+        d = self.double("docs-2@couchdb:3.5.2=partitioned", "docs-1@couchdb:3.5.2=isolated")
+        for plural, obj in objects()[:-1]:
+            d.apply(plural, obj)
+        d.apply("statefulsets", statefulset(3, image=OLD_IMAGE))
+        wait_for("pods ready", lambda: all(d.pod_ready(f"docs-{i}") for i in range(3)))
+        old = d.sts_status()["updateRevision"]
+        members = lambda pod: d.couch(pod, "GET", "/_membership", headers=d.login(pod))[2]
+        everyone = [node_name(i) for i in range(3)]
+
+        # partitioned: Ready, but connected to no other node once it seeded.
+        d.apply("statefulsets", statefulset(3, image=NEW_IMAGE, partition=2))
+        wait_for("docs-2 on the new image", lambda: self.revision(d, "docs-2") not in (None, old)
+                 and d.pod_ready("docs-2"))
+        new = self.revision(d, "docs-2")
+        self.assertEqual(d.couch("docs-2", "GET", "/")[2]["version"], "3.5.2")
+        self.assertEqual(d.couch("docs-2", "GET", "/_up")[2]["status"], "ok")
+        self.assertEqual(members("docs-2"), {"all_nodes": [node_name(2)], "cluster_nodes": everyone})
+        self.assertEqual(members("docs-0"), {"all_nodes": everyone[:2], "cluster_nodes": everyone})
+
+        # isolated: a cookie of its own, so seeding for good and never Ready.
+        d.apply("statefulsets", statefulset(3, image=NEW_IMAGE, partition=1))
+        wait_for("docs-1 on the new image", lambda: self.revision(d, "docs-1") == new)
+        wait_for("docs-1 listening", lambda: d.couch("docs-1", "GET", "/_up")[0] != 503)
+        status, _, up = d.couch("docs-1", "GET", "/_up")
+        self.assertEqual((status, up["status"]), (404, "seeding"))
+        time.sleep(0.5)
+        self.assertFalse(d.pod_ready("docs-1"))
+        self.assertEqual(members("docs-1")["all_nodes"], [node_name(1)])
+        self.assertEqual(members("docs-0")["all_nodes"], [node_name(0)])
+
+        # Parallel: the rollback replaces the pods not on the old revision itself, the highest
+        # first, each Ready before the next, the unready docs-1 included.
+        d.apply("statefulsets", statefulset(3, image=OLD_IMAGE))
+        wait_for("rollback done", lambda: (lambda st: st.get("currentRevision") == st.get("updateRevision") == old
+                                           and st.get("updatedReplicas") == 3 and st.get("readyReplicas") == 3)(
+                                               d.sts_status()), timeout=20)
+        self.assertEqual(members("docs-0")["all_nodes"], everyone)
+        self.assertEqual(d.controller_log_lines()[3:], [("delete", "docs-2", old, OLD_IMAGE),
+                                                        ("create", "docs-2", new, NEW_IMAGE),
+                                                        ("delete", "docs-1", old, OLD_IMAGE),
+                                                        ("create", "docs-1", new, NEW_IMAGE),
+                                                        ("delete", "docs-2", new, NEW_IMAGE),
+                                                        ("create", "docs-2", old, OLD_IMAGE),
+                                                        ("delete", "docs-1", new, NEW_IMAGE),
+                                                        ("create", "docs-1", old, OLD_IMAGE)])
+
+
+class ImagePullPolicyTest(unittest.TestCase):
+    def test_default_by_tag_digest_or_both(self):
+        digest = "@sha256:" + "a" * 64
+        cases = {"couchdb": "Always", "couchdb:latest": "Always", "127.0.0.1:5000/couchdb": "Always",
+                 "couchdb:latest" + digest: "Always", "couchdb:3.5.2": "IfNotPresent",
+                 "couchdb" + digest: "IfNotPresent", NEW_IMAGE: "IfNotPresent", OLD_IMAGE: "IfNotPresent"}
+        for image, policy in cases.items():
+            spec = {"containers": [{"name": "couchdb", "image": image}]}
+            pod_defaults(spec)
+            self.assertEqual(spec["containers"][0]["imagePullPolicy"], policy, image)
 
 
 class WithoutCouchdbTest(unittest.TestCase):

@@ -197,6 +197,13 @@ class ImmudbRegistryTest(unittest.TestCase):
         x.r.replicate_once()
         self.assertEqual(x.metric(REPLICA, "defaultdb"), 1)
 
+    def test_image_pinned_by_digest(self):
+        image = "127.0.0.1:5000/codenotary/immudb:1.10.0@sha256:" + "e" * 64
+        self.assertTrue(ImmudbRegistry.IMAGE.search(image))
+        self.x.r.start_node(PRIMARY, {}, image, {}, None)
+        _, out = self.x.call(PRIMARY, "GET", "/version", port=9497)
+        self.assertEqual(out["version"], "1.10.0")
+
     def test_metrics_text_readyz_and_ports(self):
         x = Registry(boot_seconds=0.2)
         x.r.start_node(PRIMARY, {}, "codenotary/immudb:1.11.0", {}, None)
