@@ -2,5 +2,7 @@
 //! each database's policy, and rolled out member by member behind the
 //! database's own health gate.
 
+pub mod apply;
 pub mod rollout;
+pub mod schedule;
 pub mod write;

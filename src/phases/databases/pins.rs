@@ -13,6 +13,8 @@ use crate::state::{Record, State};
 
 const PIN: &str = "upgrade:pin";
 const HISTORY: &str = "upgrade:history";
+const SERVED: &str = "upgrade:schedule";
+const SERVED_ADDRESS: &str = "upgrade.schedule";
 /// Upgrades kept per database; older ones are dropped.
 const HISTORY_KEPT: usize = 50;
 
@@ -30,7 +32,26 @@ pub struct Pin {
 
 /// Whether a record is one of these (the database phase owns them).
 pub fn is_upgrade(record: &Record) -> bool {
-    record.kind == PIN || record.kind == HISTORY
+    [PIN, HISTORY, SERVED].contains(&record.kind.as_str())
+}
+
+/// The last scheduled upgrade time that was served.
+pub fn served(state: &State) -> Option<std::time::SystemTime> {
+    state
+        .get(SERVED_ADDRESS)
+        .and_then(|r| r.attrs["served"].as_str())
+        .and_then(|t| humantime::parse_rfc3339(t).ok())
+}
+
+pub fn served_record(time: std::time::SystemTime) -> Record {
+    let served = humantime::format_rfc3339_seconds(time).to_string();
+    Record {
+        address: SERVED_ADDRESS.into(),
+        kind: SERVED.into(),
+        id: Some(served.clone()),
+        attrs: serde_json::json!({ "served": served }),
+        pending_token: None,
+    }
 }
 
 fn pin_address(database: &str) -> String {
