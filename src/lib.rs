@@ -3,7 +3,8 @@
 //! Data flows one way: the command line (`cli`) opens a session on a stack
 //! through its stage list (`phases`: infrastructure, bootstrap, the
 //! Kubernetes stages), which the engine (`engine`) plans and applies with
-//! its state (`state`) and artifacts (`artifacts`); below are the typed
+//! its state (`state`) and artifacts (`artifacts`); image upgrades of the
+//! databases (`upgrade`) ask their registries; below are the typed
 //! model of the stack file (`model`) and small leaves.
 
 pub mod artifacts;
@@ -21,6 +22,7 @@ pub mod phases;
 pub mod ssh;
 pub mod state;
 pub mod templates;
+pub mod upgrade;
 pub mod yamljson;
 
 // The stack file's model and its diagnostics live in crates/stack-model.
