@@ -3,12 +3,14 @@
 //! Data flows one way: the command line (`cli`) opens a session on a stack
 //! through its stage list (`phases`: infrastructure, bootstrap, the
 //! Kubernetes stages), which the engine (`engine`) plans and applies with
-//! its state (`state`) and artifacts (`artifacts`); below are the typed
+//! its state (`state`) and artifacts (`artifacts`); image upgrades of the
+//! databases (`upgrade`) ask their registries; below are the typed
 //! model of the stack file (`model`) and small leaves.
 
 pub mod artifacts;
 pub mod cli;
 pub mod cloudinit;
+pub mod daemon;
 pub mod engine;
 pub mod error_chain;
 pub mod files;

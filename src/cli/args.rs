@@ -41,6 +41,9 @@ pub enum Command {
     Down(ApplyArgs),
     /// Show the nodes, their addresses, the kubeconfig and where the key and state files are.
     Status(FileArgs),
+    /// Find newer database images that each database's `upgrade` rule
+    /// allows, in their registries; `--check` reports them.
+    Upgrade(UpgradeArgs),
     /// Print the path of the stack's kubeconfig, or merge it into your kubeconfig.
     Kubeconfig(KubeconfigArgs),
     /// Open a shell on a node (or run a command) with OpenSSH, trusting only its pinned host key.
@@ -107,6 +110,18 @@ pub struct PlanArgs {
     /// (another checkout, or a lost state file).
     #[arg(long)]
     pub adopt: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+
+    /// Only report: every database's current image and the candidate
+    /// (pinned by digest) or why there is none. Exit 1 when a registry
+    /// could not be asked.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde_json::json;
 
-use super::args::{ApplyArgs, Cli, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, SshArgs};
+use super::args::{
+    ApplyArgs, Cli, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, SshArgs, UpgradeArgs,
+};
 use super::outcome::{print_document, EXIT_CHANGES};
 use super::progress::Progress;
 use super::{prompt, view};
@@ -18,6 +20,7 @@ use crate::artifacts::Artifact;
 use crate::engine::{plan, Access, Applied, ApplyOptions, Cancel, Events, Mode, Plan, PlanRequest};
 use crate::model::{self, LoadError};
 use crate::phases;
+use crate::upgrade;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -36,6 +39,10 @@ pub enum CommandError {
     },
     #[error("stack {0} has no Kubernetes cluster (no `kubernetes` section)")]
     NoCluster(String),
+    #[error("rolling upgrades out is not built on this branch: `stack upgrade --check` reports the candidates")]
+    RolloutNotBuilt,
+    #[error("the check of {} of {total} database{} failed:\n{}", failures.len(), if *total == 1 { "" } else { "s" }, failures.join("\n"))]
+    UpgradeCheckFailed { total: usize, failures: Vec<String> },
 }
 
 fn print_json(value: &serde_json::Value) {
@@ -221,6 +228,50 @@ pub async fn status(
             print_json(&serde_json::to_value(&status).expect("status serialises"))
         }
         OutputFormat::Text => print!("{}", view::status(&status)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `upgrade --check`: every database's candidate image or why there is
+/// none; exit 1 when a registry could not be asked.
+pub async fn upgrade(
+    args: &UpgradeArgs,
+    output: OutputFormat,
+    cancel: &Cancel,
+) -> anyhow::Result<ExitCode> {
+    let stack = model::load(&args.file.file)?;
+    if !args.check {
+        return Err(CommandError::RolloutNotBuilt.into());
+    }
+    let config = upgrade::DockerConfig::load()?;
+    let insecure = stack
+        .upgrades
+        .as_ref()
+        .map(|u| u.insecure_registries.clone())
+        .unwrap_or_default();
+    let registries = upgrade::Registries::new(config, &insecure)?;
+    let report = upgrade::check(&stack, |db| db.image.clone(), &registries, cancel).await;
+    let failures: Vec<String> = report
+        .failures()
+        .map(|err| crate::error_chain::error_chain(err))
+        .collect();
+    match output {
+        OutputFormat::Json => {
+            print_json(&serde_json::to_value(&report).expect("the report serialises"));
+            if !failures.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        OutputFormat::Text => {
+            print!("{}", view::upgrade_check(&report));
+            if !failures.is_empty() {
+                return Err(CommandError::UpgradeCheckFailed {
+                    total: report.databases.len(),
+                    failures,
+                }
+                .into());
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 use crate::engine::{Applied, Change, Mode, Plan, Status};
+use crate::upgrade::{Outcome, Report};
 
 fn show(value: Option<&Value>) -> String {
     match value {
@@ -336,6 +337,56 @@ pub fn status(status: &Status) -> String {
                 node.private_address.as_deref().unwrap_or("-")
             );
         }
+    }
+    out
+}
+
+/// `stack upgrade --check` for people: a row per database with its
+/// candidate and the candidate's digest (short), or why there is none.
+pub fn upgrade_check(report: &Report) -> String {
+    let mut rows = vec![[
+        "DATABASE".to_string(),
+        "IMAGE".to_string(),
+        "CURRENT".to_string(),
+        "CANDIDATE".to_string(),
+        "DIGEST".to_string(),
+    ]];
+    for db in &report.databases {
+        let current = db.current_tag.clone().unwrap_or_else(|| "-".to_string());
+        let (candidate, digest) = match &db.outcome {
+            Outcome::Candidate(c) => {
+                let hex = c.digest.strip_prefix("sha256:").unwrap_or(&c.digest);
+                (
+                    c.tag.clone(),
+                    format!("sha256:{}", &hex[..hex.len().min(12)]),
+                )
+            }
+            Outcome::NoCandidate(reason) => ("-".to_string(), format!("none: {reason}")),
+            Outcome::Failed(_) => ("-".to_string(), "failed (see below)".to_string()),
+        };
+        rows.push([
+            db.database.clone(),
+            db.image.clone(),
+            current,
+            candidate,
+            digest,
+        ]);
+    }
+    let widths: Vec<usize> = (0..4)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            match widths.get(i) {
+                Some(width) => {
+                    let _ = write!(line, "{cell:<width$}  ");
+                }
+                None => line.push_str(cell),
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     out
 }

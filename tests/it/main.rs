@@ -17,6 +17,7 @@ mod kube_server;
 mod kvm;
 mod preflight;
 mod quickstart;
+mod registry;
 mod support;
 mod vagrant;
 mod validate;

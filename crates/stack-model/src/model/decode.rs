@@ -888,18 +888,7 @@ impl Decoder<'_> {
                 }
             })
         });
-        let upgrade = self.opt(&f, path, "upgrade", |d, n, p| {
-            d.choice(
-                n,
-                p,
-                &[
-                    ("none", UpgradePolicy::None),
-                    ("patch", UpgradePolicy::Patch),
-                    ("minor", UpgradePolicy::Minor),
-                    ("major", UpgradePolicy::Major),
-                ],
-            )
-        });
+        let upgrade = self.opt(&f, path, "upgrade", Self::upgrade_rule);
         let shm_size = self.opt(&f, path, "shmSize", Self::size);
         let repository = self.opt(&f, path, "repository", |d, n, p| d.dns_label(n, p, 63));
         let shards = self.opt(&f, path, "q", |d, n, p| d.integer(n, p, 1, 64));
@@ -947,6 +936,47 @@ impl Decoder<'_> {
             license_secret,
         };
         Some(database)
+    }
+
+    fn upgrade_policy(&mut self, node: &Node, path: &str) -> Option<Spanned<UpgradePolicy>> {
+        self.choice(
+            node,
+            path,
+            &[
+                ("none", UpgradePolicy::None),
+                ("patch", UpgradePolicy::Patch),
+                ("minor", UpgradePolicy::Minor),
+                ("major", UpgradePolicy::Major),
+            ],
+        )
+    }
+
+    /// `upgrade: minor`, or `upgrade: {policy, range, tags, prerelease}`.
+    fn upgrade_rule(&mut self, node: &Node, path: &str) -> Option<Spanned<UpgradeRuleFile>> {
+        if !matches!(node.value, Value::Map(_)) {
+            return self.upgrade_policy(node, path).map(|policy| Spanned {
+                pos: policy.pos,
+                value: UpgradeRuleFile {
+                    policy: Some(policy),
+                    ..UpgradeRuleFile::default()
+                },
+            });
+        }
+        let f = self.mapping(node, path, &["policy", "range", "tags", "prerelease"])?;
+        let value = UpgradeRuleFile {
+            policy: self.opt(&f, path, "policy", Self::upgrade_policy),
+            range: self.opt(&f, path, "range", |d, n, p| {
+                d.parsed(n, p, values::VersionRange::parse)
+            }),
+            tags: self.opt(&f, path, "tags", |d, n, p| {
+                d.parsed(n, p, values::TagPattern::parse)
+            }),
+            prerelease: self.opt(&f, path, "prerelease", Self::boolean),
+        };
+        Some(Spanned {
+            value,
+            pos: node.pos,
+        })
     }
 
     /// A CouchDB database name as CouchDB takes it: a lowercase letter,
@@ -1151,20 +1181,32 @@ impl Decoder<'_> {
     }
 
     fn upgrades(&mut self, node: &Node, path: &str) -> Option<Spanned<UpgradesFile>> {
-        let f = self.mapping(node, path, &["schedule", "healthTimeout", "rollback"])?;
-        let schedule = self
-            .required(&f, path, "schedule", "a cron expression")
-            .and_then(|n| {
-                self.parsed(n, &join(path, "schedule"), |t| {
-                    values::check_cron(t).map(|()| t.to_string())
-                })
-            });
-        let health_timeout = self.opt(&f, path, "healthTimeout", Self::duration);
-        let rollback = self.opt(&f, path, "rollback", Self::boolean);
+        let f = self.mapping(
+            node,
+            path,
+            &[
+                "schedule",
+                "window",
+                "healthTimeout",
+                "rollback",
+                "insecureRegistries",
+            ],
+        )?;
+        let schedule = self.opt(&f, path, "schedule", |d, n, p| {
+            d.parsed(n, p, |t| values::check_cron(t).map(|()| t.to_string()))
+        });
         let value = UpgradesFile {
-            schedule: schedule?,
-            health_timeout,
-            rollback,
+            schedule,
+            window: self.opt(&f, path, "window", Self::duration),
+            health_timeout: self.opt(&f, path, "healthTimeout", Self::duration),
+            rollback: self.opt(&f, path, "rollback", Self::boolean),
+            insecure_registries: self.opt(&f, path, "insecureRegistries", |d, n, p| {
+                d.list(n, p, |d, n, p| {
+                    d.parsed(n, p, |t| {
+                        values::check_registry_host(t).map(|()| t.to_string())
+                    })
+                })
+            }),
         };
         Some(Spanned {
             value,

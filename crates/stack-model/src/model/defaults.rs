@@ -27,6 +27,8 @@ pub const DELETE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
 pub const HEALTHY_TIMEOUT: Duration = Duration::from_secs(600);
 pub const UPGRADE_HEALTH_TIMEOUT: Duration = Duration::from_secs(600);
+pub const UPGRADE_WINDOW: Duration = Duration::from_secs(3600);
+pub const UPGRADE_POLICY: UpgradePolicy = UpgradePolicy::Patch;
 
 /// The first node group runs the control plane unless the stack says otherwise.
 pub fn role(group_index: usize) -> Role {
@@ -60,9 +62,6 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
                 "TCP entry points of the ingress controller",
             );
         }
-    }
-    if let Some(u) = &stack.upgrades {
-        mark("upgrades", u.pos, "scheduled upgrades");
     }
 
     let is_ec2 = matches!(
@@ -244,7 +243,14 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
                 replicas,
                 storage: val(d.storage).unwrap_or(ByteSize::gib(DATABASE_STORAGE_GIB)),
                 storage_class: val(d.storage_class),
-                upgrade: val(d.upgrade).unwrap_or(UpgradePolicy::Patch),
+                upgrade: val(d.upgrade).map_or(UpgradeRule::policy(UPGRADE_POLICY), |u| {
+                    UpgradeRule {
+                        policy: val(u.policy).unwrap_or(UPGRADE_POLICY),
+                        range: val(u.range),
+                        tags: val(u.tags),
+                        prerelease: val(u.prerelease).unwrap_or(false),
+                    }
+                }),
                 shm_size: is_agraph.then(|| val(d.shm_size).unwrap_or(ByteSize::gib(1))),
                 repository: is_agraph
                     .then(|| val(d.repository).unwrap_or_else(|| "main".to_string())),
@@ -279,9 +285,15 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
         dashboards: val(m.dashboards).unwrap_or(true),
     });
     let upgrades = val(stack.upgrades).map(|u| Upgrades {
-        schedule: u.schedule.value,
+        schedule: val(u.schedule),
+        window: val(u.window).unwrap_or(UPGRADE_WINDOW),
         health_timeout: val(u.health_timeout).unwrap_or(UPGRADE_HEALTH_TIMEOUT),
         rollback: val(u.rollback).unwrap_or(true),
+        insecure_registries: val(u.insecure_registries)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.value)
+            .collect(),
     });
     let timeouts = stack.timeouts.unwrap_or_default();
     Stack {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::stack::{Accel, Addon, BaseImage, DatabaseKind, Role, StorageKind};
 use super::stack::{Protocol, TcpExposure, UpgradePolicy};
-use super::values::{ByteSize, ImageRef};
+use super::values::{ByteSize, ImageRef, TagPattern, VersionRange};
 use super::yaml::Pos;
 
 /// A value and where it was written.
@@ -105,7 +105,7 @@ pub struct DatabaseFile {
     pub image: Opt<ImageRef>,
     pub replicas: Opt<u32>,
     pub storage: Opt<ByteSize>,
-    pub upgrade: Opt<UpgradePolicy>,
+    pub upgrade: Opt<UpgradeRuleFile>,
     pub storage_class: Opt<String>,
     pub shm_size: Opt<ByteSize>,
     pub repository: Opt<String>,
@@ -116,6 +116,16 @@ pub struct DatabaseFile {
     pub replications: Opt<Vec<ReplicationFile>>,
     pub sync_acks: Opt<u32>,
     pub license_secret: Opt<String>,
+}
+
+/// A database's `upgrade`: a policy alone, or a mapping with a range, a
+/// tag pattern and whether pre-releases count.
+#[derive(Debug, Clone, Default)]
+pub struct UpgradeRuleFile {
+    pub policy: Opt<UpgradePolicy>,
+    pub range: Opt<VersionRange>,
+    pub tags: Opt<TagPattern>,
+    pub prerelease: Opt<bool>,
 }
 
 /// A database a CouchDB cluster holds (`databases[i].databases[j]`).
@@ -180,9 +190,11 @@ pub struct MonitoringFile {
 
 #[derive(Debug, Clone)]
 pub struct UpgradesFile {
-    pub schedule: Spanned<String>,
+    pub schedule: Opt<String>,
+    pub window: Opt<Duration>,
     pub health_timeout: Opt<Duration>,
     pub rollback: Opt<bool>,
+    pub insecure_registries: Opt<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Clone, Default)]

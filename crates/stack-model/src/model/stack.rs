@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::values::{ByteSize, Checksum, ImageRef};
+use super::values::{ByteSize, Checksum, ImageRef, TagPattern, VersionRange};
 use super::yaml::Pos;
 
 /// A resolved stack: every default filled in.
@@ -234,6 +234,32 @@ pub enum UpgradePolicy {
     Major,
 }
 
+/// Which newer images of a database `stack upgrade` may roll out.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeRule {
+    /// How far from the current version a candidate may be.
+    pub policy: UpgradePolicy,
+    /// A requirement every candidate version must also meet.
+    pub range: Option<VersionRange>,
+    /// A pattern every candidate tag must match as a whole.
+    pub tags: Option<TagPattern>,
+    /// Whether pre-release versions (`3.6.0-rc.1`) may be candidates.
+    pub prerelease: bool,
+}
+
+impl UpgradeRule {
+    /// The rule of a database whose `upgrade` is only a policy.
+    pub fn policy(policy: UpgradePolicy) -> Self {
+        UpgradeRule {
+            policy,
+            range: None,
+            tags: None,
+            prerelease: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Database {
@@ -246,7 +272,7 @@ pub struct Database {
     pub storage: ByteSize,
     /// The StorageClass of the members' volumes; `None`: the cluster's default.
     pub storage_class: Option<String>,
-    pub upgrade: UpgradePolicy,
+    pub upgrade: UpgradeRule,
     /// AllegroGraph only.
     pub shm_size: Option<ByteSize>,
     /// AllegroGraph only.
@@ -362,9 +388,15 @@ pub struct Monitoring {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Upgrades {
-    pub schedule: String,
+    /// Five-field cron; `None`: upgrades run only when `stack upgrade` is run.
+    pub schedule: Option<String>,
+    /// How long after a scheduled time an upgrade may still start.
+    pub window: Duration,
     pub health_timeout: Duration,
     pub rollback: bool,
+    /// Registries besides loopback ones that may be reached over plain
+    /// HTTP (`host` or `host:port`).
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -366,6 +366,14 @@ pub fn validate(stack: &StackFile, diags: &mut Diagnostics) {
                 "no databases",
             );
         }
+        if let (Some(window), None) = (&upgrades.value.window, &upgrades.value.schedule) {
+            diags.push(
+                window.pos,
+                "upgrades.window",
+                "`window` only with a `schedule` (it is how long after a scheduled time an upgrade may still start)",
+                "a window without a schedule",
+            );
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Value types of the stack file that need their own parsing: sizes, image
-//! references, names, durations, cron expressions.
+//! references, names, durations, cron expressions, version requirements
+//! and tag patterns.
 
 use std::fmt;
 use std::time::Duration;
@@ -105,6 +106,25 @@ impl fmt::Display for ImageRef {
 }
 
 impl ImageRef {
+    /// The registry host (`host[:port]`) as written, when the first path
+    /// component names one (it has a `.` or a `:`, or is `localhost`, as
+    /// Docker reads it); `None`: Docker Hub.
+    pub fn registry_host(&self) -> Option<&str> {
+        self.repository
+            .split_once('/')
+            .filter(|(first, _)| is_registry_host(first))
+            .map(|(first, _)| first)
+    }
+
+    /// The repository path within its registry, as written (`couchdb`,
+    /// `franzinc/agraph`, `team/app`).
+    pub fn path(&self) -> &str {
+        match self.registry_host() {
+            Some(host) => &self.repository[host.len() + 1..],
+            None => &self.repository,
+        }
+    }
+
     /// Parses a reference following the distribution spec's grammar; the
     /// error says what a valid reference looks like.
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -332,6 +352,117 @@ impl From<Checksum> for String {
     }
 }
 
+/// A semver requirement (`>=3.5, <4`) that a candidate version must meet,
+/// with the text it was written as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct VersionRange(pub semver::VersionReq);
+
+impl VersionRange {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        semver::VersionReq::parse(text)
+            .map(VersionRange)
+            .map_err(|err| format!("a semver requirement such as \">=3.5, <4\" ({err})"))
+    }
+}
+
+impl From<VersionRange> for String {
+    fn from(range: VersionRange) -> String {
+        range.0.to_string()
+    }
+}
+
+/// The largest compiled form a tag pattern may take: a pattern is the
+/// user's, matched against every tag of a registry.
+const TAG_PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
+/// A regular expression that a whole tag must match, with the text it was
+/// written as.
+#[derive(Debug, Clone, Serialize)]
+#[serde(into = "String")]
+pub struct TagPattern {
+    pub text: String,
+    #[serde(skip)]
+    whole: regex::Regex,
+}
+
+impl TagPattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        const EXPECTED: &str =
+            "a regular expression the whole tag must match, such as 3\\.5\\.\\d+";
+        let whole = regex::RegexBuilder::new(&format!("^(?:{text})$"))
+            .size_limit(TAG_PATTERN_SIZE_LIMIT)
+            .build()
+            .map_err(|err| match err {
+                regex::Error::CompiledTooBig(_) => {
+                    format!("{EXPECTED} (this one compiles to more than 1 MiB)")
+                }
+                _ => {
+                    let shown = err.to_string();
+                    let last = shown.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+                    format!("{EXPECTED} ({})", last.trim().trim_start_matches("error: "))
+                }
+            })?;
+        Ok(TagPattern {
+            text: text.to_string(),
+            whole,
+        })
+    }
+
+    /// Whether the whole tag matches.
+    pub fn matches(&self, tag: &str) -> bool {
+        self.whole.is_match(tag)
+    }
+}
+
+impl PartialEq for TagPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl From<TagPattern> for String {
+    fn from(pattern: TagPattern) -> String {
+        pattern.text
+    }
+}
+
+/// A registry named as container tools name one: `host` or `host:port`,
+/// the host a DNS name or an IPv4 address, or `[IPv6]:port`.
+pub fn check_registry_host(text: &str) -> Result<(), String> {
+    const EXPECTED: &str = "a registry as host or host:port, such as registry.internal:5000";
+    let (host, port) = match text.strip_prefix('[') {
+        Some(rest) => {
+            let (address, port) = rest.split_once("]:").ok_or(EXPECTED)?;
+            address
+                .parse::<std::net::Ipv6Addr>()
+                .map_err(|_| EXPECTED)?;
+            (None, Some(port))
+        }
+        None => match text.split_once(':') {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (Some(text), None),
+        },
+    };
+    let host_ok = host.is_none_or(|host| {
+        !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            })
+    });
+    let port_ok = port.is_none_or(|port| port.parse::<u16>().is_ok_and(|p| p > 0));
+    if host_ok && port_ok {
+        Ok(())
+    } else {
+        Err(EXPECTED.to_string())
+    }
+}
+
 /// `30s`, `5m`, `1h30m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|_| "a duration such as 30s, 5m or 1h30m".to_string())
@@ -400,6 +531,49 @@ mod tests {
         let image = ImageRef::parse("registry.example:5000/app:1.2").unwrap();
         assert_eq!(image.repository, "registry.example:5000/app");
         assert_eq!(image.tag.as_deref(), Some("1.2"));
+        assert_eq!(image.registry_host(), Some("registry.example:5000"));
+        assert_eq!(image.path(), "app");
+        let hub = ImageRef::parse("franzinc/agraph:v8.4.0").unwrap();
+        assert_eq!((hub.registry_host(), hub.path()), (None, "franzinc/agraph"));
+        let local = ImageRef::parse("localhost/team/app").unwrap();
+        assert_eq!(
+            (local.registry_host(), local.path()),
+            (Some("localhost"), "team/app")
+        );
+    }
+
+    #[test]
+    fn ranges_patterns_and_registry_hosts() {
+        let range = VersionRange::parse(">=3.5, <4").unwrap();
+        assert!(range.0.matches(&semver::Version::new(3, 6, 1)));
+        assert!(!range.0.matches(&semver::Version::new(4, 0, 0)));
+        assert!(VersionRange::parse("three").is_err());
+        let pattern = TagPattern::parse(r"3\.5\.\d+").unwrap();
+        assert!(pattern.matches("3.5.12"));
+        assert!(!pattern.matches("3.5.1-rc.1"), "the whole tag must match");
+        assert!(!pattern.matches("13.5.1"));
+        let unclosed = TagPattern::parse("3.(5").unwrap_err();
+        assert!(unclosed.contains("unclosed group"), "{unclosed}");
+        let big = TagPattern::parse(r"\w{1000}\w{1000}").unwrap_err();
+        assert!(big.contains("more than 1 MiB"), "{big}");
+        for good in [
+            "localhost:5000",
+            "registry.internal",
+            "10.0.0.5:5000",
+            "[::1]:5000",
+        ] {
+            assert!(check_registry_host(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "http://registry",
+            "reg istry",
+            "host:0",
+            "host:port",
+            "a/b",
+            "[::1]",
+        ] {
+            assert!(check_registry_host(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -627,7 +627,7 @@ impl Agraph {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ByteSize, DatabaseKind, ImageRef, UpgradePolicy};
+    use crate::model::{ByteSize, DatabaseKind, ImageRef, UpgradePolicy, UpgradeRule};
     use serde_json::json;
 
     fn agraph(replicas: u32) -> Agraph {
@@ -638,7 +638,7 @@ mod tests {
             replicas,
             storage: ByteSize::gib(5),
             storage_class: None,
-            upgrade: UpgradePolicy::Patch,
+            upgrade: UpgradeRule::policy(UpgradePolicy::Patch),
             shm_size: Some(ByteSize::gib(1)),
             repository: Some("kg".into()),
             couchdb: None,

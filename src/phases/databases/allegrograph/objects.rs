@@ -239,7 +239,7 @@ pub fn objects(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ByteSize, DatabaseKind, ImageRef, UpgradePolicy};
+    use crate::model::{ByteSize, DatabaseKind, ImageRef, UpgradePolicy, UpgradeRule};
 
     fn db(replicas: u32, license: Option<&str>) -> Database {
         Database {
@@ -249,7 +249,7 @@ mod tests {
             replicas,
             storage: ByteSize::gib(5),
             storage_class: None,
-            upgrade: UpgradePolicy::Patch,
+            upgrade: UpgradeRule::policy(UpgradePolicy::Patch),
             shm_size: Some(ByteSize::gib(2)),
             repository: Some("kg".into()),
             couchdb: None,

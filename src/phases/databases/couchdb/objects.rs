@@ -214,7 +214,9 @@ pub fn objects(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ByteSize, CouchdbSettings, DatabaseKind, ImageRef, UpgradePolicy};
+    use crate::model::{
+        ByteSize, CouchdbSettings, DatabaseKind, ImageRef, UpgradePolicy, UpgradeRule,
+    };
 
     fn names() -> Names {
         Names::new("docs", "demo")
@@ -254,7 +256,7 @@ mod tests {
             replicas,
             storage: ByteSize::gib(10),
             storage_class: (replicas > 1).then(|| "microk8s-hostpath".to_string()),
-            upgrade: UpgradePolicy::Patch,
+            upgrade: UpgradeRule::policy(UpgradePolicy::Patch),
             shm_size: None,
             repository: None,
             couchdb: Some(CouchdbSettings {

@@ -274,7 +274,7 @@ pub fn objects(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ByteSize, DatabaseKind, ImageRef, UpgradePolicy};
+    use crate::model::{ByteSize, DatabaseKind, ImageRef, UpgradePolicy, UpgradeRule};
 
     fn db(replicas: u32, sync_acks: Option<u32>) -> Database {
         Database {
@@ -284,7 +284,7 @@ mod tests {
             replicas,
             storage: ByteSize::gib(5),
             storage_class: Some("microk8s-hostpath".into()),
-            upgrade: UpgradePolicy::Patch,
+            upgrade: UpgradeRule::policy(UpgradePolicy::Patch),
             shm_size: None,
             repository: None,
             couchdb: None,
