@@ -44,6 +44,8 @@ pub enum Command {
     /// Find newer database images that each database's `upgrade` rule
     /// allows, in their registries; `--check` reports them.
     Upgrade(UpgradeArgs),
+    /// Run scheduled drift checks and upgrades of stacks, log JSON lines, serve metrics.
+    Daemon(DaemonArgs),
     /// Print the path of the stack's kubeconfig, or merge it into your kubeconfig.
     Kubeconfig(KubeconfigArgs),
     /// Open a shell on a node (or run a command) with OpenSSH, trusting only its pinned host key.
@@ -122,6 +124,47 @@ pub struct UpgradeArgs {
     /// could not be asked.
     #[arg(long)]
     pub check: bool,
+
+    /// Roll out without asking; needed where `stack` cannot ask (no
+    /// terminal, `--output json`, `--due`).
+    #[arg(long, short = 'y', conflicts_with = "check")]
+    pub yes: bool,
+
+    /// Then write every image upgrades pinned into the stack file, in
+    /// place (only the `image:` text changes; comments stay).
+    #[arg(long, conflicts_with = "check")]
+    pub write: bool,
+
+    /// Only when a time of `upgrades.schedule` is due (it passed less than
+    /// `upgrades.window` ago and was not served yet): for a cron job or a
+    /// CI schedule. Needs `--yes`.
+    #[arg(long, conflicts_with = "check", requires = "yes")]
+    pub due: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The stack files to keep checked and current.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+
+    /// Where to serve Prometheus metrics (`/metrics`).
+    #[arg(long, value_name = "ADDRESS", default_value = "127.0.0.1:9477")]
+    pub metrics: std::net::SocketAddr,
+
+    /// How often each stack gets a refresh-only plan (drift is reported,
+    /// never repaired).
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub drift_every: std::time::Duration,
+
+    /// At start, check every stack for drift and upgrade it, due or not.
+    #[arg(long)]
+    pub now: bool,
+
+    /// Approve the upgrades the schedules make; without it they are
+    /// checked and logged, never rolled out.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 #[derive(Debug, Args)]

@@ -6,12 +6,14 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use anyhow::Context;
 use serde_json::json;
 
 use super::args::{
-    ApplyArgs, Cli, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, SshArgs, UpgradeArgs,
+    ApplyArgs, Cli, DaemonArgs, FileArgs, KubeconfigArgs, OutputFormat, PlanArgs, SshArgs,
+    UpgradeArgs,
 };
 use super::outcome::{print_document, EXIT_CHANGES};
 use super::progress::Progress;
@@ -20,7 +22,8 @@ use crate::artifacts::Artifact;
 use crate::engine::{plan, Access, Applied, ApplyOptions, Cancel, Events, Mode, Plan, PlanRequest};
 use crate::model::{self, LoadError};
 use crate::phases;
-use crate::upgrade;
+use crate::upgrade::{self, apply::Scheduled};
+use crate::{daemon, engine::UpgradeResult};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -39,8 +42,14 @@ pub enum CommandError {
     },
     #[error("stack {0} has no Kubernetes cluster (no `kubernetes` section)")]
     NoCluster(String),
-    #[error("rolling upgrades out is not built on this branch: `stack upgrade --check` reports the candidates")]
-    RolloutNotBuilt,
+    #[error("{0}")]
+    OutOfStep(String),
+    #[error("{} of {total} upgrade{} did not succeed (`stack status` shows the history):\n{}", failed.len(), if *total == 1 { "" } else { "s" }, failed.join("\n"))]
+    UpgradeFailed { total: usize, failed: Vec<String> },
+    #[error("stack {0} has no `upgrades.schedule`: `--due` has nothing to be due")]
+    NoSchedule(String),
+    #[error("cannot serve metrics on {0}")]
+    Metrics(std::net::SocketAddr, #[source] std::io::Error),
     #[error("the check of {} of {total} database{} failed:\n{}", failures.len(), if *total == 1 { "" } else { "s" }, failures.join("\n"))]
     UpgradeCheckFailed { total: usize, failures: Vec<String> },
 }
@@ -241,7 +250,7 @@ pub async fn upgrade(
 ) -> anyhow::Result<ExitCode> {
     let stack = model::load(&args.file.file)?;
     if !args.check {
-        return Err(CommandError::RolloutNotBuilt.into());
+        return roll_out(args, &stack, output, cancel).await;
     }
     let config = upgrade::DockerConfig::load()?;
     let insecure = stack
@@ -274,6 +283,163 @@ pub async fn upgrade(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `upgrade` (not `--check`): the candidates, rolled out after a prompt
+/// (or with `--yes`) on a stack in step with its file; `--due` only when
+/// a scheduled time is due; `--write` then writes pinned images into the file.
+async fn roll_out(
+    args: &UpgradeArgs,
+    stack: &model::Stack,
+    output: OutputFormat,
+    cancel: &Cancel,
+) -> anyhow::Result<ExitCode> {
+    phases::check(stack)?;
+    let json = output == OutputFormat::Json;
+    let events = Events::new(Arc::new(Progress::new(json)));
+    let mut session = phases::open(stack, Access::Write).await?;
+    let rolled = if args.due {
+        if stack
+            .upgrades
+            .as_ref()
+            .and_then(|u| u.schedule.as_ref())
+            .is_none()
+        {
+            return Err(CommandError::NoSchedule(stack.name.clone()).into());
+        }
+        let Some(due) = upgrade::apply::due(stack, &session, SystemTime::now())? else {
+            match json {
+                true => print_line(&json!({"type": "not-due", "stack": stack.name})),
+                false => println!("no scheduled upgrade of stack {} is due", stack.name),
+            }
+            return Ok(ExitCode::SUCCESS);
+        };
+        match upgrade::apply::scheduled(stack, &mut session, true, Some(due), cancel, &events)
+            .await?
+        {
+            Scheduled::UpToDate => Vec::new(),
+            Scheduled::Held { reason, .. } => return Err(CommandError::OutOfStep(reason).into()),
+            Scheduled::Rolled(rolled) => rolled,
+        }
+    } else {
+        let registries = upgrade::apply::registries(stack)?;
+        let proposal = upgrade::apply::propose(stack, &session, &registries, cancel).await?;
+        match json {
+            true => print_line(&json!({"type": "check", "check": proposal.report})),
+            false => print!("{}", view::upgrade_check(&proposal.report)),
+        }
+        if proposal.targets.is_empty() {
+            Vec::new()
+        } else {
+            if let Some(reason) = upgrade::apply::out_of_step(&session, cancel, &events).await? {
+                return Err(CommandError::OutOfStep(reason).into());
+            }
+            if !json {
+                print!("{}", view::rollout_plan(&proposal.targets));
+            }
+            prompt::confirm(
+                args.yes,
+                json,
+                "Roll these upgrades out?",
+                "roll them out",
+                cancel,
+            )
+            .await?;
+            upgrade::apply::roll_out(stack, &mut session, &proposal.targets, cancel, &events)
+                .await?
+        }
+    };
+    match json {
+        true => print_line(&json!({"type": "upgraded", "upgrades": rolled})),
+        false => print!("{}", view::rolled(&rolled)),
+    }
+    if args.write {
+        let pinned = upgrade::apply::pins_in_force(stack, &session);
+        upgrade::write::write_images(&args.file.file, &pinned)?;
+        if !json {
+            for (database, image) in &pinned {
+                println!(
+                    "{}: database {database} image: {image}",
+                    args.file.file.display()
+                );
+            }
+        }
+    }
+    let failed: Vec<String> = rolled
+        .iter()
+        .filter(|r| r.result != UpgradeResult::Succeeded)
+        .map(|r| {
+            format!(
+                "  {}: {} -> {}: {}",
+                r.database,
+                r.from,
+                r.to,
+                r.detail.as_deref().unwrap_or_default()
+            )
+        })
+        .collect();
+    if !failed.is_empty() {
+        return Err(CommandError::UpgradeFailed {
+            total: rolled.len(),
+            failed,
+        }
+        .into());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `daemon`: every stack file checked before it starts, then the jobs and
+/// the metrics server until SIGINT or SIGTERM.
+pub async fn daemon(args: &DaemonArgs, cancel: &Cancel) -> anyhow::Result<ExitCode> {
+    let mut names = Vec::new();
+    for file in &args.files {
+        let stack = model::load(file)?;
+        phases::check(&stack)?;
+        names.push(stack.name);
+    }
+    let listener = tokio::net::TcpListener::bind(args.metrics)
+        .await
+        .map_err(|e| CommandError::Metrics(args.metrics, e))?;
+    let address = listener.local_addr().unwrap_or(args.metrics);
+    let log = JsonLines;
+    log.line(json!({
+        "event": "started",
+        "stacks": names,
+        "metrics": format!("http://{address}/metrics"),
+        "approved": args.yes,
+    }));
+    let options = daemon::Options {
+        files: args.files.clone(),
+        drift_every: args.drift_every,
+        now: args.now,
+        approved: args.yes,
+    };
+    let metrics = Arc::new(daemon::metrics::Metrics::default());
+    tokio::join!(
+        metrics.serve(listener, cancel),
+        daemon::run(&options, metrics.clone(), &log, cancel)
+    );
+    log.line(json!({"event": "stopped", "reason": cancel.reason()}));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon's log: one JSON object per line on stdout, with its time.
+struct JsonLines;
+
+impl JsonLines {
+    fn line(&self, mut value: serde_json::Value) {
+        let time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        if let Some(object) = value.as_object_mut() {
+            object.insert("time".into(), json!(time));
+        }
+        print_line(&value);
+    }
+}
+
+impl daemon::DaemonLog for JsonLines {
+    fn log(&self, event: daemon::DaemonEvent) {
+        self.line(serde_json::to_value(&event).expect("an event serialises"));
+    }
 }
 
 /// Prints the stack's kubeconfig path, or merges it into the user's.

@@ -39,6 +39,7 @@ pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
         Command::Down(args) => commands::down(&args, output, cancel).await,
         Command::Status(args) => commands::status(&args, output, cancel).await,
         Command::Upgrade(args) => commands::upgrade(&args, output, cancel).await,
+        Command::Daemon(args) => commands::daemon(&args, cancel).await,
         Command::Kubeconfig(args) => commands::kubeconfig(&args, output),
         Command::Completions { shell } => Ok(commands::completions(shell)),
         Command::Ssh(args) => commands::ssh(&args, cancel).await,

@@ -391,6 +391,45 @@ pub fn upgrade_check(report: &Report) -> String {
     out
 }
 
+/// The upgrades `stack upgrade` is about to roll out.
+pub fn rollout_plan(targets: &[crate::upgrade::apply::Target]) -> String {
+    let mut out = String::from(
+        "\nTo roll out, one member at a time from the highest ordinal (replicas before the primary), each ready and the cluster healthy before the next:\n",
+    );
+    for t in targets {
+        let _ = writeln!(out, "  database {}: {} -> {}", t.database, t.from, t.to);
+    }
+    out
+}
+
+/// What `stack upgrade` rolled out.
+pub fn rolled(rolled: &[crate::upgrade::apply::Rolled]) -> String {
+    if rolled.is_empty() {
+        return "nothing to roll out\n".into();
+    }
+    let mut out = String::new();
+    for r in rolled {
+        let result = serde_json::to_value(r.result).unwrap_or_default();
+        let _ = write!(
+            out,
+            "database {}: {} -> {}: {}",
+            r.database,
+            r.from,
+            r.to,
+            result.as_str().unwrap_or_default()
+        );
+        match &r.detail {
+            Some(detail) => {
+                let _ = writeln!(out, " ({detail})");
+            }
+            None => {
+                let _ = writeln!(out);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -82,7 +82,9 @@ impl Metrics {
         self.with(|c| {
             c.last
                 .insert((stack.to_string(), job), (seconds(at), succeeded));
-            *c.runs.entry((stack.to_string(), job, succeeded)).or_default() += 1;
+            *c.runs
+                .entry((stack.to_string(), job, succeeded))
+                .or_default() += 1;
         });
     }
 

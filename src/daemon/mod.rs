@@ -88,7 +88,7 @@ pub enum JobError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
-    Upgrade(#[from] upgrade::apply::ApplyError),
+    Upgrade(#[from] Box<upgrade::apply::ApplyError>),
     #[error(transparent)]
     Schedule(#[from] upgrade::schedule::ScheduleError),
 }
@@ -116,15 +116,10 @@ async fn upgrade_pass(
     let stack = model::load(file)?;
     phases::check(&stack)?;
     let mut session = phases::open(&stack, Access::Write).await?;
-    let now = SystemTime::now();
-    let due = if forced {
-        Some(now)
-    } else {
-        upgrade::apply::due(&stack, &session, now)?
-    };
-    let Some(due) = due else {
+    let due = upgrade::apply::due(&stack, &session, SystemTime::now()).map_err(Box::new)?;
+    if due.is_none() && !forced {
         return Ok(None);
-    };
+    }
     let outcome = upgrade::apply::scheduled(
         &stack,
         &mut session,
@@ -133,7 +128,8 @@ async fn upgrade_pass(
         cancel,
         &Events::discard(),
     )
-    .await?;
+    .await
+    .map_err(Box::new)?;
     match outcome {
         upgrade::apply::Scheduled::UpToDate => log.log(DaemonEvent::UpToDate {
             stack: stack.name.clone(),

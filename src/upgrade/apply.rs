@@ -13,9 +13,7 @@ use super::docker_config::{DockerConfig, DockerConfigError};
 use super::registry::{Registries, RegistryError};
 use super::rollout::{Ended, Rollout, RolloutError};
 use super::schedule::{self, ScheduleError};
-use crate::engine::{
-    Cancel, EngineError, Events, ImageUpgrade, Mode, Session, UpgradeResult,
-};
+use crate::engine::{Cancel, EngineError, Events, ImageUpgrade, Mode, Session, UpgradeResult};
 use crate::model::Stack;
 use crate::phases::databases::{self, pins, DatabasesError};
 use crate::phases::{self, OpenError};
@@ -27,9 +25,9 @@ pub enum ApplyError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
-    Databases(#[from] DatabasesError),
+    Databases(#[from] Box<DatabasesError>),
     #[error(transparent)]
-    Rollout(#[from] RolloutError),
+    Rollout(#[from] Box<RolloutError>),
     #[error("stack {0} has no database cluster `{1}`")]
     NoDatabase(String, String),
     #[error(transparent)]
@@ -86,7 +84,10 @@ pub async fn roll_out(
     else {
         return Ok(Vec::new());
     };
-    let credentials = databases.recorded_credentials(session.state()).await?;
+    let credentials = databases
+        .recorded_credentials(session.state())
+        .await
+        .map_err(Box::new)?;
     let namespace = running
         .stack
         .kubernetes
@@ -126,8 +127,11 @@ pub async fn roll_out(
                 .await
                 .map_err(|e| crate::error_chain::error_chain(&e))
         };
-        let cluster = databases.cluster().await?;
-        let ended = rollout.run(cluster, health, cancel, events).await?;
+        let cluster = databases.cluster().await.map_err(Box::new)?;
+        let ended = rollout
+            .run(cluster, health, cancel, events)
+            .await
+            .map_err(Box::new)?;
         entry.finished = Some(now());
         let mut records = Vec::new();
         match &ended {
@@ -268,7 +272,11 @@ pub async fn out_of_step(
 
 /// The scheduled time whose upgrade is due at `now`, when the stack has a
 /// schedule and one is.
-pub fn due(file: &Stack, session: &Session, now: SystemTime) -> Result<Option<SystemTime>, ApplyError> {
+pub fn due(
+    file: &Stack,
+    session: &Session,
+    now: SystemTime,
+) -> Result<Option<SystemTime>, ApplyError> {
     let Some(upgrades) = &file.upgrades else {
         return Ok(None);
     };
@@ -294,18 +302,21 @@ pub enum Scheduled {
     Rolled(Vec<Rolled>),
 }
 
-/// The upgrade of scheduled time `due`: recorded as served first (one
-/// attempt per scheduled time), then checked and, with `approved` and a
-/// stack in step with its file, rolled out.
+/// The upgrade of scheduled time `due` (`None`: one asked for outside the
+/// schedule): the time recorded as served first (one attempt per scheduled
+/// time), then checked and, with `approved` and a stack in step with its
+/// file, rolled out.
 pub async fn scheduled(
     file: &Stack,
     session: &mut Session,
     approved: bool,
-    due: SystemTime,
+    due: Option<SystemTime>,
     cancel: &Cancel,
     events: &Events,
 ) -> Result<Scheduled, ApplyError> {
-    session.record(vec![pins::served_record(due)]).await?;
+    if let Some(due) = due {
+        session.record(vec![pins::served_record(due)]).await?;
+    }
     let registries = registries(file)?;
     let proposal = propose(file, session, &registries, cancel).await?;
     if proposal.targets.is_empty() {

@@ -19,5 +19,6 @@ mod preflight;
 mod quickstart;
 mod registry;
 mod support;
+mod upgrade;
 mod vagrant;
 mod validate;

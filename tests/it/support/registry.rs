@@ -159,55 +159,66 @@ pub(crate) fn access_log(registry: &Process) -> Vec<String> {
 pub(crate) fn seed(dir: &Path, repositories: &[&str]) -> (PathBuf, BTreeMap<String, String>) {
     let storage = dir.join("storage");
     let registry = start_registry(dir, "seed", &storage, Auth::Anonymous);
+    let mut digests = BTreeMap::new();
+    for repository in repositories {
+        digests.extend(push(&registry, repository, &TAGS));
+    }
+    (storage, digests)
+}
+
+/// Pushes `tags` of `repository` through an anonymous registry's API, a
+/// manifest of its own per tag; `REPOSITORY:TAG` → its digest as the
+/// registry gave it.
+pub(crate) fn push(
+    registry: &Process,
+    repository: &str,
+    tags: &[&str],
+) -> BTreeMap<String, String> {
     let base = format!("http://{}", registry.host());
-    let digests = runtime().block_on(async {
+    runtime().block_on(async {
         let http = reqwest::Client::new();
         let mut digests = BTreeMap::new();
         let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
         let config_digest = format!("sha256:{}", sha256_hex(config));
-        for repository in repositories {
-            let started = http
-                .post(format!("{base}/v2/{repository}/blobs/uploads/"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(started.status(), 202);
-            let location = started.headers()["location"].to_str().unwrap().to_string();
-            let location = match location.starts_with('/') {
-                true => format!("{base}{location}"),
-                false => location,
-            };
-            let separator = if location.contains('?') { '&' } else { '?' };
+        let started = http
+            .post(format!("{base}/v2/{repository}/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(started.status(), 202);
+        let location = started.headers()["location"].to_str().unwrap().to_string();
+        let location = match location.starts_with('/') {
+            true => format!("{base}{location}"),
+            false => location,
+        };
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let put = http
+            .put(format!("{location}{separator}digest={config_digest}"))
+            .header("content-type", "application/octet-stream")
+            .body(config.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 201);
+        for tag in tags {
+            let manifest = format!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[],"annotations":{{"org.opencontainers.image.version":"{tag}"}}}}"#,
+                config.len()
+            );
             let put = http
-                .put(format!("{location}{separator}digest={config_digest}"))
-                .header("content-type", "application/octet-stream")
-                .body(config.to_vec())
+                .put(format!("{base}/v2/{repository}/manifests/{tag}"))
+                .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                .body(manifest.clone())
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(put.status(), 201);
-            for tag in TAGS {
-                // A manifest of its own per tag, so each has its own digest.
-                let manifest = format!(
-                    r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[],"annotations":{{"org.opencontainers.image.version":"{tag}"}}}}"#,
-                    config.len()
-                );
-                let put = http
-                    .put(format!("{base}/v2/{repository}/manifests/{tag}"))
-                    .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-                    .body(manifest.clone())
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(put.status(), 201, "{repository}:{tag}");
-                let digest = put.headers()["docker-content-digest"].to_str().unwrap().to_string();
-                assert_eq!(digest, format!("sha256:{}", sha256_hex(manifest.as_bytes())));
-                digests.insert(format!("{repository}:{tag}"), digest);
-            }
+            assert_eq!(put.status(), 201, "{repository}:{tag}");
+            let digest = put.headers()["docker-content-digest"].to_str().unwrap().to_string();
+            assert_eq!(digest, format!("sha256:{}", sha256_hex(manifest.as_bytes())));
+            digests.insert(format!("{repository}:{tag}"), digest);
         }
         digests
-    });
-    (storage, digests)
+    })
 }
 
 fn sha256_hex(data: &[u8]) -> String {
