@@ -39,7 +39,9 @@ pub fn due(
     let Ok(latest) = cron.find_previous_occurrence(&utc(now), true) else {
         return Ok(None);
     };
-    let latest = SystemTime::from(latest);
+    // Whole seconds, as the state records a served time (croner keeps the
+    // fraction of `now`).
+    let latest = SystemTime::UNIX_EPOCH + Duration::from_secs(latest.timestamp().max(0) as u64);
     let within = now.duration_since(latest).unwrap_or_default() <= window;
     let fresh = served.is_none_or(|served| served < latest);
     Ok((within && fresh).then_some(latest))
@@ -84,6 +86,12 @@ mod tests {
             due(schedule, HOUR, Some(sunday), at("2026-12-06T03:40:00Z")).unwrap(),
             None,
             "served already"
+        );
+        let fraction = at("2026-12-06T03:00:00Z") + Duration::from_millis(250);
+        assert_eq!(
+            due(schedule, HOUR, Some(sunday), fraction).unwrap(),
+            None,
+            "served already, a fraction of a second after the time"
         );
         assert_eq!(
             due(schedule, HOUR, None, at("2026-12-06T04:01:00Z")).unwrap(),

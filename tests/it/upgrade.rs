@@ -117,7 +117,7 @@ fn couchdb_upgrades_member_by_member_and_rolls_back_whole_when_a_member_fails_it
     let file = env.path().join("stack.yaml");
     std::fs::write(
         &file,
-        format!("version: 1\nname: upgrade\nkubernetes:\n  kubeconfig: kubeconfig\n  namespace: {NAMESPACE}\ndatabases:\n  # the documents\n  - kind: couchdb\n    name: docs\n    image: {}   # patch releases only\n    replicas: 3\nupgrades:\n  schedule: \"* * * * *\"\n  healthTimeout: 15s\ntimeouts:\n  healthy: 60s\n", image("3.5.0")),
+        format!("version: 1\nname: upgrade\nkubernetes:\n  kubeconfig: kubeconfig\n  namespace: {NAMESPACE}\ndatabases:\n  # the documents\n  - kind: couchdb\n    name: docs\n    image: {}   # patch releases only\n    replicas: 3\nupgrades:\n  schedule: \"0 0 1 1 *\"\n  healthTimeout: 15s\ntimeouts:\n  healthy: 60s\n", image("3.5.0")),
     )
     .unwrap();
     expect_code(&env.command(&["up", "--yes"]).output().unwrap(), 0);
@@ -228,7 +228,8 @@ fn couchdb_upgrades_member_by_member_and_rolls_back_whole_when_a_member_fails_it
     // 3.5.2 is out; docs-2 takes it, docs-1 fails the membership gate: the
     // rollout stops, docs-1 and docs-2 go back, and the plan is clean.
     digests.extend(push(&registry, "couchdb", &["3.5.2"]));
-    // Hourly at this minute: due now, and not again within this test.
+    // Hourly at this minute: due now, and not again within this test (the
+    // daemon ran outside the schedule, on January 1st, so nothing was served).
     let minute = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -237,7 +238,7 @@ fn couchdb_upgrades_member_by_member_and_rolls_back_whole_when_a_member_fails_it
         % 60;
     let edited = std::fs::read_to_string(&file)
         .unwrap()
-        .replace("\"* * * * *\"", &format!("\"{minute} * * * *\""));
+        .replace("\"0 0 1 1 *\"", &format!("\"{minute} * * * *\""));
     std::fs::write(&file, edited).unwrap();
     let before = lines(&controller);
     let failed = env
@@ -282,5 +283,16 @@ fn couchdb_upgrades_member_by_member_and_rolls_back_whole_when_a_member_fails_it
             .output()
             .unwrap(),
         0,
+    );
+    // That scheduled time was served: the next `--due` waits for the next one.
+    let again = env
+        .command(&["upgrade", "--due", "--yes"])
+        .output()
+        .unwrap();
+    expect_code(&again, 0);
+    assert!(
+        text(&again.stdout).contains("is due"),
+        "{}",
+        text(&again.stdout)
     );
 }
