@@ -295,23 +295,8 @@ pub fn status(status: &Status) -> String {
         }
         // The last few; `--output json` has them all.
         for u in db.upgrades.iter().rev().take(5).rev() {
-            let result = serde_json::to_value(u.result).unwrap_or_default();
-            let _ = write!(
-                out,
-                "  upgrade {}: {} -> {}: {}",
-                u.started,
-                u.from,
-                u.to,
-                result.as_str().unwrap_or_default()
-            );
-            match &u.detail {
-                Some(detail) => {
-                    let _ = writeln!(out, " ({detail})");
-                }
-                None => {
-                    let _ = writeln!(out);
-                }
-            }
+            let line = upgrade_line(&u.from, &u.to, u.result, u.detail.as_deref());
+            let _ = writeln!(out, "  upgrade {}: {line}", u.started);
         }
         for problem in &db.problems {
             let _ = writeln!(out, "  problem: {problem}");
@@ -402,6 +387,20 @@ pub fn rollout_plan(targets: &[crate::upgrade::apply::Target]) -> String {
     out
 }
 
+/// `FROM -> TO: RESULT (DETAIL)`, as status and upgrade show an upgrade.
+fn upgrade_line(
+    from: &str,
+    to: &str,
+    result: crate::engine::UpgradeResult,
+    detail: Option<&str>,
+) -> String {
+    let mut line = format!("{from} -> {to}: {}", result.as_str());
+    if let Some(detail) = detail {
+        line.push_str(&format!(" ({detail})"));
+    }
+    line
+}
+
 /// What `stack upgrade` rolled out.
 pub fn rolled(rolled: &[crate::upgrade::apply::Rolled]) -> String {
     if rolled.is_empty() {
@@ -409,23 +408,8 @@ pub fn rolled(rolled: &[crate::upgrade::apply::Rolled]) -> String {
     }
     let mut out = String::new();
     for r in rolled {
-        let result = serde_json::to_value(r.result).unwrap_or_default();
-        let _ = write!(
-            out,
-            "database {}: {} -> {}: {}",
-            r.database,
-            r.from,
-            r.to,
-            result.as_str().unwrap_or_default()
-        );
-        match &r.detail {
-            Some(detail) => {
-                let _ = writeln!(out, " ({detail})");
-            }
-            None => {
-                let _ = writeln!(out);
-            }
-        }
+        let line = upgrade_line(&r.from, &r.to, r.result, r.detail.as_deref());
+        let _ = writeln!(out, "database {}: {line}", r.database);
     }
     out
 }

@@ -143,12 +143,7 @@ async fn upgrade_pass(
         }
         upgrade::apply::Scheduled::Rolled(rolled) => {
             for rolled in rolled {
-                let result = serde_json::to_value(rolled.result).unwrap_or_default();
-                metrics.upgraded(
-                    &stack.name,
-                    &rolled.database,
-                    result.as_str().unwrap_or_default(),
-                );
+                metrics.upgraded(&stack.name, &rolled.database, rolled.result.as_str());
                 log.log(DaemonEvent::Upgraded {
                     stack: stack.name.clone(),
                     rolled,

@@ -163,6 +163,18 @@ pub enum UpgradeResult {
     Failed,
 }
 
+impl UpgradeResult {
+    /// As the JSON output and the metrics spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpgradeResult::Running => "running",
+            UpgradeResult::Succeeded => "succeeded",
+            UpgradeResult::RolledBack => "rolled-back",
+            UpgradeResult::Failed => "failed",
+        }
+    }
+}
+
 /// One upgrade of a database's image, as the state keeps it and `stack
 /// status` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]

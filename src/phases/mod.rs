@@ -82,13 +82,7 @@ async fn stage_list(
             phases.push(Arc::new(bootstrap));
         }
     }
-    let contribution = databases::contribution(stack);
-    let kube = kube::Kube::for_stack(stack, artifacts, contribution).map_err(|source| {
-        OpenError::Kube {
-            stack: stack.name.clone(),
-            source: Box::new(source),
-        }
-    })?;
+    let kube = kube_of(stack, artifacts)?;
     if let Some(kube) = kube {
         phases.push(kube.stage(Stage::Foundation));
         phases.push(kube.stage(Stage::Workloads));
@@ -99,6 +93,17 @@ async fn stage_list(
         phases.push(kube.stage(Stage::Monitoring));
     }
     Ok(phases)
+}
+
+/// The stack's Kubernetes layer with its databases' objects; `None`
+/// without a `kubernetes` section.
+fn kube_of(stack: &Stack, artifacts: &Artifacts) -> Result<Option<Arc<kube::Kube>>, OpenError> {
+    kube::Kube::for_stack(stack, artifacts, databases::contribution(stack)).map_err(|source| {
+        OpenError::Kube {
+            stack: stack.name.clone(),
+            source: Box::new(source),
+        }
+    })
 }
 
 /// The database phase of a running stack on its own, for `stack upgrade`
@@ -116,13 +121,7 @@ pub fn databases_alone(
     };
     running.stack.timeouts.healthy = health;
     let stack = &running.stack;
-    let contribution = databases::contribution(stack);
-    let kube = kube::Kube::for_stack(stack, artifacts, contribution).map_err(|source| {
-        OpenError::Kube {
-            stack: stack.name.clone(),
-            source: Box::new(source),
-        }
-    })?;
+    let kube = kube_of(stack, artifacts)?;
     Ok(kube.and_then(|kube| databases::Databases::for_stack(&running, &kube)))
 }
 
