@@ -382,6 +382,8 @@ impl Decoder<'_> {
                 "upgrades",
                 "timeouts",
                 "tags",
+                "ttl",
+                "state",
             ],
         )?;
         if let Some(node) = self.required(&f, "", "version", "the stack file version, 1") {
@@ -428,6 +430,8 @@ impl Decoder<'_> {
         let upgrades = self.section(&f, "upgrades", Self::upgrades);
         let timeouts = self.opt(&f, "", "timeouts", Self::timeouts);
         let tags = self.section(&f, "tags", Self::tags);
+        let ttl = self.opt(&f, "", "ttl", |d, n, p| d.parsed(n, p, values::parse_ttl));
+        let state = self.section(&f, "state", Self::state);
         if provider_failed {
             return None;
         }
@@ -444,6 +448,58 @@ impl Decoder<'_> {
             upgrades,
             timeouts,
             tags,
+            ttl,
+            state,
+        })
+    }
+
+    /// `state: {backend: local}` or `state: {backend: postgres, url: …}`.
+    fn state(&mut self, node: &Node, path: &str) -> Option<Spanned<StateFile>> {
+        let f = self.mapping(node, path, &["backend", "url"])?;
+        let backend = self.opt(&f, path, "backend", |d, n, p| {
+            d.choice(
+                n,
+                p,
+                &[
+                    ("local", StateBackendKind::Local),
+                    ("postgres", StateBackendKind::Postgres),
+                ],
+            )
+        });
+        let url = self.opt(&f, path, "url", |d, n, p| {
+            d.parsed(n, p, |t| values::check_postgres_url(t).map(|()| t.to_string()))
+        });
+        let url_path = join(path, "url");
+        match (backend.as_ref().map(|b| b.value), &url) {
+            (None, _) if f.get("backend").is_none() => {
+                self.diags.push(
+                    node.pos,
+                    &join(path, "backend"),
+                    "the backend, `local` or `postgres`",
+                    "nothing",
+                );
+            }
+            (Some(StateBackendKind::Postgres), None) if f.get("url").is_none() => {
+                self.diags.push(
+                    backend.as_ref().map_or(node.pos, |b| b.pos),
+                    &url_path,
+                    "the PostgreSQL database's URL (postgres://USER@HOST:PORT/DATABASE)",
+                    "nothing",
+                );
+            }
+            (Some(StateBackendKind::Local), Some(url)) => {
+                self.diags.push(
+                    url.pos,
+                    &url_path,
+                    "no url for the local backend (it keeps the state next to the stack file)",
+                    "a url",
+                );
+            }
+            _ => {}
+        }
+        Some(Spanned {
+            value: StateFile { backend, url },
+            pos: node.pos,
         })
     }
 

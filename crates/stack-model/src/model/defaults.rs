@@ -318,6 +318,16 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
             .into_iter()
             .map(|(k, v)| (k, v.value))
             .collect(),
+        ttl: val(stack.ttl),
+        state: match val(stack.state) {
+            Some(StateFile {
+                backend: Some(Spanned { value: StateBackendKind::Postgres, .. }),
+                url: Some(url),
+            }) => StateSettings::Postgres { url: url.value },
+            _ => StateSettings::Local,
+        },
+        run: None,
+        expires: None,
         unbuilt,
         positions,
     }

@@ -35,6 +35,21 @@ pub struct StackFile {
     pub upgrades: Opt<UpgradesFile>,
     pub timeouts: Option<TimeoutsFile>,
     pub tags: Opt<BTreeMap<String, Spanned<String>>>,
+    pub ttl: Opt<Duration>,
+    pub state: Opt<StateFile>,
+}
+
+/// `state:`, where the stack's state is kept.
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    pub backend: Opt<StateBackendKind>,
+    pub url: Opt<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateBackendKind {
+    Local,
+    Postgres,
 }
 
 #[derive(Debug, Clone)]

@@ -27,12 +27,43 @@ pub struct Stack {
     pub upgrades: Option<Upgrades>,
     pub timeouts: Timeouts,
     pub tags: BTreeMap<String, String>,
+    /// How long an environment of the stack may live (`ttl:`, or `--ttl`):
+    /// every resource carries its expiry, and `stack gc` removes it once
+    /// that has passed.
+    pub ttl: Option<Duration>,
+    /// Where the stack's state is kept.
+    pub state: StateSettings,
+    /// The run this is the environment of (`stack run`); never from the file.
+    pub run: Option<RunMarks>,
+    /// When the environment expires, in seconds since the epoch: `ttl` after
+    /// the state was made. Set when a session opens; never from the file.
+    pub expires: Option<u64>,
     /// Sections present in the file whose behaviour is not built yet (their
     /// positions are in `positions`).
     pub unbuilt: Vec<UnbuiltSection>,
     /// Where fields that are checked after resolving were written.
     #[serde(skip)]
     pub positions: Positions,
+}
+
+/// Where a stack's state is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "camelCase", tag = "backend")]
+pub enum StateSettings {
+    /// `.stack/NAME.state.json` next to the stack file.
+    #[default]
+    Local,
+    /// A PostgreSQL database shared by a team.
+    Postgres { url: String },
+}
+
+/// What marks the environment of one `stack run`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunMarks {
+    /// The run's short id, the suffix of the environment's name.
+    pub id: String,
+    /// The name of the stack the run is of.
+    pub of: String,
 }
 
 /// Where fields were written, by field path (`nodes[0].image`,
@@ -414,6 +445,26 @@ pub struct Timeouts {
 
 impl Stack {
     /// The folder holding this stack's state, key and lock: `.stack` next to the file.
+    /// The environment of run `id`: the stack renamed `NAME-ID`, its own
+    /// namespace (`NAMESPACE-ID` when one was written), so runs of one
+    /// stack at the same time never share a thing.
+    pub fn for_run(&self, id: &str) -> Stack {
+        let mut run = self.clone();
+        run.name = format!("{}-{id}", self.name);
+        if let Some(kubernetes) = &mut run.kubernetes {
+            kubernetes.namespace = if kubernetes.namespace == self.name {
+                run.name.clone()
+            } else {
+                format!("{}-{id}", kubernetes.namespace)
+            };
+        }
+        run.run = Some(RunMarks {
+            id: id.to_string(),
+            of: self.name.clone(),
+        });
+        run
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.file
             .parent()

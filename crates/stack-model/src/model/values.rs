@@ -468,6 +468,44 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|_| "a duration such as 30s, 5m or 1h30m".to_string())
 }
 
+/// The longest `ttl` a stack may have: an expiry is a safety net for
+/// environments that were meant to be short-lived.
+pub const MAX_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// A stack's `ttl`: from one minute to [`MAX_TTL`].
+pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    const EXPECTED: &str = "a duration from 1m to 90d such as 2h or 3d";
+    match humantime::parse_duration(text) {
+        Ok(ttl) if ttl >= Duration::from_secs(60) && ttl <= MAX_TTL => Ok(ttl),
+        _ => Err(EXPECTED.to_string()),
+    }
+}
+
+/// A PostgreSQL URL for the state: `postgres://USER@HOST[:PORT]/DATABASE`
+/// with optional query parameters, and never a password (that comes from
+/// `PGPASSWORD` or `~/.pgpass`, so the stack file can be shared).
+pub fn check_postgres_url(text: &str) -> Result<(), String> {
+    const EXPECTED: &str =
+        "a URL such as postgres://stack@db.example.com:5432/stack, without a password";
+    let rest = text
+        .strip_prefix("postgres://")
+        .or_else(|| text.strip_prefix("postgresql://"))
+        .ok_or_else(|| EXPECTED.to_string())?;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        if userinfo.contains(':') {
+            return Err(format!(
+                "{EXPECTED} (the password comes from PGPASSWORD or ~/.pgpass, never the stack file)"
+            ));
+        }
+    }
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.is_empty() && !rest.contains("host=") {
+        return Err(EXPECTED.to_string());
+    }
+    Ok(())
+}
+
 /// A five-field cron expression (minute hour day-of-month month day-of-week).
 pub fn check_cron(text: &str) -> Result<(), String> {
     const EXPECTED: &str = "a cron expression of five fields such as \"0 3 * * 0\"";
