@@ -4,10 +4,12 @@
 //!
 //! They live next to the state (`.stack/`), where users point kubectl and
 //! ssh at them. Every read, write and removal goes through here, so `down`
-//! can remove all of them at once and a second backend can carry them with
-//! the state (and put them back in place on another machine) later.
+//! can remove all of them at once, and a shared state backend can list
+//! them, carry them with the state by name, and put them back in place on
+//! another machine.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::files::{failed, write_private, FileError};
@@ -26,6 +28,44 @@ pub enum Artifact {
     Kubeconfig,
     /// The stack CA's certificate, for users to trust.
     CaCertificate,
+}
+
+impl Artifact {
+    /// Its name where a state backend keeps it (`ssh-key`, `host-key/NODE`).
+    pub fn name(&self) -> String {
+        match self {
+            Artifact::SshKey => "ssh-key".to_string(),
+            Artifact::SshPublicKey => "ssh-public-key".to_string(),
+            Artifact::HostKey(host) => format!("host-key/{host}"),
+            Artifact::KnownHosts => "known-hosts".to_string(),
+            Artifact::Kubeconfig => "kubeconfig".to_string(),
+            Artifact::CaCertificate => "ca-certificate".to_string(),
+        }
+    }
+
+    /// The artifact a name is of; `None` for a name this build does not
+    /// know, or a host that is no hostname (it would be a path elsewhere).
+    pub fn from_name(name: &str) -> Option<Artifact> {
+        Some(match name {
+            "ssh-key" => Artifact::SshKey,
+            "ssh-public-key" => Artifact::SshPublicKey,
+            "known-hosts" => Artifact::KnownHosts,
+            "kubeconfig" => Artifact::Kubeconfig,
+            "ca-certificate" => Artifact::CaCertificate,
+            other => {
+                let host = other.strip_prefix("host-key/")?;
+                let hostname = !host.is_empty()
+                    && !host.starts_with('.')
+                    && host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+                if !hostname {
+                    return None;
+                }
+                Artifact::HostKey(host.to_string())
+            }
+        })
+    }
 }
 
 /// A stack's artifacts on this machine.
@@ -84,6 +124,9 @@ impl Artifacts {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(failed("create the folder of", &path))?;
         }
+        // The folder holds keys: only its owner may list it (as the local
+        // state backend makes it).
+        let _ = fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700));
         let mut tmp = path.clone().into_os_string();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
@@ -99,6 +142,64 @@ impl Artifacts {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The artifacts there are, host keys included, in a stable order.
+    pub fn list(&self) -> Result<Vec<Artifact>, FileError> {
+        let mut found: Vec<Artifact> = [
+            Artifact::SshKey,
+            Artifact::SshPublicKey,
+            Artifact::KnownHosts,
+            Artifact::Kubeconfig,
+            Artifact::CaCertificate,
+        ]
+        .into_iter()
+        .filter(|a| self.path(a).is_file())
+        .collect();
+        let hosts = self.hosts_dir();
+        let entries = match fs::read_dir(&hosts) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(err) => return Err(failed("list", &hosts)(err)),
+        };
+        let mut keys: Vec<Artifact> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                let host = name.strip_suffix("_ed25519")?;
+                Artifact::from_name(&format!("host-key/{host}"))
+            })
+            .collect();
+        keys.sort_by_key(Artifact::name);
+        found.extend(keys);
+        Ok(found)
+    }
+
+    /// Every artifact there is with its contents.
+    pub fn read_all(&self) -> Result<Vec<(Artifact, Vec<u8>)>, FileError> {
+        let mut all = Vec::new();
+        for artifact in self.list()? {
+            if let Some(data) = self.read(&artifact)? {
+                all.push((artifact, data));
+            }
+        }
+        Ok(all)
+    }
+
+    /// Makes the artifacts here exactly `stored` (what a state backend
+    /// keeps): each written where it differs, the others removed.
+    pub fn replace_all(&self, stored: &[(Artifact, Vec<u8>)]) -> Result<(), FileError> {
+        for artifact in self.list()? {
+            if !stored.iter().any(|(a, _)| *a == artifact) {
+                self.remove(&artifact)?;
+            }
+        }
+        for (artifact, data) in stored {
+            if self.read(artifact)?.as_deref() != Some(data.as_slice()) {
+                self.write(artifact, data)?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes every artifact of the stack (after `down`), and the stack's
@@ -127,7 +228,6 @@ impl Artifacts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn written_private_and_all_removed_with_the_stack_folder() {
@@ -150,5 +250,68 @@ mod tests {
         artifacts.remove_all().unwrap();
         assert_eq!(artifacts.read(&Artifact::Kubeconfig).unwrap(), None);
         assert!(!dir.path().join("demo").exists());
+    }
+
+    #[test]
+    fn listed_by_name_and_replaced_by_what_a_backend_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let artifacts = Artifacts::new(dir.path(), "demo");
+        artifacts.write(&Artifact::SshKey, b"key").unwrap();
+        artifacts.write(&Artifact::Kubeconfig, b"old").unwrap();
+        artifacts
+            .write(&Artifact::HostKey("demo-b-0".into()), b"b")
+            .unwrap();
+        artifacts
+            .write(&Artifact::HostKey("demo-a-0".into()), b"a")
+            .unwrap();
+        let names: Vec<String> = artifacts
+            .list()
+            .unwrap()
+            .iter()
+            .map(Artifact::name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "ssh-key",
+                "kubeconfig",
+                "host-key/demo-a-0",
+                "host-key/demo-b-0"
+            ]
+        );
+        for name in &names {
+            assert_eq!(
+                Artifact::from_name(name).map(|a| a.name()).as_ref(),
+                Some(name)
+            );
+        }
+        artifacts
+            .replace_all(&[
+                (Artifact::SshKey, b"key".to_vec()),
+                (Artifact::Kubeconfig, b"new".to_vec()),
+                (Artifact::CaCertificate, b"ca".to_vec()),
+            ])
+            .unwrap();
+        let all = artifacts.read_all().unwrap();
+        assert_eq!(
+            all,
+            [
+                (Artifact::SshKey, b"key".to_vec()),
+                (Artifact::Kubeconfig, b"new".to_vec()),
+                (Artifact::CaCertificate, b"ca".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_name_that_would_be_a_path_elsewhere_is_no_artifact() {
+        for name in [
+            "host-key/../../etc/x",
+            "host-key/",
+            "host-key/.hidden",
+            "other",
+        ] {
+            assert_eq!(Artifact::from_name(name), None, "{name}");
+        }
     }
 }

@@ -50,6 +50,10 @@ pub enum Command {
     Kubeconfig(KubeconfigArgs),
     /// Open a shell on a node (or run a command) with OpenSSH, trusting only its pinned host key.
     Ssh(SshArgs),
+    /// Read and change the stack's state where it is kept: pull, push,
+    /// history, unlock, and migrate between backends.
+    #[command(subcommand)]
+    State(StateCommand),
     /// Print a completion script for SHELL on stdout (see the README for where it goes).
     Completions {
         #[arg(value_enum)]
@@ -84,6 +88,99 @@ impl SshArgs {
     }
 }
 
+/// `stack state …`.
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Print the stack's state as JSON on stdout, its secrets decrypted
+    /// (keep what you save of it private).
+    Pull(FileArgs),
+    /// Write a state file, as `pull` printed it and edited, as the stack's
+    /// next serial; refused unless it is of the stored lineage and serial.
+    Push(PushArgs),
+    /// List every serial of the state that was written: when, by whom
+    /// (user@host and pid) and with which command (postgres backend).
+    History(FileArgs),
+    /// Name the run that holds the stack's lock; with --force, end its
+    /// session so the lock is free (postgres backend: a local lock goes
+    /// with its process and is never left behind).
+    Unlock(UnlockArgs),
+    /// Move the stack's state and its artifacts to another backend: the
+    /// copy is read back and compared before the original is removed.
+    Migrate(MigrateArgs),
+}
+
+/// Waiting for a lock another run holds.
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// Wait up to DURATION (30s, 5m) for the stack's lock when another
+    /// run holds it, instead of failing at once.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub lock_timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// `[FILE] STATE`: the stack file (default `stack.yaml`), then the
+    /// state file to write.
+    #[arg(value_name = "[FILE] STATE", num_args = 1..=2, required = true)]
+    pub files: Vec<PathBuf>,
+
+    /// Write it even when its lineage or serial does not follow the stored one.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Write without asking; needed where `stack` cannot ask.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
+}
+
+impl PushArgs {
+    /// The stack file and the state file.
+    pub fn stack_and_state(&self) -> (PathBuf, PathBuf) {
+        match self.files.as_slice() {
+            [file, state] => (file.clone(), state.clone()),
+            [state] => (PathBuf::from("stack.yaml"), state.clone()),
+            _ => (PathBuf::from("stack.yaml"), PathBuf::new()),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+
+    /// End the session of the run that holds the lock.
+    #[arg(long)]
+    pub force: bool,
+
+    /// With --force: end it without asking.
+    #[arg(long, short = 'y', requires = "force")]
+    pub yes: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+
+    /// Where to move it: `local` (next to the stack file), or a URL
+    /// postgres://USER@HOST:PORT/DATABASE (the password comes from
+    /// PGPASSWORD or ~/.pgpass).
+    #[arg(long, value_name = "local|URL")]
+    pub to: String,
+
+    /// Move without asking; needed where `stack` cannot ask.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
+}
+
 #[derive(Debug, Args)]
 pub struct FileArgs {
     /// The stack file.
@@ -112,6 +209,9 @@ pub struct PlanArgs {
     /// (another checkout, or a lost state file).
     #[arg(long)]
     pub adopt: bool,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +240,9 @@ pub struct UpgradeArgs {
     /// CI schedule. Needs `--yes`.
     #[arg(long, conflicts_with = "check", requires = "yes")]
     pub due: bool,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
 }
 
 #[derive(Debug, Args)]
@@ -196,4 +299,7 @@ pub struct ApplyArgs {
     /// How many independent changes may run at once.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub parallelism: u16,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
 }

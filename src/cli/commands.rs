@@ -17,9 +17,9 @@ use super::args::{
 };
 use super::outcome::{print_document, EXIT_CHANGES};
 use super::progress::Progress;
-use super::{prompt, view};
+use super::{invocation, prompt, view};
 use crate::artifacts::Artifact;
-use crate::engine::{plan, Access, Applied, ApplyOptions, Cancel, Events, Mode, Plan, PlanRequest};
+use crate::engine::{plan, Applied, ApplyOptions, Cancel, Events, Mode, Plan, PlanRequest};
 use crate::model::{self, LoadError};
 use crate::phases;
 use crate::upgrade::{self, apply::Scheduled};
@@ -113,7 +113,7 @@ pub async fn plan(
     } else {
         Events::new(Arc::new(Progress::new(false)))
     };
-    let session = phases::open(&stack, Access::Write).await?;
+    let session = phases::open(&stack, &invocation::writing(&args.lock, cancel)).await?;
     let request = PlanRequest {
         mode,
         adopt: args.adopt,
@@ -139,7 +139,7 @@ pub async fn up(
     phases::check(&stack)?;
     let json = output == OutputFormat::Json;
     let events = Events::new(Arc::new(Progress::new(json)));
-    let mut session = phases::open(&stack, Access::Write).await?;
+    let mut session = phases::open(&stack, &invocation::writing(&args.lock, cancel)).await?;
     let request = PlanRequest {
         mode: Mode::Normal,
         adopt: args.adopt,
@@ -169,7 +169,7 @@ pub async fn down(
     let stack = model::load(&args.file.file)?;
     let json = output == OutputFormat::Json;
     let events = Events::new(Arc::new(Progress::new(json)));
-    let mut session = phases::open(&stack, Access::Write).await?;
+    let mut session = phases::open(&stack, &invocation::writing(&args.lock, cancel)).await?;
     let request = PlanRequest {
         mode: Mode::Destroy,
         adopt: args.adopt,
@@ -230,7 +230,7 @@ pub async fn status(
     cancel: &Cancel,
 ) -> anyhow::Result<ExitCode> {
     let stack = model::load(&args.file)?;
-    let session = phases::open(&stack, Access::Read).await?;
+    let session = phases::open(&stack, &invocation::reading(cancel)).await?;
     let status = session.status(cancel).await?;
     match output {
         OutputFormat::Json => {
@@ -297,7 +297,7 @@ async fn roll_out(
     phases::check(stack)?;
     let json = output == OutputFormat::Json;
     let events = Events::new(Arc::new(Progress::new(json)));
-    let mut session = phases::open(stack, Access::Write).await?;
+    let mut session = phases::open(stack, &invocation::writing(&args.lock, cancel)).await?;
     let rolled = if args.due {
         if stack
             .upgrades
@@ -496,7 +496,7 @@ pub fn completions(shell: clap_complete::Shell) -> ExitCode {
 pub async fn ssh(args: &SshArgs, cancel: &Cancel) -> anyhow::Result<ExitCode> {
     let (file, node) = args.file_and_node();
     let stack = model::load(Path::new(&file))?;
-    let session = phases::open(&stack, Access::Read).await?;
+    let session = phases::open(&stack, &invocation::reading(cancel)).await?;
     let status = session.status(cancel).await?;
     let access = status
         .nodes

@@ -1,5 +1,7 @@
 //! The command-line layer: the clap definitions (`args`), one thin function
-//! per subcommand over the library (`commands`), what they print (`view`),
+//! per subcommand over the library (`commands`, and `state` for the
+//! `state` group), the command line as the state records it
+//! (`invocation`), what they print (`view`),
 //! the progress renderer (`progress`) and its heartbeat off a terminal
 //! (`heartbeat`), the confirmation prompt (`prompt`), the signals that feed
 //! the cancellation token (`signals`), and how a run ends: exit codes and
@@ -9,10 +11,12 @@
 pub mod args;
 mod commands;
 mod heartbeat;
+mod invocation;
 mod outcome;
 mod progress;
 mod prompt;
 mod signals;
+mod state;
 mod view;
 
 use std::process::ExitCode;
@@ -43,6 +47,7 @@ pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
         Command::Kubeconfig(args) => commands::kubeconfig(&args, output),
         Command::Completions { shell } => Ok(commands::completions(shell)),
         Command::Ssh(args) => commands::ssh(&args, cancel).await,
+        Command::State(command) => state::run(&command, output, cancel).await,
         Command::Switch { socket } => {
             crate::phases::infra::kvm::switch::serve(&socket)
                 .await

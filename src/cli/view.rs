@@ -414,6 +414,33 @@ pub fn rolled(rolled: &[crate::upgrade::apply::Rolled]) -> String {
     out
 }
 
+/// `stack state history`: one line per serial, oldest first.
+pub fn history(entries: &[crate::state::HistoryEntry]) -> String {
+    if entries.is_empty() {
+        return "no serial of this stack's state was written yet\n".to_string();
+    }
+    let mut out = String::new();
+    let who = entries
+        .iter()
+        .map(|e| e.who.len())
+        .max()
+        .unwrap_or(0)
+        .max(3);
+    let _ = writeln!(
+        out,
+        "{:>6}  {:<20}  {:<who$}  {:>7}  COMMAND",
+        "SERIAL", "WHEN", "WHO", "PID"
+    );
+    for entry in entries {
+        let _ = writeln!(
+            out,
+            "{:>6}  {:<20}  {:<who$}  {:>7}  {}",
+            entry.serial, entry.at, entry.who, entry.pid, entry.command
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

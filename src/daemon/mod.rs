@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::engine::{Access, Cancel, EngineError, Events, Level, Mode};
+use crate::engine::{Cancel, EngineError, Events, Level, Mode, Opening};
 use crate::model;
 use crate::phases;
 use crate::upgrade::{self, apply::Rolled};
@@ -97,7 +97,8 @@ pub enum JobError {
 async fn drift_check(file: &std::path::Path, cancel: &Cancel) -> Result<(String, usize), JobError> {
     let stack = model::load(file)?;
     phases::check(&stack)?;
-    let session = phases::open(&stack, Access::Write).await?;
+    let opening = Opening::write("stack daemon (drift check)", Duration::ZERO, cancel);
+    let session = phases::open(&stack, &opening).await?;
     let plan = session
         .plan(Mode::RefreshOnly, cancel, &Events::discard())
         .await?;
@@ -115,7 +116,8 @@ async fn upgrade_pass(
 ) -> Result<Option<String>, JobError> {
     let stack = model::load(file)?;
     phases::check(&stack)?;
-    let mut session = phases::open(&stack, Access::Write).await?;
+    let opening = Opening::write("stack daemon (upgrade)", Duration::ZERO, cancel);
+    let mut session = phases::open(&stack, &opening).await?;
     let due = upgrade::apply::due(&stack, &session, SystemTime::now()).map_err(Box::new)?;
     if due.is_none() && !forced {
         return Ok(None);

@@ -27,7 +27,8 @@ pub use plan::{
     ReplaceRule, Resource, Segment, StageRef, StepRef, Summary,
 };
 pub use session::{
-    Access, Applied, ApplyOptions, EngineError, PlanRequest, Remains, Session, StateHandle, Status,
+    Access, Applied, ApplyOptions, EngineError, Opening, PlanRequest, Remains, Session,
+    StateHandle, Status,
 };
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -101,6 +101,41 @@ pub enum Access {
     Read,
 }
 
+/// How a session opens its stack's state.
+#[derive(Debug, Clone)]
+pub struct Opening {
+    pub access: Access,
+    /// The command line that opens it (`stack up`): named in the lock and
+    /// in the state's history.
+    pub command: String,
+    /// How long to wait for a lock another run holds; zero fails at once.
+    pub lock_timeout: Duration,
+    /// Ends the wait for the lock.
+    pub cancel: Cancel,
+}
+
+impl Opening {
+    /// For a command that only reads.
+    pub fn read(command: &str, cancel: &Cancel) -> Opening {
+        Opening {
+            access: Access::Read,
+            command: command.to_string(),
+            lock_timeout: Duration::ZERO,
+            cancel: cancel.clone(),
+        }
+    }
+
+    /// For a command that changes the stack, waiting up to `lock_timeout` for its lock.
+    pub fn write(command: &str, lock_timeout: Duration, cancel: &Cancel) -> Opening {
+        Opening {
+            access: Access::Write,
+            command: command.to_string(),
+            lock_timeout,
+            cancel: cancel.clone(),
+        }
+    }
+}
+
 /// The state of a session, locked (or read) before the phases are built.
 pub struct StateHandle {
     backend: Box<dyn StateBackend>,
@@ -111,13 +146,22 @@ pub struct StateHandle {
 impl StateHandle {
     pub async fn open(
         backend: Box<dyn StateBackend>,
-        access: Access,
+        opening: &Opening,
         stack: &str,
         provider: &str,
-    ) -> Result<StateHandle, StateError> {
-        let (lock, state) = match access {
+    ) -> Result<StateHandle, EngineError> {
+        let (lock, state) = match opening.access {
             Access::Write => {
-                let lock = backend.lock(LockHolder::this_process()).await?;
+                let holder = LockHolder::this_process(&opening.command);
+                let lock = opening
+                    .cancel
+                    .until(Level::Soon, backend.lock(holder, opening.lock_timeout))
+                    .await
+                    .map_err(|_| EngineError::Stopped {
+                        during: format!("while waiting for the lock of {}", backend.location()),
+                        signal: opening.cancel.reason(),
+                        resume: None,
+                    })??;
                 let state = lock.load().await?;
                 (Some(lock), state)
             }

@@ -153,7 +153,8 @@ impl World {
 
     async fn session(&self, phases: Vec<FakePhase>) -> Session {
         let backend = Box::new(LocalBackend::new(self.dir.path(), "demo", "fake"));
-        let handle = StateHandle::open(backend, Access::Write, "demo", "fake")
+        let opening = Opening::write("stack up", Duration::ZERO, &Cancel::new());
+        let handle = StateHandle::open(backend, &opening, "demo", "fake")
             .await
             .unwrap();
         let phases = phases

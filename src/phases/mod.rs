@@ -11,10 +11,10 @@ pub mod kube;
 use std::sync::Arc;
 
 use crate::artifacts::Artifacts;
-use crate::engine::{Access, EngineError, Phase, Session, StateHandle};
+use crate::engine::{Access, EngineError, Opening, Phase, Session, StateHandle};
 use crate::keys::{self, KeyError};
 use crate::model::{LoadError, Stack};
-use crate::state::LocalBackend;
+use crate::state::Place;
 use kube::kinds::Stage;
 
 #[derive(Debug, thiserror::Error)]
@@ -137,14 +137,15 @@ pub fn kubeconfig(stack: &Stack) -> Result<Option<(std::path::PathBuf, String)>,
 }
 
 /// Opens a session on a loaded stack: its state (locked, for `Access::Write`,
-/// before anything is generated), its artifacts and its stages.
-pub async fn open(stack: &Stack, access: Access) -> Result<Session, OpenError> {
+/// before anything is generated) where the stack keeps it, its artifacts
+/// (put in place first by a backend that keeps them) and its stages.
+pub async fn open(stack: &Stack, opening: &Opening) -> Result<Session, OpenError> {
     let provider = stack.provider_name();
-    let dir = stack.state_dir();
-    let backend = Box::new(LocalBackend::new(&dir, &stack.name, provider));
-    let handle = StateHandle::open(backend, access, &stack.name, provider).await?;
-    let artifacts = Artifacts::new(&dir, &stack.name);
+    let artifacts = Artifacts::new(&stack.state_dir(), &stack.name);
+    let backend = Place::of(stack).backend(stack, &artifacts).await?;
+    let handle = StateHandle::open(backend, opening, &stack.name, provider).await?;
     let running = databases::pins::running(stack, handle.state());
+    let access = opening.access;
     let phases = stage_list(&running, &artifacts, access, handle.lineage()).await?;
     Ok(Session::new(
         &stack.name,

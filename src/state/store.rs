@@ -2,7 +2,9 @@
 //! traits every backend implements: one to read and lock, one to load and
 //! save while the lock is held.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,10 +16,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("state is locked by pid {} on {} since {} ({}); wait for that run to finish", holder.pid, holder.host, holder.started, location)]
+    #[error("state is locked by pid {} on {} since {} (`{}`, {}); wait for that run to finish, or let this one wait for it with --lock-timeout", holder.pid, holder.who(), holder.started, holder.command, location)]
     Locked {
         location: String,
-        holder: LockHolder,
+        holder: Box<LockHolder>,
     },
     #[error("state is locked ({location}) by a process that did not say who it is")]
     LockedUnknown { location: String },
@@ -43,25 +45,95 @@ pub enum StateError {
         expected: u64,
         stored: u64,
     },
+    #[error("{location} already holds a state of stack {stack} (serial {serial}): nothing was written there")]
+    NotEmpty {
+        location: String,
+        stack: String,
+        serial: u64,
+    },
+    #[error("the local state {} keeps no history, only the copy before the last write ({}); the postgres backend keeps every serial", path.display(), backup.display())]
+    NoHistory { path: PathBuf, backup: PathBuf },
+    #[error("the lock {location} is held by pid {} on {} (`{}`): a local lock goes with its process, so it is never left behind; end that process to free it", holder.pid, holder.who(), holder.command)]
+    HeldByProcess {
+        location: String,
+        holder: Box<LockHolder>,
+    },
+    #[error("the lock of {location} is not held by pid {} on {} any more: look again", holder.pid, holder.who())]
+    HolderChanged {
+        location: String,
+        holder: Box<LockHolder>,
+    },
+    /// What a backend of its own failed at (the database's errors).
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Who holds the lock, written where the next run can read it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockHolder {
     pub pid: u32,
     pub host: String,
+    /// The user the process runs as (empty when unknown).
+    #[serde(default)]
+    pub user: String,
     pub started: String,
+    /// The command line it runs (`stack up`).
+    #[serde(default)]
+    pub command: String,
 }
 
 impl LockHolder {
-    /// This process, now.
-    pub fn this_process() -> LockHolder {
+    /// This process, now, running `command`.
+    pub fn this_process(command: &str) -> LockHolder {
+        let user = ["USER", "LOGNAME"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+            .or_else(user_of_process)
+            .unwrap_or_default();
         LockHolder {
             pid: std::process::id(),
             host: gethostname::gethostname().to_string_lossy().into_owned(),
+            user,
             started: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            command: command.to_string(),
         }
     }
+
+    /// `user@host` (the host alone when the user is unknown).
+    pub fn who(&self) -> String {
+        match self.user.as_str() {
+            "" => self.host.clone(),
+            user => format!("{user}@{}", self.host),
+        }
+    }
+}
+
+/// The name of the user this process runs as, from `/etc/passwd` (its
+/// uid when it has no entry there).
+fn user_of_process() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").ok()?.uid().to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let name = passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)? == uid).then(|| name.to_string())
+    });
+    Some(name.unwrap_or_else(|| format!("uid {uid}")))
+}
+
+/// One write of a state, as a backend with a history keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    pub serial: u64,
+    pub lineage: String,
+    /// `user@host`.
+    pub who: String,
+    pub pid: u32,
+    pub command: String,
+    /// RFC 3339, UTC.
+    pub at: String,
 }
 
 /// One managed thing as last applied.
@@ -164,12 +236,34 @@ pub trait StateBackend: Send + Sync {
 
     /// The stored state without taking the lock (for `status`: writers
     /// replace it whole, so a reader sees one whole version); `None` before
-    /// the first write.
+    /// the first write. A backend that keeps the stack's artifacts puts
+    /// them in place first.
     fn read(&self) -> BoxFuture<'_, Result<Option<State>, StateError>>;
 
-    /// Takes the lock for a run, failing at once, naming the holder, when
-    /// another run has it. The lock lasts as long as the returned value.
-    fn lock(&self, holder: LockHolder) -> BoxFuture<'_, Result<Box<dyn StateLock>, StateError>>;
+    /// Takes the lock for a run, failing, naming the holder, when another
+    /// run still has it after `wait` (zero: at once). The lock lasts as long
+    /// as the returned value. A backend that keeps the stack's artifacts
+    /// puts them in place before it returns.
+    fn lock(
+        &self,
+        holder: LockHolder,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Box<dyn StateLock>, StateError>>;
+
+    /// Every write of the state there was, oldest first.
+    fn history(&self) -> BoxFuture<'_, Result<Vec<HistoryEntry>, StateError>>;
+
+    /// Who holds the lock now; `None` when nobody does.
+    fn holder(&self) -> BoxFuture<'_, Result<Option<LockHolder>, StateError>>;
+
+    /// Ends `holder`'s hold on the lock (a run that is stuck, or gone
+    /// where the backend cannot tell); refused when someone else holds it
+    /// now, or when the backend's locks cannot be left behind.
+    fn unlock<'a>(&'a self, holder: &'a LockHolder) -> BoxFuture<'a, Result<(), StateError>>;
+
+    /// The artifacts the backend keeps with the state, by name, with the
+    /// sha256 of each (what a migration checks it moved).
+    fn artifact_digests(&self) -> BoxFuture<'_, Result<BTreeMap<String, String>, StateError>>;
 }
 
 /// The state of a stack while its lock is held.
@@ -180,11 +274,17 @@ pub trait StateLock: Send + Sync {
     fn load(&self) -> BoxFuture<'_, Result<State, StateError>>;
 
     /// Writes `state` as the next serial, if the stored serial is still the
-    /// one `state` carries; on success `state.serial` is the new serial.
+    /// one `state` carries; on success `state.serial` is the new serial. A
+    /// backend that keeps the stack's artifacts writes them with it.
     fn save<'a>(&'a mut self, state: &'a mut State) -> BoxFuture<'a, Result<(), StateError>>;
+
+    /// Writes `state` (moved from another backend, its lineage kept) as the
+    /// serial after the one it carries, where no state is stored yet.
+    fn import<'a>(&'a mut self, state: &'a mut State) -> BoxFuture<'a, Result<(), StateError>>;
 
     /// After a destroy that left nothing: removes the stored state (its
     /// copies too) and the lock, so nothing of the stack is left; the next
-    /// run starts a new state, with a new lineage.
+    /// run starts a new state, with a new lineage. A backend with a history
+    /// keeps it.
     fn remove(self: Box<Self>) -> BoxFuture<'static, Result<(), StateError>>;
 }

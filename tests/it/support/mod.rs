@@ -6,6 +6,7 @@ pub(crate) mod couch;
 pub(crate) mod image;
 pub(crate) mod kube;
 pub(crate) mod moto;
+pub(crate) mod postgres;
 pub(crate) mod registry;
 
 use std::io::Read;

@@ -1,0 +1,37 @@
+//! The command line a run was started with, as the state names it (in its
+//! lock, in its history), and the openings of a stack's state built from
+//! it, in one place for every subcommand.
+
+use crate::engine::{Cancel, Opening};
+use crate::state::LockHolder;
+
+use super::args::LockArgs;
+
+/// `stack` and the arguments after it, each quoted when it has a space.
+pub fn command_line() -> String {
+    std::iter::once("stack".to_string())
+        .chain(std::env::args().skip(1).map(|arg| {
+            if arg.is_empty() || arg.contains(char::is_whitespace) {
+                format!("'{}'", arg.replace('\'', "'\\''"))
+            } else {
+                arg
+            }
+        }))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// For a command that changes the stack.
+pub fn writing(lock: &LockArgs, cancel: &Cancel) -> Opening {
+    Opening::write(&command_line(), lock.lock_timeout, cancel)
+}
+
+/// For a command that only reads it.
+pub fn reading(cancel: &Cancel) -> Opening {
+    Opening::read(&command_line(), cancel)
+}
+
+/// This process as the holder of a lock it takes itself.
+pub fn holder() -> LockHolder {
+    LockHolder::this_process(&command_line())
+}
