@@ -69,7 +69,8 @@ impl LocalBackend {
         let write_holder = |lock: &mut File| -> std::io::Result<()> {
             lock.set_len(0)?;
             lock.rewind()?;
-            lock.write_all(serde_json::to_string(holder).unwrap_or_default().as_bytes())?;
+            let holding = serde_json::to_string(&holder.from_now()).unwrap_or_default();
+            lock.write_all(holding.as_bytes())?;
             lock.sync_data()
         };
         write_holder(&mut lock).map_err(failed("write the lock file", &lock_path))?;

@@ -99,6 +99,14 @@ impl LockHolder {
         }
     }
 
+    /// The same holder, holding from now (once the lock is taken).
+    pub fn from_now(&self) -> LockHolder {
+        LockHolder {
+            started: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            ..self.clone()
+        }
+    }
+
     /// `user@host` (the host alone when the user is unknown).
     pub fn who(&self) -> String {
         match self.user.as_str() {

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::couch::{couch_env, NAMESPACE};
 use crate::support::moto::{tagged, Moto, Proxy, Tagged};
 use crate::support::postgres::{self, Postgres};
 use crate::support::{expect_code, stack_yaml, text, Env};
@@ -75,21 +76,26 @@ fn history(pg: &Postgres) -> Vec<(u64, u32, String)> {
         .collect()
 }
 
-#[test]
-fn a_second_up_fails_fast_naming_the_holder_and_a_sigkilled_holder_leaves_no_lock() {
-    let moto = Moto::start();
-    let proxy = Proxy::start(moto.port);
-    proxy.rules.lock().unwrap().delay = Duration::from_millis(150);
-    let pg = Postgres::start();
-    let env = Env::new("pglock", 1, proxy.url());
-    let mut first = spawn(&mut on_pg(&env, &pg, &proxy.url(), &["up", "--yes"]));
-    let pid = first.id();
+/// Waits until the run `pid` holds the lock of the stack.
+fn wait_for_holder(pg: &Postgres, pid: u32) {
     wait_for(
-        &pg,
-        "SELECT holder->>'pid' FROM stack.locks",
-        "the first run takes the lock",
+        pg,
+        "SELECT holder->>'pid' FROM stack.locks WHERE backend_pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)",
+        "the run takes the lock",
         |holder| holder == pid.to_string(),
     );
+}
+
+#[test]
+fn a_second_up_fails_fast_naming_the_holder_unlock_ends_a_holder_and_sigkill_leaves_no_lock() {
+    let moto = Moto::start();
+    let proxy = Proxy::start(moto.port);
+    proxy.rules.lock().unwrap().delay = Duration::from_millis(400);
+    let pg = Postgres::start();
+    let env = Env::new("pglock", 1, proxy.url());
+    let first = spawn(&mut on_pg(&env, &pg, &proxy.url(), &["up", "--yes"]));
+    let pid = first.id();
+    wait_for_holder(&pg, pid);
 
     let begun = Instant::now();
     let second = run(&mut on_pg(&env, &pg, &moto.url(), &["up", "--yes"]));
@@ -115,9 +121,33 @@ fn a_second_up_fails_fast_naming_the_holder_and_a_sigkilled_holder_leaves_no_loc
         text(&named.stdout)
     );
 
+    // `unlock --force` ends the holder's session: that run stops at its
+    // next write, and says why.
+    let forced = run(&mut on_pg(
+        &env,
+        &pg,
+        &moto.url(),
+        &["state", "unlock", "--force", "--yes"],
+    ));
+    expect_code(&forced, 0);
+    assert!(
+        text(&forced.stdout).contains(&format!("ended the hold of pid {pid} on ")),
+        "{}",
+        text(&forced.stdout)
+    );
+    let first = first.wait_with_output().unwrap();
+    expect_code(&first, 1);
+    assert!(
+        text(&first.stderr).contains("lost the connection to the state database"),
+        "{}",
+        text(&first.stderr)
+    );
+
     // SIGKILL: the server ends the session, and the lock with it.
-    first.kill().unwrap();
-    first.wait().unwrap();
+    let mut third = spawn(&mut on_pg(&env, &pg, &proxy.url(), &["up", "--yes"]));
+    wait_for_holder(&pg, third.id());
+    third.kill().unwrap();
+    third.wait().unwrap();
     proxy.wait_idle();
     wait_for(&pg, LOCKS_HELD, "the lock is let go", |n| n == "0");
     let free = run(&mut on_pg(&env, &pg, &moto.url(), &["state", "unlock"]));
@@ -137,7 +167,8 @@ fn a_second_up_fails_fast_naming_the_holder_and_a_sigkilled_holder_leaves_no_loc
         )),
         0,
     );
-    // What the killed run made but never recorded was found, not made again.
+    // What the stopped and the killed runs made but never recorded was
+    // found, not made again.
     assert_eq!(tagged(&moto.url(), "pglock"), Tagged::nodes(1));
     assert!(!env.path().join(".stack/pglock.state.json").exists());
 }
@@ -552,4 +583,84 @@ fn the_state_moves_from_local_to_postgres_and_back_and_is_pulled_and_pushed() {
     expect_code(&run(&mut local(&["plan", "--detailed-exitcode"])), 0);
     expect_code(&run(&mut local(&["down", "--yes"])), 0);
     assert_eq!(tagged(&moto.url(), "pgmove"), Tagged::nothing());
+}
+
+/// A stack on an existing cluster (the API double) with a CouchDB
+/// database and a TLS ingress from the stack's CA: the generated
+/// passwords and cookie (the Secrets' values) and the CA's private key are
+/// in the state's records, and none of them is in the database in clear.
+#[test]
+fn generated_passwords_and_the_stack_cas_key_are_never_in_the_database_in_clear() {
+    use base64::Engine as _;
+    let pg = Postgres::start();
+    let (env, double) = couch_env(
+        "pgsecret",
+        "  - kind: couchdb\n    name: docs\n    replicas: 1\n    storage: 1GiB\n",
+    );
+    let file = env.path().join("stack.yaml");
+    let with_ingress = std::fs::read_to_string(&file).unwrap()
+        + "ingress:\n  domain: pgsecret.test\n  className: public\n";
+    std::fs::write(&file, with_ingress).unwrap();
+    expect_code(&run(&mut on_pg(&env, &pg, "", &["up", "--yes"])), 0);
+
+    let mut secrets: Vec<String> = Vec::new();
+    let listed = double.get(&format!("/api/v1/namespaces/{NAMESPACE}/secrets"));
+    for secret in listed["items"].as_array().unwrap() {
+        for value in secret["data"]
+            .as_object()
+            .into_iter()
+            .flat_map(|d| d.values())
+        {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(value.as_str().unwrap())
+                .unwrap();
+            let decoded = String::from_utf8_lossy(&decoded).into_owned();
+            if decoded.len() >= 16 {
+                secrets.push(decoded);
+            }
+        }
+    }
+    let pulled = run(&mut on_pg(&env, &pg, "", &["state", "pull"]));
+    expect_code(&pulled, 0);
+    let state: serde_json::Value = serde_json::from_slice(&pulled.stdout).unwrap();
+    let ca_key = state["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|r| r["attrs"]["caPrivateKey"].as_str())
+        .expect("the state records the stack CA's key");
+    secrets.extend(
+        ca_key
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .map(String::from),
+    );
+    secrets.extend(key_lines(&env.path().join(".stack/pgsecret.id_ed25519")));
+    assert!(secrets.len() >= 4, "{secrets:?}");
+
+    let dump = pg.dump();
+    for secret in &secrets {
+        assert!(
+            !dump.contains(secret.as_str()),
+            "{secret:?} is in the database in clear"
+        );
+        assert!(
+            !dump.contains(&base64::engine::general_purpose::STANDARD.encode(secret)),
+            "{secret:?} is in the database in base64"
+        );
+    }
+    let addresses: Vec<&str> = state["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["address"].as_str().unwrap())
+        .collect();
+    assert!(addresses.len() > 3, "{addresses:?}");
+    for address in addresses {
+        assert!(dump.contains(address), "{address} is not readable");
+    }
+    assert_eq!(
+        pg.psql("SELECT name FROM stack.artifacts ORDER BY name"),
+        "ca-certificate\nssh-key\nssh-public-key"
+    );
 }

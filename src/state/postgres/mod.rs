@@ -510,6 +510,7 @@ impl PostgresBackend {
             .await?
             .ok_or_else(|| self.corrupt("the stack's row vanished".to_string()))?;
         self.acquire(&db, id, wait).await?;
+        let holder = holder.from_now();
         let record = "INSERT INTO stack.locks (stack_id, backend_pid, holder) VALUES ($1, pg_backend_pid(), $2)
             ON CONFLICT (stack_id) DO UPDATE SET backend_pid = EXCLUDED.backend_pid, holder = EXCLUDED.holder, since = now()";
         let named = serde_json::to_value(&holder).expect("a holder serialises");
