@@ -2,8 +2,9 @@
 //! per subcommand over the library (`commands`), what they print (`view`),
 //! the progress renderer (`progress`) and its heartbeat off a terminal
 //! (`heartbeat`), the confirmation prompt (`prompt`), the signals that feed
-//! the cancellation token (`signals`), and how a run ends: exit codes and
-//! errors for people and for JSON readers (`outcome`). Nothing below this
+//! the cancellation token (`signals`), the environments of `run` and
+//! `gc` (`run`), and how a run ends: exit codes and errors for people and
+//! for JSON readers (`outcome`). Nothing below this
 //! layer reads stdin, draws progress or handles signals.
 
 pub mod args;
@@ -12,6 +13,7 @@ mod heartbeat;
 mod outcome;
 mod progress;
 mod prompt;
+mod run;
 mod signals;
 mod view;
 
@@ -43,6 +45,8 @@ pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
         Command::Kubeconfig(args) => commands::kubeconfig(&args, output),
         Command::Completions { shell } => Ok(commands::completions(shell)),
         Command::Ssh(args) => commands::ssh(&args, cancel).await,
+        Command::Run(args) => run::run(&args, output, cancel).await,
+        Command::Gc(args) => run::gc(&args, output, cancel).await,
         Command::Switch { socket } => {
             crate::phases::infra::kvm::switch::serve(&socket)
                 .await

@@ -18,7 +18,7 @@ pub use apply::{Failure, Outcome};
 pub use cancel::{Cancel, Level, StopReason, Stopped};
 pub use events::{Event, EventSink, Events};
 pub use phase::{
-    ChangeInput, DatabaseStatus, EndpointStatus, ImageUpgrade, Leftovers, NodeStatus, Phase,
+    ChangeInput, DatabaseStatus, EndpointStatus, Expiring, ImageUpgrade, Login, Leftovers, NodeStatus, Phase,
     PhaseError, PlanInput, Prepared, ReplicaStatus, ReplicationStatus, Retries, SshAccess,
     StageInput, StatusPart, UpgradeResult,
 };

@@ -18,6 +18,7 @@ mod kvm;
 mod preflight;
 mod quickstart;
 mod registry;
+mod run;
 mod support;
 mod upgrade;
 mod vagrant;
