@@ -109,10 +109,16 @@ pub fn variables(
             set(&format!("STACK_NODE_{part}_ADDRESS"), address.clone());
         }
         if let Some(address) = &node.private_address {
-            set(&format!("STACK_NODE_{part}_PRIVATE_ADDRESS"), address.clone());
+            set(
+                &format!("STACK_NODE_{part}_PRIVATE_ADDRESS"),
+                address.clone(),
+            );
         }
         if let Some(ssh) = &node.ssh {
-            set(&format!("STACK_NODE_{part}_SSH"), format!("{}:{}", ssh.host, ssh.port));
+            set(
+                &format!("STACK_NODE_{part}_SSH"),
+                format!("{}:{}", ssh.host, ssh.port),
+            );
         }
         names.push(name);
     }
@@ -132,8 +138,14 @@ pub fn variables(
             let url = first.split(" (").next().unwrap_or(first);
             set(&format!("STACK_DB_{part}_URL"), url.to_string());
         }
-        set(&format!("STACK_DB_{part}_ENDPOINTS"), db.endpoints.join("\n"));
-        set(&format!("STACK_DB_{part}_SECRET"), db.credentials_secret.clone());
+        set(
+            &format!("STACK_DB_{part}_ENDPOINTS"),
+            db.endpoints.join("\n"),
+        );
+        set(
+            &format!("STACK_DB_{part}_SECRET"),
+            db.credentials_secret.clone(),
+        );
         if db.login.is_some() {
             set(
                 &format!("STACK_DB_{part}_CREDENTIALS"),
@@ -151,13 +163,110 @@ pub fn variables(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{DatabaseStatus, EndpointStatus, Login, NodeStatus, SshAccess};
+
+    fn node(name: &str, public: &str, private: &str) -> NodeStatus {
+        NodeStatus {
+            address: format!("ec2.instance.{name}"),
+            id: "i-1".to_string(),
+            state: "running".to_string(),
+            public_address: Some(public.to_string()),
+            private_address: Some(private.to_string()),
+            ssh: Some(SshAccess {
+                host: public.to_string(),
+                port: 22,
+                user: "ubuntu".to_string(),
+                host_key: "ssh-ed25519 AAAA".to_string(),
+                names: vec![
+                    format!("ec2.instance.{name}"),
+                    name.replace('[', "-").replace(']', ""),
+                ],
+            }),
+        }
+    }
+
+    fn database(name: &str, kind: &str, endpoints: &[&str], login: bool) -> DatabaseStatus {
+        DatabaseStatus {
+            name: name.to_string(),
+            kind: kind.to_string(),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            credentials_secret: format!("ci-3f9a1c/{name}-admin"),
+            credentials_command: String::new(),
+            membership: String::new(),
+            problems: Vec::new(),
+            replications: Vec::new(),
+            replicas: Vec::new(),
+            image: String::new(),
+            upgrades: Vec::new(),
+            login: login.then(|| Login {
+                username: "admin".to_string(),
+                password: "not-in-the-variables".to_string(),
+            }),
+        }
+    }
+
+    #[test]
+    fn the_variables_name_everything_and_hold_no_secret() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks/reference.yaml");
+        let mut stack = crate::model::load(&path).unwrap().for_run("3f9a1c");
+        stack.file = PathBuf::from("/work/ci.yaml");
+        stack.expires = Some(1_796_300_000);
+        let status = Status {
+            stack: stack.name.clone(),
+            provider: "ec2".to_string(),
+            state_file: String::new(),
+            state_serial: Some(9),
+            recorded_resources: 9,
+            ssh_key: Some(PathBuf::from("/work/.stack/ci.id_ed25519")),
+            ssh_user: Some("ubuntu".to_string()),
+            cluster: true,
+            kubeconfig: Some(PathBuf::from("/work/.stack/ci.kubeconfig")),
+            context: Some("ci".to_string()),
+            nodes: vec![
+                node("control[0]", "203.0.113.10", "10.0.0.10"),
+                node("worker[0]", "203.0.113.11", "10.0.0.11"),
+            ],
+            endpoints: vec![EndpointStatus {
+                name: "web".to_string(),
+                url: "https://web.ci.test".to_string(),
+            }],
+            ca_certificate: None,
+            grafana: None,
+            databases: vec![
+                database("docs", "couchdb", &["https://docs.ci.test"], true),
+                database(
+                    "ledger",
+                    "immudb",
+                    &[
+                        "immudb-ledger.ci:3322 (gRPC, writes)",
+                        "immudb-ledger-read.ci:3322 (gRPC, reads, replicas only)",
+                    ],
+                    false,
+                ),
+            ],
+            stages: Vec::new(),
+        };
+        let vars = variables(
+            &stack,
+            &status,
+            Path::new("/work/.stack/run"),
+            Path::new("/work/.stack/run/status.json"),
+        );
+        assert!(vars
+            .iter()
+            .all(|(_, v)| !v.contains("not-in-the-variables")));
+        let shown: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        insta::assert_snapshot!(shown.join("\n"));
+    }
 
     #[test]
     fn run_ids_are_six_hex_digits_and_differ() {
         let a = new_run_id().unwrap();
         let b = new_run_id().unwrap();
         assert_eq!(a.len(), 6);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(a, b);
     }
 

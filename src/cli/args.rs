@@ -136,7 +136,12 @@ pub struct RunArgs {
 
     /// The command to run, and its arguments (after `--` when they start
     /// with `-`).
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     pub command: Vec<String>,
 
     /// Make and remove without asking; needed where `stack` cannot ask.

@@ -53,7 +53,11 @@ pub enum RunError {
 /// `stack run`: a new environment `NAME-ID`, `up`, CMD with the
 /// environment in its variables, then `down` whatever happened, and CMD's
 /// exit code (or `up`'s failure code).
-pub async fn run(args: &RunArgs, output: OutputFormat, cancel: &Cancel) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    args: &RunArgs,
+    output: OutputFormat,
+    cancel: &Cancel,
+) -> anyhow::Result<ExitCode> {
     let base = model::load(&args.file)?;
     phases::check(&base)?;
     let id = crate::run::new_run_id()?;
@@ -150,7 +154,9 @@ async fn up(
     };
     let applied = session.apply(&plan, &options, cancel, &events).await?;
     match json {
-        true => print_line(&json!({"type": "applied", "summary": plan.summary, "applied": applied})),
+        true => {
+            print_line(&json!({"type": "applied", "summary": plan.summary, "applied": applied}))
+        }
         false => eprintln!("{}", view::applied(&plan, &applied)),
     }
     Ok(Approved::Yes)
@@ -224,7 +230,12 @@ fn kept(stack: &Stack, file: &Path, id: &str) -> String {
     let file = file.display();
     let expires = stack
         .expires
-        .map(|e| format!(" (`stack gc {file}` removes it after {})", crate::expiry::rfc3339(e)))
+        .map(|e| {
+            format!(
+                " (`stack gc {file}` removes it after {})",
+                crate::expiry::rfc3339(e)
+            )
+        })
         .unwrap_or_default();
     format!(
         "kept environment {} after the failure: `stack status --run {id} {file}` shows it, `stack ssh --run {id} {file} NODE` reaches a node, `stack kubeconfig --run {id} {file}` prints its kubeconfig; `stack down --run {id} {file}` removes it{expires}",
@@ -292,7 +303,11 @@ pub async fn gc(args: &GcArgs, output: OutputFormat, cancel: &Cancel) -> anyhow:
             continue;
         }
         if let Err(err) = sweep(&stack, args, output, cancel).await {
-            failed.push(format!("  {}: {}", env.name, crate::error_chain::error_chain(&*err)));
+            failed.push(format!(
+                "  {}: {}",
+                env.name,
+                crate::error_chain::error_chain(&*err)
+            ));
         }
     }
     if !failed.is_empty() {
@@ -338,6 +353,6 @@ mod tests {
         stack.expires = Some(1_796_300_000);
         let text = kept(&stack, Path::new("ci.yaml"), "3f9a1c");
         assert!(text.contains("`stack down --run 3f9a1c ci.yaml`"), "{text}");
-        assert!(text.contains("after 2026-12-03T09:33:20Z"), "{text}");
+        assert!(text.contains("after 2026-12-03T12:13:20Z"), "{text}");
     }
 }

@@ -414,15 +414,6 @@ pub fn rolled(rolled: &[crate::upgrade::apply::Rolled]) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rendered_plan_snapshot() {
-        let plan = crate::engine::plan::fixtures::example_plan();
-        insta::assert_snapshot!(super::plan(&plan));
-    }
-}
-
 /// What `stack gc` found: the expired environments it removes, and those
 /// it leaves until they expire.
 pub fn environments(stack: &str, expired: &[Expiring], alive: &[Expiring]) -> String {
@@ -443,4 +434,13 @@ pub fn environments(stack: &str, expired: &[Expiring], alive: &[Expiring]) -> St
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rendered_plan_snapshot() {
+        let plan = crate::engine::plan::fixtures::example_plan();
+        insta::assert_snapshot!(super::plan(&plan));
+    }
 }

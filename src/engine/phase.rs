@@ -101,7 +101,13 @@ pub struct Expiring {
 
 impl Expiring {
     /// Adds a thing of environment `name` to `found`, merging by name.
-    pub fn merge(found: &mut Vec<Expiring>, name: &str, run: Option<&str>, expires: u64, thing: String) {
+    pub fn merge(
+        found: &mut Vec<Expiring>,
+        name: &str,
+        run: Option<&str>,
+        expires: u64,
+        thing: String,
+    ) {
         match found.iter_mut().find(|e| e.name == name) {
             Some(env) => {
                 env.expires = env.expires.max(expires);
@@ -196,7 +202,11 @@ pub struct Login {
 
 impl std::fmt::Debug for Login {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Login {{ username: {:?}, password: (redacted) }}", self.username)
+        write!(
+            f,
+            "Login {{ username: {:?}, password: (redacted) }}",
+            self.username
+        )
     }
 }
 

@@ -17,8 +17,8 @@ use super::apply::{Batch, BatchError, Failure, Ledger, Outcome};
 use super::cancel::{Cancel, Level, StopReason, Stopped};
 use super::events::{Event, Events};
 use super::phase::{
-    EndpointStatus, Expiring, Leftovers, NodeStatus, Phase, PhaseError, PlanInput, Prepared, Retries,
-    StageInput, StatusPart,
+    EndpointStatus, Expiring, Leftovers, NodeStatus, Phase, PhaseError, PlanInput, Prepared,
+    Retries, StageInput, StatusPart,
 };
 use super::plan::{Action, Change, Mode, Plan, StageRef};
 use crate::artifacts::{Artifact, Artifacts};
@@ -511,7 +511,13 @@ impl Session {
                 })?;
             for env in part {
                 for thing in env.things {
-                    Expiring::merge(&mut found, &env.name, env.run.as_deref(), env.expires, thing);
+                    Expiring::merge(
+                        &mut found,
+                        &env.name,
+                        env.run.as_deref(),
+                        env.expires,
+                        thing,
+                    );
                 }
             }
         }

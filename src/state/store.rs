@@ -100,7 +100,6 @@ pub struct State {
     pub resources: Vec<Record>,
 }
 
-
 /// A new lineage id: random, and unlike any other state's.
 fn new_lineage() -> String {
     use std::hash::BuildHasher;

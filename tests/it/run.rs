@@ -14,18 +14,30 @@ use std::time::{Duration, Instant};
 use aws_sdk_ec2::types::Filter;
 
 use crate::support::image::{kvm_env, processes_mentioning, RootFs};
+use crate::support::kube::plain_kube_env;
 use crate::support::moto::{ec2, Moto};
 use crate::support::{expect_code, runtime, text, Env};
 
 /// Every live thing in moto that carries `stack:run-of=OF`, by environment.
 fn runs_of(endpoint: &str, of: &str) -> BTreeMap<String, usize> {
     let client = ec2(endpoint);
-    let marked = || Filter::builder().name("tag-key").values("stack:run-of").build();
+    let marked = || {
+        Filter::builder()
+            .name("tag-key")
+            .values("stack:run-of")
+            .build()
+    };
     let mut envs = BTreeMap::new();
     let mut count = |tags: &[aws_sdk_ec2::types::Tag]| {
-        let tag = |key: &str| tags.iter().find(|t| t.key() == Some(key)).and_then(|t| t.value());
+        let tag = |key: &str| {
+            tags.iter()
+                .find(|t| t.key() == Some(key))
+                .and_then(|t| t.value())
+        };
         if tag("stack:run-of") == Some(of) {
-            *envs.entry(tag("stack").unwrap_or_default().to_string()).or_insert(0) += 1;
+            *envs
+                .entry(tag("stack").unwrap_or_default().to_string())
+                .or_insert(0) += 1;
         }
     };
     runtime().block_on(async {
@@ -43,7 +55,11 @@ fn runs_of(endpoint: &str, of: &str) -> BTreeMap<String, usize> {
             .send()
             .await
             .unwrap();
-        for instance in reservations.reservations().iter().flat_map(|r| r.instances()) {
+        for instance in reservations
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+        {
             count(instance.tags());
         }
         let groups = client
@@ -73,9 +89,10 @@ fn wait_for(path: &Path, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !path.exists() {
         if let Some(status) = child.try_wait().unwrap() {
-            let output = std::mem::replace(child, std::process::Command::new("true").spawn().unwrap())
-                .wait_with_output()
-                .unwrap();
+            let output =
+                std::mem::replace(child, std::process::Command::new("true").spawn().unwrap())
+                    .wait_with_output()
+                    .unwrap();
             panic!(
                 "stack run ended ({status}) before its command wrote {}:\n{}\n{}",
                 path.display(),
@@ -83,7 +100,11 @@ fn wait_for(path: &Path, child: &mut Child) {
                 text(&output.stderr)
             );
         }
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         thread::sleep(Duration::from_millis(100));
     }
 }
@@ -138,10 +159,20 @@ fn run_on_ec2_hands_over_the_environment_and_always_removes_it() {
     }
     assert_eq!(vars["STACK_SSH_USER"], "ubuntu");
     assert!(vars.contains_key("STACK_EXPIRES"), "{vars:?}");
-    assert!(env.path().join("files").exists(), "the key and status files were not there for CMD");
+    assert!(
+        env.path().join("files").exists(),
+        "the key and status files were not there for CMD"
+    );
     let stderr = text(&run.stderr);
-    assert!(stderr.contains(&format!("environment {name}: down")), "{stderr}");
-    assert!(runs_of(&moto.url(), "runs").is_empty(), "{:?}", runs_of(&moto.url(), "runs"));
+    assert!(
+        stderr.contains(&format!("environment {name}: down")),
+        "{stderr}"
+    );
+    assert!(
+        runs_of(&moto.url(), "runs").is_empty(),
+        "{:?}",
+        runs_of(&moto.url(), "runs")
+    );
     no_state_left(&env);
 
     // SIGTERM during CMD: CMD gets it, down runs, run exits with CMD's 143.
@@ -160,7 +191,11 @@ fn run_on_ec2_hands_over_the_environment_and_always_removes_it() {
     signal(&child, libc::SIGTERM);
     let output = child.wait_with_output().unwrap();
     expect_code(&output, 143);
-    assert!(text(&output.stderr).contains(": down"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains(": down"),
+        "{}",
+        text(&output.stderr)
+    );
     assert!(runs_of(&moto.url(), "runs").is_empty());
     no_state_left(&env);
 
@@ -229,31 +264,125 @@ fn gc_removes_only_the_expired_environment_of_a_killed_run() {
     // Not expired yet: gc lists both as not expired and removes nothing.
     let early = env.run(&["gc", "--yes", "stack.yaml"]);
     expect_code(&early, 0);
-    assert!(text(&early.stdout).contains(&format!("not expired: {short}")), "{}", text(&early.stdout));
+    assert!(
+        text(&early.stdout).contains(&format!("not expired: {short}")),
+        "{}",
+        text(&early.stdout)
+    );
     assert_eq!(runs_of(&moto.url(), "swept"), before);
 
     // Thirty minutes on, with no state on this machine at all: only the
     // one-minute environment goes.
     std::fs::remove_dir_all(env.path().join(".stack")).unwrap();
-    let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(1800)).to_string();
+    let at =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(1800))
+            .to_string();
     let dry = env.run(&["gc", "--dry-run", "--as-of", &at, "stack.yaml"]);
     expect_code(&dry, 0);
-    assert!(text(&dry.stdout).contains(&format!("expired: {short}")), "{}", text(&dry.stdout));
+    assert!(
+        text(&dry.stdout).contains(&format!("expired: {short}")),
+        "{}",
+        text(&dry.stdout)
+    );
     assert_eq!(runs_of(&moto.url(), "swept"), before);
     let swept = env.run(&["gc", "--yes", "--as-of", &at, "stack.yaml"]);
     expect_code(&swept, 0);
     let after = runs_of(&moto.url(), "swept");
-    assert_eq!(after.keys().collect::<Vec<_>>(), vec![long], "{}", text(&swept.stdout));
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        vec![long],
+        "{}",
+        text(&swept.stdout)
+    );
     assert_eq!(after[long], before[long]);
 
     // The stack's own environment (no run, no ttl) is never a candidate,
     // and three hours on the second run's goes too.
-    let later = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3 * 3600)).to_string();
-    expect_code(&env.run(&["gc", "--yes", "--as-of", &later, "stack.yaml"]), 0);
+    let later = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() + Duration::from_secs(3 * 3600),
+    )
+    .to_string();
+    expect_code(
+        &env.run(&["gc", "--yes", "--as-of", &later, "stack.yaml"]),
+        0,
+    );
     assert!(runs_of(&moto.url(), "swept").is_empty());
     let wrong = env.run(&["gc", "--provider", "kvm", "stack.yaml"]);
     expect_code(&wrong, 1);
-    assert!(text(&wrong.stderr).contains("stack swept is on ec2"), "{}", text(&wrong.stderr));
+    assert!(
+        text(&wrong.stderr).contains("stack swept is on ec2"),
+        "{}",
+        text(&wrong.stderr)
+    );
+}
+
+#[test]
+fn runs_on_an_existing_cluster_get_namespaces_of_their_own_and_gc_finds_them() {
+    let config =
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  mode: test\n";
+    let (env, double) = plain_kube_env("shared", config, "30s");
+    let dir = env.path().display().to_string();
+    let script = format!(
+        "env | grep -E '^(STACK_|KUBECONFIG)' > {dir}/vars; test -f \"$KUBECONFIG\" || exit 9; exit 3"
+    );
+    expect_code(
+        &env.run(&["run", "--yes", "stack.yaml", "--", "sh", "-c", &script]),
+        3,
+    );
+    let vars = variables(&env.path().join("vars"));
+    let name = &vars["STACK_NAME"];
+    assert_eq!(&vars["STACK_NAMESPACE"], name, "{vars:?}");
+    assert!(vars["KUBECONFIG"].starts_with('/'), "{vars:?}");
+    assert_eq!(double.labelled(name), Vec::<String>::new());
+
+    // A run killed with SIGKILL leaves its namespace, labelled with its
+    // expiry; gc removes it once that has passed.
+    let marker = env.path().join("killed");
+    let mut child = env.spawn(&[
+        "run",
+        "--yes",
+        "--ttl",
+        "10m",
+        "stack.yaml",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo $$ > {0}.pid; echo $STACK_NAME > {0}; exec sleep 600",
+            marker.display()
+        ),
+    ]);
+    wait_for(&marker, &mut child);
+    signal(&child, libc::SIGKILL);
+    child.wait().unwrap();
+    let pid: libc::pid_t = std::fs::read_to_string(format!("{}.pid", marker.display()))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the orphaned command of the killed run.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let killed = std::fs::read_to_string(&marker).unwrap().trim().to_string();
+    assert!(!double.labelled(&killed).is_empty());
+    let at =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
+            .to_string();
+    let swept = env.run(&[
+        "gc",
+        "--yes",
+        "--provider",
+        "kubernetes",
+        "--as-of",
+        &at,
+        "stack.yaml",
+    ]);
+    expect_code(&swept, 0);
+    assert!(
+        text(&swept.stdout).contains(&format!("expired: {killed}")),
+        "{}",
+        text(&swept.stdout)
+    );
+    assert_eq!(double.labelled(&killed), Vec::<String>::new());
 }
 
 #[test]
@@ -269,11 +398,19 @@ fn run_on_kvm_reaches_its_node_and_leaves_nothing() {
     let vars = variables(&env.path().join("vars"));
     let name = &vars["STACK_NAME"];
     assert_eq!(
-        std::fs::read_to_string(env.path().join("hostname")).unwrap().trim(),
+        std::fs::read_to_string(env.path().join("hostname"))
+            .unwrap()
+            .trim(),
         format!("{name}-node-0"),
         "{vars:?}"
     );
-    assert!(vars["STACK_NODE_NODE_0_SSH"].starts_with("127.0.0.1:"), "{vars:?}");
-    assert!(processes_mentioning(name).is_empty(), "QEMU of {name} still runs");
+    assert!(
+        vars["STACK_NODE_NODE_0_SSH"].starts_with("127.0.0.1:"),
+        "{vars:?}"
+    );
+    assert!(
+        processes_mentioning(name).is_empty(),
+        "QEMU of {name} still runs"
+    );
     assert!(!env.path().join(".stack").join(name).exists());
 }

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use crate::artifacts::Artifacts;
 use crate::engine::{
-    Action, Change, ChangeInput, Expiring, Leftovers, Mode, Phase, PhaseError, PlanInput, PlanPart, Resource,
-    Retries, StatusPart,
+    Action, Change, ChangeInput, Expiring, Leftovers, Mode, Phase, PhaseError, PlanInput, PlanPart,
+    Resource, Retries, StatusPart,
 };
 use crate::future::BoxFuture;
 use crate::keys::StackKey;

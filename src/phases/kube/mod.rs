@@ -29,8 +29,9 @@ use serde_json::json;
 
 use crate::artifacts::{Artifact, Artifacts};
 use crate::engine::{
-    Action, Change, ChangeInput, EndpointStatus, Expiring, Leftovers, Mode, Observed, Phase, PhaseError,
-    PlanInput, PlanPart, Prepared, PriorFields, Resource, Retries, StageInput, StatusPart,
+    Action, Change, ChangeInput, EndpointStatus, Expiring, Leftovers, Mode, Observed, Phase,
+    PhaseError, PlanInput, PlanPart, Prepared, PriorFields, Resource, Retries, StageInput,
+    StatusPart,
 };
 use crate::files::FileError;
 use crate::future::BoxFuture;
@@ -999,7 +1000,11 @@ impl KubeStage {
         let selector = format!("{}=stack,{}", manifest::MANAGED_BY, manifest::EXPIRES_LABEL);
         let cluster = kube.cluster().await?;
         let mut found = Vec::new();
-        for namespace in cluster.list(namespaces, &selector).await?.unwrap_or_default() {
+        for namespace in cluster
+            .list(namespaces, &selector)
+            .await?
+            .unwrap_or_default()
+        {
             let labels = &namespace["metadata"]["labels"];
             let label = |key: &str| labels[key].as_str();
             let (Some(name), Some(expires)) = (

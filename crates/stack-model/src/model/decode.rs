@@ -467,7 +467,9 @@ impl Decoder<'_> {
             )
         });
         let url = self.opt(&f, path, "url", |d, n, p| {
-            d.parsed(n, p, |t| values::check_postgres_url(t).map(|()| t.to_string()))
+            d.parsed(n, p, |t| {
+                values::check_postgres_url(t).map(|()| t.to_string())
+            })
         });
         let url_path = join(path, "url");
         match (backend.as_ref().map(|b| b.value), &url) {

@@ -1261,7 +1261,8 @@ impl Ec2Provider {
         for (thing, tags) in things {
             let (Some(name), Some(expires)) = (
                 tags.get(STACK_TAG),
-                tags.get(EXPIRES_TAG).and_then(|t| crate::expiry::parse_rfc3339(t)),
+                tags.get(EXPIRES_TAG)
+                    .and_then(|t| crate::expiry::parse_rfc3339(t)),
             ) else {
                 continue;
             };

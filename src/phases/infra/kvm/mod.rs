@@ -842,10 +842,14 @@ impl KvmProvider {
     fn environments(&self) -> Vec<Expiring> {
         let base = self.stack.run.as_ref().map_or(&self.stack.name, |r| &r.of);
         let mut found = Vec::new();
-        let envs = std::fs::read_dir(self.stack.state_dir()).into_iter().flatten();
+        let envs = std::fs::read_dir(self.stack.state_dir())
+            .into_iter()
+            .flatten();
         for env in envs.flatten() {
             let name = env.file_name().to_string_lossy().into_owned();
-            let vms = std::fs::read_dir(env.path().join("vms")).into_iter().flatten();
+            let vms = std::fs::read_dir(env.path().join("vms"))
+                .into_iter()
+                .flatten();
             for vm in vms.flatten() {
                 let Some(meta) = self.meta(&vm.path()) else {
                     continue;
