@@ -24,6 +24,7 @@ use anyhow::Context;
 use crate::engine::Cancel;
 pub use args::{Cli, Command, OutputFormat};
 pub use outcome::{colour_on_stderr, parse, Failure};
+pub use signals::failure_code;
 
 /// Runs the command; `cancel` is the run's token, which SIGINT and SIGTERM feed.
 pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
@@ -54,10 +55,4 @@ pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// The exit code of a run that failed: 130 or 143 when a signal stopped
-/// it, else 1 (a refusal to act without `--yes` included).
-pub fn failure_code(cancel: &Cancel) -> u8 {
-    cancel.reason().map_or(1, signals::exit_code)
 }

@@ -86,7 +86,7 @@ pub async fn run(
         },
         Err(err) => {
             failure.tell(&err);
-            super::failure_code(cancel)
+            signals::failure_code(cancel)
         }
     };
     if code != 0 && args.keep_on_failure {
