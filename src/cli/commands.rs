@@ -192,6 +192,7 @@ pub async fn down(
         yes: args.yes,
         adopt: args.adopt,
         parallelism: args.parallelism,
+        on_stderr: false,
     };
     destroy(&stack, &removal, output, cancel).await?;
     Ok(ExitCode::SUCCESS)
@@ -203,6 +204,8 @@ pub(super) struct Removal {
     pub yes: bool,
     pub adopt: bool,
     pub parallelism: u16,
+    /// Text on stderr (for `run`, whose stdout is the command's).
+    pub on_stderr: bool,
 }
 
 /// `down`'s work, for `down`, `run` and `gc`: the destroy plan shown,
@@ -222,7 +225,14 @@ pub(super) async fn destroy(
         adopt: removal.adopt,
     };
     let plan = session.plan(request, cancel, &events).await?;
-    show_plan(&plan, json);
+    let say = |text: String| match removal.on_stderr {
+        true => eprintln!("{text}"),
+        false => println!("{text}"),
+    };
+    match (json, removal.on_stderr) {
+        (false, true) => eprint!("{}", view::plan(&plan)),
+        _ => show_plan(&plan, json),
+    }
     if !plan.is_empty() {
         prompt::confirm(
             removal.yes,
@@ -263,9 +273,9 @@ pub(super) async fn destroy(
             state_location: state,
             ..applied
         };
-        println!("{}", view::applied(&plan, &shown));
-        for sentence in &remains.checked {
-            println!("{sentence}");
+        say(view::applied(&plan, &shown));
+        for sentence in remains.checked {
+            say(sentence);
         }
     }
     Ok(())

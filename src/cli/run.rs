@@ -102,6 +102,7 @@ pub async fn run(
         yes: true,
         adopt: false,
         parallelism: args.parallelism,
+        on_stderr: true,
     };
     if let Err(err) = destroy(&stack, &removal, output, &teardown).await {
         failure.tell(&err);
@@ -337,6 +338,7 @@ async fn sweep(
         yes: true,
         adopt: recorded == 0,
         parallelism: args.parallelism,
+        on_stderr: false,
     };
     destroy(stack, &removal, output, cancel).await
 }

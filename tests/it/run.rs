@@ -199,6 +199,70 @@ fn run_on_ec2_hands_over_the_environment_and_always_removes_it() {
     assert!(runs_of(&moto.url(), "runs").is_empty());
     no_state_left(&env);
 
+    // --keep-on-failure: CMD fails, the environment stays, and the run
+    // says how to reach and remove it; `down --run ID` removes it.
+    let kept = env.run(&[
+        "run",
+        "--yes",
+        "--keep-on-failure",
+        "stack.yaml",
+        "--",
+        "sh",
+        "-c",
+        "exit 4",
+    ]);
+    expect_code(&kept, 4);
+    let envs = runs_of(&moto.url(), "runs");
+    let name = envs
+        .keys()
+        .next()
+        .expect("the failed run's environment is kept");
+    let id = name.trim_start_matches("runs-");
+    let told = text(&kept.stderr);
+    assert!(
+        told.contains(&format!("kept environment {name}"))
+            && told.contains(&format!("`stack down --run {id} stack.yaml`")),
+        "{told}"
+    );
+    let status = env.run(&["status", "--run", id, "stack.yaml"]);
+    expect_code(&status, 0);
+    assert!(
+        text(&status.stdout).contains(&format!("stack {name} (ec2)")),
+        "{}",
+        text(&status.stdout)
+    );
+    expect_code(&env.run(&["down", "--yes", "--run", id, "stack.yaml"]), 0);
+    assert!(runs_of(&moto.url(), "runs").is_empty());
+    no_state_left(&env);
+
+    // A failed `up` (an image EC2 does not have): down still removes what
+    // it made, and run exits with up's 1 without running CMD.
+    let broken = Env::new("runs", 1, moto.url());
+    let yaml = std::fs::read_to_string(broken.path().join("stack.yaml")).unwrap();
+    std::fs::write(
+        broken.path().join("stack.yaml"),
+        yaml.replace("ami-12c6146b", "ami-00000000"),
+    )
+    .unwrap();
+    let ran = broken.path().join("ran");
+    let failed = broken.run(&[
+        "run",
+        "--yes",
+        "stack.yaml",
+        "--",
+        "touch",
+        &ran.display().to_string(),
+    ]);
+    expect_code(&failed, 1);
+    assert!(!ran.exists(), "CMD ran after a failed up");
+    let told = text(&failed.stderr);
+    assert!(
+        told.contains("InvalidAMIID.NotFound") && told.contains(": down"),
+        "{told}"
+    );
+    assert!(failed.stdout.is_empty(), "{}", text(&failed.stdout));
+    assert!(runs_of(&moto.url(), "runs").is_empty());
+
     // Two runs of the stack at once: two environments, both removed.
     let names = env.path().join("names");
     let both = format!(
