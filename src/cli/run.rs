@@ -173,7 +173,7 @@ async fn command(stack: &Stack, argv: &[String], cancel: &Cancel) -> anyhow::Res
         expires: phases::expiry(stack, session.state()),
         ..stack.clone()
     };
-    let folder = stack.state_dir().join(&stack.name).join("run");
+    let folder = session.artifacts().run_dir();
     crate::run::write_logins(&status, &folder)?;
     let status_file = folder.join("status.json");
     crate::files::write_private(

@@ -3,7 +3,8 @@
 //! ran (CMD failing, SIGTERM during CMD, two runs at once); a run killed
 //! with SIGKILL leaves an environment that `gc` removes once its ttl has
 //! passed, state file or not, and nothing else. On KVM, one run whose
-//! command reaches its node over SSH and exits 3.
+//! command reaches its node over SSH and exits 3, and one killed whose VM
+//! gc stops and removes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -121,6 +122,44 @@ fn variables(path: &Path) -> BTreeMap<String, String> {
 fn signal(child: &Child, signal: libc::c_int) {
     // SAFETY: kill(2) on a child this test started and has not reaped.
     unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+}
+
+/// Starts `stack run --ttl TTL` whose command writes the environment's
+/// name to `marker` and sleeps, then SIGKILLs the run and its command
+/// (as a CI runner dies): what the run made stays. The environment's name.
+fn killed_run(env: &Env, ttl: &str, marker: &str) -> String {
+    let marker = env.path().join(marker);
+    let mut child = env.spawn(&[
+        "run",
+        "--yes",
+        "--ttl",
+        ttl,
+        "stack.yaml",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo $$ > {0}.pid; echo $STACK_NAME > {0}; exec sleep 600",
+            marker.display()
+        ),
+    ]);
+    wait_for(&marker, &mut child);
+    signal(&child, libc::SIGKILL);
+    child.wait().unwrap();
+    let pid: libc::pid_t = std::fs::read_to_string(format!("{}.pid", marker.display()))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the orphaned command of the killed run.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::fs::read_to_string(&marker).unwrap().trim().to_string()
+}
+
+/// An RFC 3339 time `secs` from now, for `gc --as-of`.
+fn from_now(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(secs))
+        .to_string()
 }
 
 fn no_state_left(env: &Env) {
@@ -290,38 +329,9 @@ fn gc_removes_only_the_expired_environment_of_a_killed_run() {
     let moto = Moto::start();
     let env = Env::new("swept", 1, moto.url());
     // Two runs killed with SIGKILL while their commands run: one with a
-    // one-minute ttl, one with two hours. Their commands go with them.
-    let mut killed = Vec::new();
-    for (ttl, file) in [("1m", "short"), ("2h", "long")] {
-        let marker = env.path().join(file);
-        let mut child = env.spawn(&[
-            "run",
-            "--yes",
-            "--ttl",
-            ttl,
-            "stack.yaml",
-            "--",
-            "sh",
-            "-c",
-            &format!(
-                "echo $$ > {0}.pid; echo $STACK_NAME > {0}; exec sleep 600",
-                marker.display()
-            ),
-        ]);
-        wait_for(&marker, &mut child);
-        signal(&child, libc::SIGKILL);
-        child.wait().unwrap();
-        let name = std::fs::read_to_string(&marker).unwrap().trim().to_string();
-        let pid: libc::pid_t = std::fs::read_to_string(env.path().join(format!("{file}.pid")))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        // SAFETY: kill(2) on the orphaned command of the killed run.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        killed.push(name);
-    }
-    let (short, long) = (&killed[0], &killed[1]);
+    // one-minute ttl, one with two hours.
+    let short = &killed_run(&env, "1m", "short");
+    let long = &killed_run(&env, "2h", "long");
     let before = runs_of(&moto.url(), "swept");
     assert_eq!(before.keys().collect::<Vec<_>>().len(), 2, "{before:?}");
 
@@ -338,9 +348,7 @@ fn gc_removes_only_the_expired_environment_of_a_killed_run() {
     // Thirty minutes on, with no state on this machine at all: only the
     // one-minute environment goes.
     std::fs::remove_dir_all(env.path().join(".stack")).unwrap();
-    let at =
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(1800))
-            .to_string();
+    let at = from_now(1800);
     let dry = env.run(&["gc", "--dry-run", "--as-of", &at, "stack.yaml"]);
     expect_code(&dry, 0);
     assert!(
@@ -362,10 +370,7 @@ fn gc_removes_only_the_expired_environment_of_a_killed_run() {
 
     // The stack's own environment (no run, no ttl) is never a candidate,
     // and three hours on the second run's goes too.
-    let later = humantime::format_rfc3339_seconds(
-        std::time::SystemTime::now() + Duration::from_secs(3 * 3600),
-    )
-    .to_string();
+    let later = from_now(3 * 3600);
     expect_code(
         &env.run(&["gc", "--yes", "--as-of", &later, "stack.yaml"]),
         0,
@@ -401,36 +406,9 @@ fn runs_on_an_existing_cluster_get_namespaces_of_their_own_and_gc_finds_them() {
 
     // A run killed with SIGKILL leaves its namespace, labelled with its
     // expiry; gc removes it once that has passed.
-    let marker = env.path().join("killed");
-    let mut child = env.spawn(&[
-        "run",
-        "--yes",
-        "--ttl",
-        "10m",
-        "stack.yaml",
-        "--",
-        "sh",
-        "-c",
-        &format!(
-            "echo $$ > {0}.pid; echo $STACK_NAME > {0}; exec sleep 600",
-            marker.display()
-        ),
-    ]);
-    wait_for(&marker, &mut child);
-    signal(&child, libc::SIGKILL);
-    child.wait().unwrap();
-    let pid: libc::pid_t = std::fs::read_to_string(format!("{}.pid", marker.display()))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    // SAFETY: kill(2) on the orphaned command of the killed run.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let killed = std::fs::read_to_string(&marker).unwrap().trim().to_string();
+    let killed = killed_run(&env, "10m", "killed");
     assert!(!double.labelled(&killed).is_empty());
-    let at =
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600))
-            .to_string();
+    let at = from_now(3600);
     let swept = env.run(&[
         "gc",
         "--yes",
@@ -477,4 +455,32 @@ fn run_on_kvm_reaches_its_node_and_leaves_nothing() {
         "QEMU of {name} still runs"
     );
     assert!(!env.path().join(".stack").join(name).exists());
+
+    // A run killed with SIGKILL leaves its VM running; gc stops and
+    // removes it once its ttl has passed.
+    let killed = killed_run(&env, "1m", "killed");
+    assert!(
+        !processes_mentioning(&killed).is_empty(),
+        "no QEMU of {killed}"
+    );
+    let swept = env.run(&[
+        "gc",
+        "--yes",
+        "--provider",
+        "kvm",
+        "--as-of",
+        &from_now(600),
+        "stack.yaml",
+    ]);
+    expect_code(&swept, 0);
+    assert!(
+        text(&swept.stdout).contains(&format!("expired: {killed} ")),
+        "{}",
+        text(&swept.stdout)
+    );
+    assert!(
+        processes_mentioning(&killed).is_empty(),
+        "QEMU of {killed} still runs"
+    );
+    assert!(!env.path().join(".stack").join(&killed).exists());
 }
