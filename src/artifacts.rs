@@ -1,6 +1,7 @@
 //! The files a stack makes besides its state, behind one store: its SSH key,
 //! the nodes' pinned host keys, the cluster's kubeconfig, the stack CA's
-//! certificate and the known_hosts file `stack ssh` hands to OpenSSH.
+//! certificate, the known_hosts file `stack ssh` hands to OpenSSH, and the
+//! files `stack run` hands its command.
 //!
 //! They live next to the state (`.stack/`), where users point kubectl and
 //! ssh at them. Every read, write and removal goes through here, so `down`
@@ -92,6 +93,12 @@ impl Artifacts {
     /// `.stack/NAME/hosts`: the nodes' host keys.
     fn hosts_dir(&self) -> PathBuf {
         self.dir.join(&self.stack).join("hosts")
+    }
+
+    /// `.stack/NAME/run`: what `stack run` hands its command (the status,
+    /// the database logins) while it runs.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join(&self.stack).join("run")
     }
 
     /// Where the artifact is on this machine.
@@ -213,12 +220,13 @@ impl Artifacts {
         ] {
             self.remove(&artifact)?;
         }
-        let hosts = self.hosts_dir();
-        match fs::remove_dir_all(&hosts) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                return Err(failed("remove", &hosts)(err))
+        for dir in [self.hosts_dir(), self.run_dir()] {
+            match fs::remove_dir_all(&dir) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(failed("remove", &dir)(err))
+                }
+                _ => {}
             }
-            _ => {}
         }
         let _ = fs::remove_dir(self.dir.join(&self.stack));
         Ok(())

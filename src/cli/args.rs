@@ -54,6 +54,12 @@ pub enum Command {
     /// history, unlock, and migrate between backends.
     #[command(subcommand)]
     State(StateCommand),
+    /// Make a new environment of the stack for one command: up, run CMD
+    /// with the environment in its variables, always down; exit with CMD's code.
+    Run(RunArgs),
+    /// Remove the environments of the stack (its runs' included) whose
+    /// expiry has passed, found by their tags and labels, state or not.
+    Gc(GcArgs),
     /// Print a completion script for SHELL on stdout (see the README for where it goes).
     Completions {
         #[arg(value_enum)]
@@ -70,6 +76,10 @@ pub struct SshArgs {
     /// `control-0`, its hostname, or its address `kvm.vm.control[0]`.
     #[arg(value_name = "[FILE] NODE", num_args = 1..=2, required = true)]
     pub target: Vec<String>,
+
+    /// The environment of this `stack run` (its id), not the stack's own.
+    #[arg(long, value_name = "ID", value_parser = run_id)]
+    pub run: Option<String>,
 
     /// A command to run instead of a shell.
     #[arg(last = true)]
@@ -186,6 +196,105 @@ pub struct FileArgs {
     /// The stack file.
     #[arg(default_value = "stack.yaml")]
     pub file: PathBuf,
+
+    /// The environment of this `stack run` (its id, as `run` printed it),
+    /// not the stack's own: for a kept environment.
+    #[arg(long, value_name = "ID", value_parser = run_id)]
+    pub run: Option<String>,
+}
+
+/// A run id as `stack run` makes them: lowercase letters and digits.
+fn run_id(text: &str) -> Result<String, String> {
+    let ok = (1..=12).contains(&text.len())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    match ok {
+        true => Ok(text.to_string()),
+        false => Err("a run id: 1 to 12 lowercase letters and digits, such as 3f9a1c".to_string()),
+    }
+}
+
+/// An RFC 3339 time, in seconds since the epoch.
+fn time(text: &str) -> Result<u64, String> {
+    crate::expiry::parse_rfc3339(text)
+        .ok_or_else(|| "a time such as 2026-12-24T18:00:00Z".to_string())
+}
+
+/// A `ttl` as the stack file takes it.
+fn ttl(text: &str) -> Result<std::time::Duration, String> {
+    crate::model::values::parse_ttl(text)
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The stack file.
+    pub file: PathBuf,
+
+    /// The command to run, and its arguments (after `--` when they start
+    /// with `-`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<String>,
+
+    /// Make and remove without asking; needed where `stack` cannot ask.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+
+    /// How long the environment may live before `stack gc` removes it
+    /// (default: the stack's `ttl`, else 24h).
+    #[arg(long, value_name = "DURATION", value_parser = ttl)]
+    pub ttl: Option<std::time::Duration>,
+
+    /// When `up` or CMD fails, keep the environment and print how to reach
+    /// and remove it.
+    #[arg(long)]
+    pub keep_on_failure: bool,
+
+    /// How many independent changes may run at once.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallelism: u16,
+}
+
+/// Where `stack gc` looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GcProvider {
+    Ec2,
+    Kvm,
+    Kubernetes,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// The stack file: where its environments are (EC2 region, KVM folder
+    /// or cluster); only its own and its runs' are removed.
+    #[arg(default_value = "stack.yaml")]
+    pub file: PathBuf,
+
+    /// Only where this provider keeps them (the stack's must be it).
+    #[arg(long, value_enum)]
+    pub provider: Option<GcProvider>,
+
+    /// Remove without asking; needed where `stack` cannot ask.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+
+    /// Only list what has expired and what has not.
+    #[arg(long, conflicts_with = "yes")]
+    pub dry_run: bool,
+
+    /// Sweep as if it were TIME (RFC 3339, such as 2026-12-24T18:00:00Z):
+    /// with `--dry-run`, what will have expired by then.
+    #[arg(long, value_name = "TIME", value_parser = time)]
+    pub as_of: Option<u64>,
+
+    /// How many independent changes may run at once.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallelism: u16,
 }
 
 #[derive(Debug, Args)]

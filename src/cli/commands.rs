@@ -54,16 +54,37 @@ pub enum CommandError {
     UpgradeCheckFailed { total: usize, failures: Vec<String> },
 }
 
+/// The stack file, or the environment of one of its runs (`--run ID`).
+pub(super) fn load(args: &FileArgs) -> Result<model::Stack, LoadError> {
+    let stack = model::load(&args.file)?;
+    Ok(match &args.run {
+        Some(id) => run_environment(&stack, id, None),
+        None => stack,
+    })
+}
+
+/// The environment of run `id` of `stack`, with its `ttl`: `--ttl`, the
+/// stack's, or a day.
+pub(super) fn run_environment(
+    stack: &model::Stack,
+    id: &str,
+    ttl: Option<std::time::Duration>,
+) -> model::Stack {
+    let mut run = stack.for_run(id);
+    run.ttl = Some(ttl.or(stack.ttl).unwrap_or(crate::run::DEFAULT_RUN_TTL));
+    run
+}
+
 fn print_json(value: &serde_json::Value) {
     print_document(value, false);
 }
 
 /// One JSON line on stdout (the stream of `up` and `down`).
-fn print_line(value: &serde_json::Value) {
+pub(super) fn print_line(value: &serde_json::Value) {
     print_document(value, true);
 }
 
-fn show_plan(plan: &Plan, json: bool) {
+pub(super) fn show_plan(plan: &Plan, json: bool) {
     if json {
         print_line(&json!({"type": "plan", "plan": plan::to_json(plan)}));
     } else {
@@ -73,7 +94,7 @@ fn show_plan(plan: &Plan, json: bool) {
 }
 
 pub fn validate(args: &FileArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
-    match model::load(&args.file).and_then(|stack| phases::check(&stack).map(|()| stack)) {
+    match load(args).and_then(|stack| phases::check(&stack).map(|()| stack)) {
         Ok(stack) => {
             match output {
                 OutputFormat::Json => {
@@ -98,7 +119,7 @@ pub async fn plan(
     output: OutputFormat,
     cancel: &Cancel,
 ) -> anyhow::Result<ExitCode> {
-    let stack = model::load(&args.file.file)?;
+    let stack = load(&args.file)?;
     let mode = match (args.destroy, args.refresh_only) {
         (true, _) => Mode::Destroy,
         (_, true) => Mode::RefreshOnly,
@@ -113,7 +134,8 @@ pub async fn plan(
     } else {
         Events::new(Arc::new(Progress::new(false)))
     };
-    let session = phases::open(&stack, &invocation::writing(&args.lock, cancel)).await?;
+    let session =
+        phases::open(&stack, &invocation::writing(args.lock.lock_timeout, cancel)).await?;
     let request = PlanRequest {
         mode,
         adopt: args.adopt,
@@ -135,11 +157,12 @@ pub async fn up(
     output: OutputFormat,
     cancel: &Cancel,
 ) -> anyhow::Result<ExitCode> {
-    let stack = model::load(&args.file.file)?;
+    let stack = load(&args.file)?;
     phases::check(&stack)?;
     let json = output == OutputFormat::Json;
     let events = Events::new(Arc::new(Progress::new(json)));
-    let mut session = phases::open(&stack, &invocation::writing(&args.lock, cancel)).await?;
+    let mut session =
+        phases::open(&stack, &invocation::writing(args.lock.lock_timeout, cancel)).await?;
     let request = PlanRequest {
         mode: Mode::Normal,
         adopt: args.adopt,
@@ -166,19 +189,59 @@ pub async fn down(
     output: OutputFormat,
     cancel: &Cancel,
 ) -> anyhow::Result<ExitCode> {
-    let stack = model::load(&args.file.file)?;
+    let stack = load(&args.file)?;
+    let removal = Removal {
+        yes: args.yes,
+        adopt: args.adopt,
+        parallelism: args.parallelism,
+        on_stderr: false,
+        lock_timeout: args.lock.lock_timeout,
+    };
+    destroy(&stack, &removal, output, cancel).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How a destroy goes: approved already or not, taking over what another
+/// state made, how many changes at once.
+pub(super) struct Removal {
+    pub yes: bool,
+    pub adopt: bool,
+    pub parallelism: u16,
+    /// Text on stderr (for `run`, whose stdout is the command's).
+    pub on_stderr: bool,
+    /// How long to wait for the stack's lock.
+    pub lock_timeout: std::time::Duration,
+}
+
+/// `down`'s work, for `down`, `run` and `gc`: the destroy plan shown,
+/// approved and applied, the check that nothing is left, the state and
+/// artifacts forgotten.
+pub(super) async fn destroy(
+    stack: &model::Stack,
+    removal: &Removal,
+    output: OutputFormat,
+    cancel: &Cancel,
+) -> anyhow::Result<()> {
     let json = output == OutputFormat::Json;
     let events = Events::new(Arc::new(Progress::new(json)));
-    let mut session = phases::open(&stack, &invocation::writing(&args.lock, cancel)).await?;
+    let mut session =
+        phases::open(stack, &invocation::writing(removal.lock_timeout, cancel)).await?;
     let request = PlanRequest {
         mode: Mode::Destroy,
-        adopt: args.adopt,
+        adopt: removal.adopt,
     };
     let plan = session.plan(request, cancel, &events).await?;
-    show_plan(&plan, json);
+    let say = |text: String| match removal.on_stderr {
+        true => eprintln!("{text}"),
+        false => println!("{text}"),
+    };
+    match (json, removal.on_stderr) {
+        (false, true) => eprint!("{}", view::plan(&plan)),
+        _ => show_plan(&plan, json),
+    }
     if !plan.is_empty() {
         prompt::confirm(
-            args.yes,
+            removal.yes,
             json,
             "Destroy everything of this stack?",
             "destroy it",
@@ -187,7 +250,7 @@ pub async fn down(
         .await?;
     }
     let options = ApplyOptions {
-        parallelism: usize::from(args.parallelism),
+        parallelism: usize::from(removal.parallelism),
     };
     let applied = session.apply(&plan, &options, cancel, &events).await?;
     let remains = session.leftovers(cancel).await?;
@@ -216,12 +279,12 @@ pub async fn down(
             state_location: state,
             ..applied
         };
-        println!("{}", view::applied(&plan, &shown));
-        for sentence in &remains.checked {
-            println!("{sentence}");
+        say(view::applied(&plan, &shown));
+        for sentence in remains.checked {
+            say(sentence);
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 pub async fn status(
@@ -229,7 +292,7 @@ pub async fn status(
     output: OutputFormat,
     cancel: &Cancel,
 ) -> anyhow::Result<ExitCode> {
-    let stack = model::load(&args.file)?;
+    let stack = load(args)?;
     let session = phases::open(&stack, &invocation::reading(cancel)).await?;
     let status = session.status(cancel).await?;
     match output {
@@ -248,7 +311,7 @@ pub async fn upgrade(
     output: OutputFormat,
     cancel: &Cancel,
 ) -> anyhow::Result<ExitCode> {
-    let stack = model::load(&args.file.file)?;
+    let stack = load(&args.file)?;
     if !args.check {
         return roll_out(args, &stack, output, cancel).await;
     }
@@ -297,7 +360,8 @@ async fn roll_out(
     phases::check(stack)?;
     let json = output == OutputFormat::Json;
     let events = Events::new(Arc::new(Progress::new(json)));
-    let mut session = phases::open(stack, &invocation::writing(&args.lock, cancel)).await?;
+    let mut session =
+        phases::open(stack, &invocation::writing(args.lock.lock_timeout, cancel)).await?;
     let rolled = if args.due {
         if stack
             .upgrades
@@ -444,7 +508,7 @@ impl daemon::DaemonLog for JsonLines {
 
 /// Prints the stack's kubeconfig path, or merges it into the user's.
 pub fn kubeconfig(args: &KubeconfigArgs, output: OutputFormat) -> anyhow::Result<ExitCode> {
-    let stack = model::load(&args.file.file)?;
+    let stack = load(&args.file)?;
     let (path, _) =
         phases::kubeconfig(&stack)?.ok_or_else(|| CommandError::NoCluster(stack.name.clone()))?;
     if !path.exists() {
@@ -496,6 +560,10 @@ pub fn completions(shell: clap_complete::Shell) -> ExitCode {
 pub async fn ssh(args: &SshArgs, cancel: &Cancel) -> anyhow::Result<ExitCode> {
     let (file, node) = args.file_and_node();
     let stack = model::load(Path::new(&file))?;
+    let stack = match &args.run {
+        Some(id) => run_environment(&stack, id, None),
+        None => stack,
+    };
     let session = phases::open(&stack, &invocation::reading(cancel)).await?;
     let status = session.status(cancel).await?;
     let access = status

@@ -2,10 +2,10 @@
 //! lock, in its history), and the openings of a stack's state built from
 //! it, in one place for every subcommand.
 
+use std::time::Duration;
+
 use crate::engine::{Cancel, Opening};
 use crate::state::LockHolder;
-
-use super::args::LockArgs;
 
 /// `stack` and the arguments after it, each quoted when it has a space.
 pub fn command_line() -> String {
@@ -21,9 +21,10 @@ pub fn command_line() -> String {
         .join(" ")
 }
 
-/// For a command that changes the stack.
-pub fn writing(lock: &LockArgs, cancel: &Cancel) -> Opening {
-    Opening::write(&command_line(), lock.lock_timeout, cancel)
+/// For a command that changes the stack, waiting up to `lock_timeout`
+/// for its lock (`--lock-timeout`).
+pub fn writing(lock_timeout: Duration, cancel: &Cancel) -> Opening {
+    Opening::write(&command_line(), lock_timeout, cancel)
 }
 
 /// For a command that only reads it.

@@ -4,8 +4,9 @@
 //! (`invocation`), what they print (`view`),
 //! the progress renderer (`progress`) and its heartbeat off a terminal
 //! (`heartbeat`), the confirmation prompt (`prompt`), the signals that feed
-//! the cancellation token (`signals`), and how a run ends: exit codes and
-//! errors for people and for JSON readers (`outcome`). Nothing below this
+//! the cancellation token (`signals`), the environments of `run` and
+//! `gc` (`run`), and how a run ends: exit codes and errors for people and
+//! for JSON readers (`outcome`). Nothing below this
 //! layer reads stdin, draws progress or handles signals.
 
 pub mod args;
@@ -15,6 +16,7 @@ mod invocation;
 mod outcome;
 mod progress;
 mod prompt;
+mod run;
 mod signals;
 mod state;
 mod view;
@@ -26,6 +28,7 @@ use anyhow::Context;
 use crate::engine::Cancel;
 pub use args::{Cli, Command, OutputFormat};
 pub use outcome::{colour_on_stderr, parse, Failure};
+pub use signals::failure_code;
 
 /// Runs the command; `cancel` is the run's token, which SIGINT and SIGTERM feed.
 pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
@@ -48,6 +51,8 @@ pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
         Command::Completions { shell } => Ok(commands::completions(shell)),
         Command::Ssh(args) => commands::ssh(&args, cancel).await,
         Command::State(command) => state::run(&command, output, cancel).await,
+        Command::Run(args) => run::run(&args, output, cancel).await,
+        Command::Gc(args) => run::gc(&args, output, cancel).await,
         Command::Switch { socket } => {
             crate::phases::infra::kvm::switch::serve(&socket)
                 .await
@@ -55,10 +60,4 @@ pub async fn run(cli: Cli, cancel: &Cancel) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// The exit code of a run that failed: 130 or 143 when a signal stopped
-/// it, else 1 (a refusal to act without `--yes` included).
-pub fn failure_code(cancel: &Cancel) -> u8 {
-    cancel.reason().map_or(1, signals::exit_code)
 }

@@ -93,7 +93,19 @@ impl Failure {
     pub fn of(cli: &Cli) -> Failure {
         Failure {
             output: cli.output,
-            one_line: matches!(cli.command, Command::Up(_) | Command::Down(_)),
+            one_line: matches!(
+                cli.command,
+                Command::Up(_) | Command::Down(_) | Command::Run(_) | Command::Gc(_)
+            ),
+        }
+    }
+
+    /// For a command that goes on after a failure (`run`): a stream of
+    /// JSON lines with `--output json`.
+    pub fn stream(output: OutputFormat) -> Failure {
+        Failure {
+            output,
+            one_line: true,
         }
     }
 

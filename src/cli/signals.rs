@@ -35,3 +35,9 @@ pub fn watch(cancel: &Cancel) -> std::io::Result<()> {
     });
     Ok(())
 }
+
+/// The exit code of a run that failed: 130 or 143 when a signal stopped
+/// it, else 1 (a refusal to act without `--yes` included).
+pub fn failure_code(cancel: &Cancel) -> u8 {
+    cancel.reason().map_or(1, exit_code)
+}

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use crate::engine::{Applied, Change, Mode, Plan, Status};
+use crate::engine::{Applied, Change, Expiring, Mode, Plan, Status};
 use crate::upgrade::{Outcome, Report};
 
 fn show(value: Option<&Value>) -> String {
@@ -437,6 +437,28 @@ pub fn history(entries: &[crate::state::HistoryEntry]) -> String {
             "{:>6}  {:<20}  {:<who$}  {:>7}  {}",
             entry.serial, entry.at, entry.who, entry.pid, entry.command
         );
+    }
+    out
+}
+
+/// What `stack gc` found: the expired environments it removes, and those
+/// it leaves until they expire.
+pub fn environments(stack: &str, expired: &[Expiring], alive: &[Expiring]) -> String {
+    let mut out = String::new();
+    if expired.is_empty() && alive.is_empty() {
+        let _ = writeln!(out, "no environment of stack {stack} carries an expiry");
+        return out;
+    }
+    for (title, envs) in [("expired", expired), ("not expired", alive)] {
+        for env in envs {
+            let _ = writeln!(
+                out,
+                "{title}: {} (expires {}): {}",
+                env.name,
+                crate::expiry::rfc3339(env.expires),
+                env.things.join(", ")
+            );
+        }
     }
     out
 }

@@ -18,9 +18,9 @@ pub use apply::{Failure, Outcome};
 pub use cancel::{Cancel, Level, StopReason, Stopped};
 pub use events::{Event, EventSink, Events};
 pub use phase::{
-    ChangeInput, DatabaseStatus, EndpointStatus, ImageUpgrade, Leftovers, NodeStatus, Phase,
-    PhaseError, PlanInput, Prepared, ReplicaStatus, ReplicationStatus, Retries, SshAccess,
-    StageInput, StatusPart, UpgradeResult,
+    ChangeInput, DatabaseStatus, EndpointStatus, Expiring, ImageUpgrade, Leftovers, Login,
+    NodeStatus, Phase, PhaseError, PlanInput, Prepared, ReplicaStatus, ReplicationStatus, Retries,
+    SshAccess, StageInput, StatusPart, UpgradeResult,
 };
 pub use plan::{
     Action, Change, FieldChange, FieldPath, Handling, Mode, Observed, Plan, PlanPart, PriorFields,

@@ -83,6 +83,46 @@ pub struct Leftovers {
     pub checked: Option<String>,
 }
 
+/// An environment found by its marks alone (tags, labels, a VM's own
+/// record), with no state: what `stack gc` sweeps once it has expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Expiring {
+    /// The environment's stack name (`NAME`, or `NAME-RUN` for a run's).
+    pub name: String,
+    /// The run it is the environment of, if one.
+    pub run: Option<String>,
+    /// When it expires, in seconds since the epoch (the latest of its
+    /// things' expiries, so nothing goes before all of it has expired).
+    pub expires: u64,
+    /// What carries the marks, one line each.
+    pub things: Vec<String>,
+}
+
+impl Expiring {
+    /// Adds a thing of environment `name` to `found`, merging by name.
+    pub fn merge(
+        found: &mut Vec<Expiring>,
+        name: &str,
+        run: Option<&str>,
+        expires: u64,
+        thing: String,
+    ) {
+        match found.iter_mut().find(|e| e.name == name) {
+            Some(env) => {
+                env.expires = env.expires.max(expires);
+                env.things.push(thing);
+            }
+            None => found.push(Expiring {
+                name: name.to_string(),
+                run: run.map(str::to_string),
+                expires,
+                things: vec![thing],
+            }),
+        }
+    }
+}
+
 /// The retries of one service's calls after transient errors (throttling,
 /// 5xx answers, dropped connections), counted over the session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -147,6 +187,27 @@ pub struct DatabaseStatus {
     pub image: String,
     /// Its image upgrades, oldest first.
     pub upgrades: Vec<ImageUpgrade>,
+    /// The admin's login, from the state: never printed, only handed to
+    /// the command `stack run` runs, in a file of its own.
+    #[serde(skip)]
+    pub login: Option<Login>,
+}
+
+/// A database admin's username and password.
+#[derive(Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Login {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Login {{ username: {:?}, password: (redacted) }}",
+            self.username
+        )
+    }
 }
 
 /// How an upgrade of a database's image ended.
@@ -266,6 +327,12 @@ pub trait Phase: Send + Sync {
     /// After a destroy: what of the phase's is still there.
     fn leftovers(&self) -> BoxFuture<'_, Result<Leftovers, PhaseError>> {
         Box::pin(async { Ok(Leftovers::default()) })
+    }
+
+    /// The environments of the stack and of its runs that carry an expiry,
+    /// found by their marks alone, where this phase makes things.
+    fn environments(&self) -> BoxFuture<'_, Result<Vec<Expiring>, PhaseError>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
 
     /// The phase's part of `stack status`.

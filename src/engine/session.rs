@@ -17,8 +17,8 @@ use super::apply::{Batch, BatchError, Failure, Ledger, Outcome};
 use super::cancel::{Cancel, Level, StopReason, Stopped};
 use super::events::{Event, Events};
 use super::phase::{
-    EndpointStatus, Leftovers, NodeStatus, Phase, PhaseError, PlanInput, Prepared, Retries,
-    StageInput, StatusPart,
+    EndpointStatus, Expiring, Leftovers, NodeStatus, Phase, PhaseError, PlanInput, Prepared,
+    Retries, StageInput, StatusPart,
 };
 use super::plan::{Action, Change, Mode, Plan, StageRef};
 use crate::artifacts::{Artifact, Artifacts};
@@ -52,6 +52,12 @@ pub enum EngineError {
     },
     #[error("cannot check what is left of {stage}")]
     Leftovers {
+        stage: StageRef,
+        #[source]
+        source: PhaseError,
+    },
+    #[error("{stage}: cannot look for expiring environments")]
+    Environments {
         stage: StageRef,
         #[source]
         source: PhaseError,
@@ -530,6 +536,37 @@ impl Session {
             remains.checked.extend(found.checked);
         }
         Ok(remains)
+    }
+
+    /// The expiring environments of the stack and of its runs, as the
+    /// stages find them by their marks (for `stack gc`), soonest first.
+    pub async fn environments(&self, cancel: &Cancel) -> Result<Vec<Expiring>, EngineError> {
+        let mut found: Vec<Expiring> = Vec::new();
+        for (phase, stage) in self.phases.iter().zip(&self.stages) {
+            let part = cancel
+                .until(Level::Soon, phase.environments())
+                .await
+                .map_err(|_| {
+                    self.stopped(format!("while looking for environments in {stage}"), cancel)
+                })?
+                .map_err(|source| EngineError::Environments {
+                    stage: stage.clone(),
+                    source,
+                })?;
+            for env in part {
+                for thing in env.things {
+                    Expiring::merge(
+                        &mut found,
+                        &env.name,
+                        env.run.as_deref(),
+                        env.expires,
+                        thing,
+                    );
+                }
+            }
+        }
+        found.sort_by(|a, b| (a.expires, &a.name).cmp(&(b.expires, &b.name)));
+        Ok(found)
     }
 
     /// After a `down` that left nothing: removes the stack's artifacts and,

@@ -136,6 +136,14 @@ pub fn kubeconfig(stack: &Stack) -> Result<Option<(std::path::PathBuf, String)>,
     Ok(target.map(|t| (t.kubeconfig, t.context)))
 }
 
+/// When the stack's environment expires: its `ttl` after its state was
+/// made, so the expiry stays put from one run to the next.
+pub fn expiry(stack: &Stack, state: &crate::state::State) -> Option<u64> {
+    stack
+        .ttl
+        .map(|ttl| state.created.saturating_add(ttl.as_secs()))
+}
+
 /// Opens a session on a loaded stack: its state (locked, for `Access::Write`,
 /// before anything is generated) where the stack keeps it, its artifacts
 /// (put in place first by a backend that keeps them) and its stages.
@@ -144,7 +152,9 @@ pub async fn open(stack: &Stack, opening: &Opening) -> Result<Session, OpenError
     let artifacts = Artifacts::new(&stack.state_dir(), &stack.name);
     let backend = Place::of(stack).backend(stack, &artifacts).await?;
     let handle = StateHandle::open(backend, opening, &stack.name, provider).await?;
-    let running = databases::pins::running(stack, handle.state());
+    let mut stack = stack.clone();
+    stack.expires = expiry(&stack, handle.state());
+    let running = databases::pins::running(&stack, handle.state());
     let access = opening.access;
     let phases = stage_list(&running, &artifacts, access, handle.lineage()).await?;
     Ok(Session::new(

@@ -140,10 +140,12 @@ pub fn read_state_file(path: &std::path::Path) -> Result<State, MoveError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let state: State = serde_json::from_str(&text).map_err(|e| MoveError::NotState {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let state = serde_json::from_str::<State>(&text)
+        .map_err(|e| MoveError::NotState {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .with_lineage();
     if state.schema_version > SCHEMA_VERSION {
         return Err(MoveError::NotState {
             path: path.to_path_buf(),

@@ -173,6 +173,10 @@ pub struct State {
     /// what is not its own.
     #[serde(default)]
     pub lineage: String,
+    /// When the state was made (seconds since the epoch): where a stack's
+    /// `ttl` counts from, so its expiry stays put from one run to the next.
+    #[serde(default)]
+    pub created: u64,
     pub resources: Vec<Record>,
 }
 
@@ -195,14 +199,19 @@ impl State {
             provider: provider.to_string(),
             serial: 0,
             lineage: new_lineage(),
+            created: crate::expiry::now(),
             resources: Vec::new(),
         }
     }
 
-    /// A state read from before lineages gets one (kept at its next save).
+    /// A state read from before lineages gets one, and one from before
+    /// creation times gets now (both kept at its next save).
     pub fn with_lineage(mut self) -> Self {
         if self.lineage.is_empty() {
             self.lineage = new_lineage();
+        }
+        if self.created == 0 {
+            self.created = crate::expiry::now();
         }
         self
     }

@@ -19,6 +19,7 @@ mod kvm;
 mod preflight;
 mod quickstart;
 mod registry;
+mod run;
 mod state_pg;
 mod support;
 mod upgrade;

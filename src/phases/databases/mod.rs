@@ -1865,6 +1865,15 @@ impl Databases {
         }
         for status in &mut out {
             status.upgrades = pins::history(state, &status.name);
+            let name = &status.name;
+            status.login = [
+                record_address(name, "credentials"),
+                immu_address(name, "credentials"),
+                agraph_address(name, "credentials"),
+            ]
+            .iter()
+            .find_map(|address| state.get(address))
+            .and_then(|record| serde_json::from_value(record.attrs.clone()).ok());
         }
         out
     }
@@ -1893,6 +1902,7 @@ impl Databases {
             problems: Vec::new(),
             replications: Vec::new(),
             replicas: Vec::new(),
+            login: None,
             image: self
                 .stack
                 .databases

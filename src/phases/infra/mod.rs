@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use crate::artifacts::Artifacts;
 use crate::engine::{
-    Action, Change, ChangeInput, Leftovers, Mode, Phase, PhaseError, PlanInput, PlanPart, Resource,
-    Retries, StatusPart,
+    Action, Change, ChangeInput, Expiring, Leftovers, Mode, Phase, PhaseError, PlanInput, PlanPart,
+    Resource, Retries, StatusPart,
 };
 use crate::future::BoxFuture;
 use crate::keys::StackKey;
@@ -190,6 +190,10 @@ impl Phase for Infra {
 
     fn leftovers(&self) -> BoxFuture<'_, Result<Leftovers, PhaseError>> {
         self.provider.leftovers()
+    }
+
+    fn environments(&self) -> BoxFuture<'_, Result<Vec<Expiring>, PhaseError>> {
+        self.provider.environments()
     }
 
     fn status<'a>(&'a self, _state: &'a State) -> BoxFuture<'a, Result<StatusPart, PhaseError>> {

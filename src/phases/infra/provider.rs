@@ -1,7 +1,7 @@
 //! The one trait every infrastructure backend implements, object-safe so
 //! the infrastructure phase holds its provider as a trait object.
 
-use crate::engine::{Change, Leftovers, Observed, Resource, Retries, StatusPart};
+use crate::engine::{Change, Expiring, Leftovers, Observed, Resource, Retries, StatusPart};
 use crate::future::BoxFuture;
 use crate::state::{Record, State};
 
@@ -45,6 +45,10 @@ pub trait Provider: Send + Sync {
 
     /// Everything still carrying the stack's marks (for `down`'s last check).
     fn leftovers(&self) -> BoxFuture<'_, Result<Leftovers, ProviderError>>;
+
+    /// The environments of this stack and of its runs that carry an
+    /// expiry, found by their marks alone (for `stack gc`).
+    fn environments(&self) -> BoxFuture<'_, Result<Vec<Expiring>, ProviderError>>;
 
     /// The nodes with their addresses, from a fresh read, and the SSH user.
     fn status(&self) -> BoxFuture<'_, Result<StatusPart, ProviderError>>;

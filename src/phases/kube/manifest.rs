@@ -22,6 +22,11 @@ use crate::yamljson::{self, to_json};
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// The label naming the stack an object belongs to.
 pub const PART_OF: &str = "app.kubernetes.io/part-of";
+/// When the environment expires (seconds since the epoch), for `stack gc`.
+pub const EXPIRES_LABEL: &str = "stack/expires";
+/// The run an object is of, and the stack that run is of.
+pub const RUN_LABEL: &str = "stack/run";
+pub const RUN_OF_LABEL: &str = "stack/run-of";
 /// Where the observability addon's Grafana looks for dashboards.
 pub const GRAFANA_NAMESPACE: &str = "observability";
 
@@ -614,13 +619,21 @@ fn user_objects(stack: &Stack, namespace: &str) -> Result<Vec<Object>, ManifestE
 }
 
 /// Labels an object as the stack's.
-fn label(object: &mut Object, stack: &str) {
+fn label(object: &mut Object, stack: &Stack) {
     let metadata = &mut object.body["metadata"];
     if !metadata["labels"].is_object() {
         metadata["labels"] = json!({});
     }
-    metadata["labels"][MANAGED_BY] = json!("stack");
-    metadata["labels"][PART_OF] = json!(stack);
+    let labels = &mut metadata["labels"];
+    labels[MANAGED_BY] = json!("stack");
+    labels[PART_OF] = json!(stack.name);
+    if let Some(expires) = stack.expires {
+        labels[EXPIRES_LABEL] = json!(expires.to_string());
+    }
+    if let Some(run) = &stack.run {
+        labels[RUN_LABEL] = json!(run.id);
+        labels[RUN_OF_LABEL] = json!(run.of);
+    }
 }
 
 /// The Service a TCP endpoint exposes: its pods' selector and target port.
@@ -793,7 +806,7 @@ pub fn render(
     }
 
     for object in &mut objects {
-        label(object, &stack.name);
+        label(object, stack);
     }
     let mut seen = BTreeMap::new();
     for object in &objects {

@@ -29,8 +29,9 @@ use serde_json::json;
 
 use crate::artifacts::{Artifact, Artifacts};
 use crate::engine::{
-    Action, Change, ChangeInput, EndpointStatus, Leftovers, Mode, Observed, Phase, PhaseError,
-    PlanInput, PlanPart, Prepared, PriorFields, Resource, Retries, StageInput, StatusPart,
+    Action, Change, ChangeInput, EndpointStatus, Expiring, Leftovers, Mode, Observed, Phase,
+    PhaseError, PlanInput, PlanPart, Prepared, PriorFields, Resource, Retries, StageInput,
+    StatusPart,
 };
 use crate::files::FileError;
 use crate::future::BoxFuture;
@@ -985,6 +986,44 @@ impl KubeStage {
         Ok(())
     }
 
+    /// The expiring environments of the stack and of its runs in an
+    /// existing cluster, by their namespaces' labels. (A cluster the stack
+    /// made goes with its nodes, which the infrastructure finds.)
+    async fn environments(&self) -> Result<Vec<Expiring>, KubeError> {
+        let kube = &self.kube;
+        if self.stage != Stage::Foundation || kube.made {
+            return Ok(Vec::new());
+        }
+        let stack = &kube.stack;
+        let base = stack.run.as_ref().map_or(&stack.name, |r| &r.of);
+        let namespaces = kinds::find("v1", "Namespace").expect("Namespace is a kind stack applies");
+        let selector = format!("{}=stack,{}", manifest::MANAGED_BY, manifest::EXPIRES_LABEL);
+        let cluster = kube.cluster().await?;
+        let mut found = Vec::new();
+        for namespace in cluster
+            .list(namespaces, &selector)
+            .await?
+            .unwrap_or_default()
+        {
+            let labels = &namespace["metadata"]["labels"];
+            let label = |key: &str| labels[key].as_str();
+            let (Some(name), Some(expires)) = (
+                label(manifest::PART_OF),
+                label(manifest::EXPIRES_LABEL).and_then(|e| e.parse::<u64>().ok()),
+            ) else {
+                continue;
+            };
+            if label(manifest::RUN_OF_LABEL).unwrap_or(name) == base {
+                let thing = format!(
+                    "namespace {}",
+                    namespace["metadata"]["name"].as_str().unwrap_or_default()
+                );
+                Expiring::merge(&mut found, name, label(manifest::RUN_LABEL), expires, thing);
+            }
+        }
+        Ok(found)
+    }
+
     /// What is left with the stack's labels in an existing cluster, every
     /// kind stack applies listed. (A cluster the stack made goes with its nodes.)
     async fn leftovers(&self) -> Result<Leftovers, KubeError> {
@@ -1100,6 +1139,10 @@ impl Phase for KubeStage {
 
     fn leftovers(&self) -> BoxFuture<'_, Result<Leftovers, PhaseError>> {
         Box::pin(async move { Ok(self.leftovers().await?) })
+    }
+
+    fn environments(&self) -> BoxFuture<'_, Result<Vec<Expiring>, PhaseError>> {
+        Box::pin(async move { Ok(self.environments().await?) })
     }
 
     fn status<'a>(&'a self, _state: &'a State) -> BoxFuture<'a, Result<StatusPart, PhaseError>> {

@@ -467,8 +467,9 @@ impl PostgresBackend {
                 "its format is version {version}; this build of stack reads version {SCHEMA_VERSION}: use a newer stack"
             )));
         }
-        let mut state: State =
-            serde_json::from_value(value).map_err(|e| self.corrupt(e.to_string()))?;
+        let mut state = serde_json::from_value::<State>(value)
+            .map_err(|e| self.corrupt(e.to_string()))?
+            .with_lineage();
         if state.stack != self.stack {
             return Err(self.corrupt(format!("it is the state of stack `{}`", state.stack)));
         }

@@ -467,7 +467,16 @@ impl Decoder<'_> {
             )
         });
         let url = self.opt(&f, path, "url", |d, n, p| {
-            d.parsed(n, p, |t| values::check_postgres_url(t).map(|()| t.to_string()))
+            let text = d.string(n, p)?;
+            match values::check_postgres_url(&text.value) {
+                Ok(()) => Some(text),
+                Err(expected) => {
+                    // A password written here is not shown again.
+                    let found = format!("`{}`", values::without_password(&text.value));
+                    d.diags.push(n.pos, p, expected, found);
+                    None
+                }
+            }
         });
         let url_path = join(path, "url");
         match (backend.as_ref().map(|b| b.value), &url) {

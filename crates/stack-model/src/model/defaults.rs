@@ -321,7 +321,11 @@ pub fn resolve(stack: StackFile, file: &Path) -> Stack {
         ttl: val(stack.ttl),
         state: match val(stack.state) {
             Some(StateFile {
-                backend: Some(Spanned { value: StateBackendKind::Postgres, .. }),
+                backend:
+                    Some(Spanned {
+                        value: StateBackendKind::Postgres,
+                        ..
+                    }),
                 url: Some(url),
             }) => StateSettings::Postgres { url: url.value },
             _ => StateSettings::Local,

@@ -58,7 +58,7 @@ pub enum StateSettings {
 }
 
 /// What marks the environment of one `stack run`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RunMarks {
     /// The run's short id, the suffix of the environment's name.
     pub id: String,

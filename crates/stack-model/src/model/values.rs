@@ -506,6 +506,22 @@ pub fn check_postgres_url(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A URL with the password of its user info, if any, shown as `***`.
+pub fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// A five-field cron expression (minute hour day-of-month month day-of-week).
 pub fn check_cron(text: &str) -> Result<(), String> {
     const EXPECTED: &str = "a cron expression of five fields such as \"0 3 * * 0\"";

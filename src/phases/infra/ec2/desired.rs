@@ -31,6 +31,11 @@ pub const LINEAGE_TAG: &str = "stack:lineage";
 /// does not return user data with the instance, so this is how an instance
 /// a stopped run made but did not record is compared with the stack.
 pub const USER_DATA_TAG: &str = "stack:userdata";
+/// When the environment expires (RFC 3339, UTC), for `stack gc`.
+pub const EXPIRES_TAG: &str = "stack:expires";
+/// The run a resource is of, and the stack that run is of.
+pub const RUN_TAG: &str = "stack:run";
+pub const RUN_OF_TAG: &str = "stack:run-of";
 
 pub const SSH_PORT: i32 = 22;
 /// microk8s serves the Kubernetes API here.
@@ -51,6 +56,13 @@ fn tags(stack: &Stack, lineage: &str, address: &str, name: &str) -> Value {
     tags.insert(STACK_TAG.to_string(), stack.name.clone());
     tags.insert(ADDRESS_TAG.to_string(), address.to_string());
     tags.insert("Name".to_string(), name.to_string());
+    if let Some(expires) = stack.expires {
+        tags.insert(EXPIRES_TAG.to_string(), crate::expiry::rfc3339(expires));
+    }
+    if let Some(run) = &stack.run {
+        tags.insert(RUN_TAG.to_string(), run.id.clone());
+        tags.insert(RUN_OF_TAG.to_string(), run.of.clone());
+    }
     json!(tags)
 }
 

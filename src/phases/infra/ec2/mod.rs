@@ -30,7 +30,8 @@ use self::desired::*;
 use super::provider::{Provider, ProviderError};
 use crate::artifacts::Artifacts;
 use crate::engine::{
-    Change, Handling, Leftovers, NodeStatus, Observed, Resource, Retries, SshAccess, StatusPart,
+    Change, Expiring, Handling, Leftovers, NodeStatus, Observed, Resource, Retries, SshAccess,
+    StatusPart,
 };
 use crate::error_chain::error_chain;
 use crate::files::sha256_hex;
@@ -1213,6 +1214,67 @@ impl Ec2Provider {
         Ok(observed)
     }
 
+    /// The expiring environments of this stack and of its runs, from the
+    /// tags of their instances, security groups and key pairs.
+    async fn environments(&self) -> Result<Vec<Expiring>, Ec2Error> {
+        let base = self.stack.run.as_ref().map_or(&self.stack.name, |r| &r.of);
+        let target = format!("the environments of stack {base}");
+        let marked = filter("tag-key", [EXPIRES_TAG]);
+        let mut things: Vec<(String, BTreeMap<String, String>)> = Vec::new();
+        for instance in self
+            .describe_instances(vec![
+                marked.clone(),
+                filter("instance-state-name", LIVE_STATES),
+            ])
+            .await?
+        {
+            let id = instance.instance_id().unwrap_or_default();
+            things.push((format!("{INSTANCE} {id}"), tag_map(instance.tags())));
+        }
+        for group in self
+            .client
+            .describe_security_groups()
+            .filters(marked.clone())
+            .send()
+            .await
+            .map_err(api("DescribeSecurityGroups", &target))?
+            .security_groups
+            .unwrap_or_default()
+        {
+            let id = group.group_id().unwrap_or_default();
+            things.push((format!("{SECURITY_GROUP} {id}"), tag_map(group.tags())));
+        }
+        for pair in self
+            .client
+            .describe_key_pairs()
+            .filters(marked)
+            .send()
+            .await
+            .map_err(api("DescribeKeyPairs", &target))?
+            .key_pairs
+            .unwrap_or_default()
+        {
+            let id = pair.key_pair_id().unwrap_or_default();
+            things.push((format!("{KEY_PAIR} {id}"), tag_map(pair.tags())));
+        }
+        let mut found = Vec::new();
+        for (thing, tags) in things {
+            let (Some(name), Some(expires)) = (
+                tags.get(STACK_TAG),
+                tags.get(EXPIRES_TAG)
+                    .and_then(|t| crate::expiry::parse_rfc3339(t)),
+            ) else {
+                continue;
+            };
+            let run = tags.get(RUN_TAG).map(String::as_str);
+            let of = tags.get(RUN_OF_TAG).unwrap_or(name);
+            if of == base {
+                Expiring::merge(&mut found, name, run, expires, thing);
+            }
+        }
+        Ok(found)
+    }
+
     async fn leftovers(&self) -> Result<Leftovers, Ec2Error> {
         let empty = State::new(&self.stack.name, "ec2");
         let observed = self.refresh(&empty).await?;
@@ -1350,6 +1412,10 @@ impl Provider for Ec2Provider {
 
     fn leftovers(&self) -> BoxFuture<'_, Result<Leftovers, ProviderError>> {
         Box::pin(async move { Ok(self.leftovers().await?) })
+    }
+
+    fn environments(&self) -> BoxFuture<'_, Result<Vec<Expiring>, ProviderError>> {
+        Box::pin(async move { Ok(self.environments().await?) })
     }
 
     fn status(&self) -> BoxFuture<'_, Result<StatusPart, ProviderError>> {

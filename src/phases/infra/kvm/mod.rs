@@ -33,11 +33,12 @@ use super::provider::{Provider, ProviderError};
 use crate::artifacts::Artifacts;
 use crate::cloudinit::{self, NodeSeed};
 use crate::engine::{
-    Change, Handling, Leftovers, NodeStatus, Observed, ReplaceRule, Resource, SshAccess, StatusPart,
+    Change, Expiring, Handling, Leftovers, NodeStatus, Observed, ReplaceRule, Resource, SshAccess,
+    StatusPart,
 };
 use crate::files::{failed, sha256_hex, FileError};
 use crate::future::BoxFuture;
-use crate::model::{Accel, BaseImage, KvmSettings, NodeGroup, Stack};
+use crate::model::{Accel, BaseImage, KvmSettings, NodeGroup, RunMarks, Stack};
 use crate::nodes::{Nodes, NodesError, SshNode};
 use crate::state::{Record, State};
 use crate::templates::{HostEntry, TemplateError};
@@ -95,6 +96,12 @@ struct VmMeta {
     api_port: Option<u16>,
     host_key: String,
     private_address: String,
+    /// When the VM's environment expires (seconds since the epoch), and
+    /// the run it is of: the marks `stack gc` finds it by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    run: Option<RunMarks>,
 }
 
 /// One VM the stack wants.
@@ -589,6 +596,8 @@ impl KvmProvider {
             },
             host_key: host_public,
             private_address: format!("{}/{}", vm.private_address, vm.prefix),
+            expires: self.stack.expires,
+            run: self.stack.run.clone(),
         };
         let meta_path = dir.join("vm.json");
         std::fs::write(
@@ -827,6 +836,38 @@ impl KvmProvider {
         Ok(observed)
     }
 
+    /// The expiring environments of this stack and of its runs: the VM
+    /// folders under the stack file's `.stack/` whose `vm.json` carries an
+    /// expiry.
+    fn environments(&self) -> Vec<Expiring> {
+        let base = self.stack.run.as_ref().map_or(&self.stack.name, |r| &r.of);
+        let mut found = Vec::new();
+        let envs = std::fs::read_dir(self.stack.state_dir())
+            .into_iter()
+            .flatten();
+        for env in envs.flatten() {
+            let name = env.file_name().to_string_lossy().into_owned();
+            let vms = std::fs::read_dir(env.path().join("vms"))
+                .into_iter()
+                .flatten();
+            for vm in vms.flatten() {
+                let Some(meta) = self.meta(&vm.path()) else {
+                    continue;
+                };
+                let Some(expires) = meta.expires else {
+                    continue;
+                };
+                let of = meta.run.as_ref().map_or(&name, |r| &r.of);
+                if of == base {
+                    let run = meta.run.as_ref().map(|r| r.id.as_str());
+                    let thing = format!("vm {} in {}", meta.hostname, vm.path().display());
+                    Expiring::merge(&mut found, &name, run, expires, thing);
+                }
+            }
+        }
+        found
+    }
+
     async fn leftovers(&self) -> Result<Leftovers, KvmError> {
         let mut left: Vec<String> = self
             .observe_vms()
@@ -991,6 +1032,10 @@ impl Provider for KvmProvider {
 
     fn leftovers(&self) -> BoxFuture<'_, Result<Leftovers, ProviderError>> {
         Box::pin(async move { Ok(self.leftovers().await?) })
+    }
+
+    fn environments(&self) -> BoxFuture<'_, Result<Vec<Expiring>, ProviderError>> {
+        Box::pin(async move { Ok(self.environments()) })
     }
 
     fn status(&self) -> BoxFuture<'_, Result<StatusPart, ProviderError>> {
