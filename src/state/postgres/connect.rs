@@ -16,7 +16,8 @@ use tokio_postgres::Client;
 use super::pgpass::{self, Found, PgpassError, Wanted};
 use super::tls::{Mode, Roots, Tls, TlsError};
 
-/// How long a connection (TCP, TLS, authentication) may take.
+/// How long a connection (TCP, TLS, authentication) may take, unless the
+/// URL's `connect_timeout` says otherwise.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long one statement, or one transaction of a few, may take.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,8 +41,8 @@ pub enum ConnectError {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("cannot connect to the state database {location}: no answer within {} s", CONNECT_TIMEOUT.as_secs())]
-    Timeout { location: String },
+    #[error("cannot connect to the state database {location}: no answer within {seconds} s")]
+    Timeout { location: String, seconds: u64 },
 }
 
 /// A state database as a URL names it.
@@ -193,10 +194,15 @@ impl Target {
             note: self.note.clone(),
             source,
         };
-        let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(connector))
+        let limit = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(CONNECT_TIMEOUT);
+        let (client, connection) = tokio::time::timeout(limit, config.connect(connector))
             .await
             .map_err(|_| ConnectError::Timeout {
                 location: self.location.clone(),
+                seconds: limit.as_secs(),
             })?
             .map_err(failed)?;
         let ended = Arc::new(Mutex::new(None));
@@ -219,11 +225,17 @@ impl Target {
                 .query_one("SELECT current_setting('server_version_num')::int", &[])
                 .await?
                 .get(0);
+            // The server's own keepalives on this session: a client
+            // machine that vanished lets its lock go within about a minute.
             let mut sql = format!(
-                "SET statement_timeout = {}; SET idle_in_transaction_session_timeout = {};",
+                "SET statement_timeout = {}; SET idle_in_transaction_session_timeout = {};
+                 SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3;",
                 QUERY_TIMEOUT.as_millis(),
                 2 * QUERY_TIMEOUT.as_millis()
             );
+            if version >= 120000 {
+                sql.push_str("SET tcp_user_timeout = 60000;");
+            }
             if version >= 140000 {
                 // A held lock's session is idle for as long as a run
                 // waits on its machines; a waiter whose client is gone
@@ -238,6 +250,7 @@ impl Target {
             .await
             .map_err(|_| ConnectError::Timeout {
                 location: self.location.clone(),
+                seconds: QUERY_TIMEOUT.as_secs(),
             })?
             .map_err(failed)?;
         Ok(db)
