@@ -18,8 +18,7 @@ mod store;
 use std::time::Duration;
 
 pub use local::LocalBackend;
-pub use postgres::PostgresBackend;
-pub use seal::{KEY_COMMAND_ENV, KEY_ENV};
+use postgres::PostgresBackend;
 pub use store::*;
 
 use crate::artifacts::Artifacts;

@@ -14,17 +14,17 @@ use aws_lc_rs::aead::{Aad, Nonce, RandomizedNonceKey, AES_256_GCM, NONCE_LEN};
 use base64::Engine as _;
 
 /// The passphrase that seals a shared state.
-pub const KEY_ENV: &str = "STACK_STATE_KEY";
+const KEY_ENV: &str = "STACK_STATE_KEY";
 /// A command that prints the passphrase (a password manager, a cloud
 /// secret manager's CLI), run with `sh -c`.
-pub const KEY_COMMAND_ENV: &str = "STACK_STATE_KEY_COMMAND";
+const KEY_COMMAND_ENV: &str = "STACK_STATE_KEY_COMMAND";
 /// How long the key command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// PBKDF2 rounds for new stacks (OWASP's figure for PBKDF2-HMAC-SHA256);
 /// the count is stored with each stack's salt, so it can rise later.
 pub const ITERATIONS: u32 = 600_000;
 /// The length of a stack's random salt.
-pub const SALT_LEN: usize = 16;
+const SALT_LEN: usize = 16;
 /// How a sealed value starts: the format's version.
 const PREFIX: &str = "sealed:v1:";
 /// What a stack's key check seals.

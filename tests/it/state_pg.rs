@@ -453,6 +453,24 @@ fn a_teammate_with_only_the_stack_file_url_and_key_plans_and_downs_and_nothing_s
         .all(|e| e["who"].as_str().unwrap().contains('@')
             && e["at"].as_str().unwrap().ends_with('Z')));
 
+    // A stack that is down holds no state: the next `up` may bring it
+    // back with another key, which is then the one it needs.
+    let rekeyed = |args: &[&str]| {
+        let mut command = on_pg(&mine, &pg, &moto.url(), args);
+        command.env("STACK_STATE_KEY", "another key");
+        command
+    };
+    expect_code(&run(&mut rekeyed(&["up", "--yes"])), 0);
+    let old_key = run(&mut on_pg(&mine, &pg, &moto.url(), &["plan"]));
+    expect_code(&old_key, 1);
+    assert!(
+        text(&old_key.stderr).contains("wrong STACK_STATE_KEY?"),
+        "{}",
+        text(&old_key.stderr)
+    );
+    expect_code(&run(&mut rekeyed(&["down", "--yes"])), 0);
+    assert_eq!(tagged(&moto.url(), "pgteam"), Tagged::nothing());
+
     // A database a newer stack migrated further is refused, untouched.
     pg.psql("INSERT INTO stack.migrations (version, name, applied_by) VALUES (99, 'from the future', 'a test')");
     let newer = run(&mut teammate(&["plan"]));

@@ -126,6 +126,15 @@ fn failure(
     }
 }
 
+/// A stack's row: its id, and the salt, rounds and check of its key
+/// (empty before its first write).
+struct StackRow {
+    id: i32,
+    salt: Vec<u8>,
+    iterations: i32,
+    check: String,
+}
+
 /// Who holds a stack's advisory lock, as the server tells.
 enum Held {
     Free,
@@ -240,53 +249,93 @@ impl PostgresBackend {
         Ok(sealer)
     }
 
-    /// The stack's id and key; made with a new salt when `create` and the
-    /// stack has no row yet. A wrong key fails here.
-    async fn stack_row(
-        &self,
-        db: &Db,
-        create: bool,
-    ) -> Result<Option<(i32, Arc<Sealer>)>, PostgresError> {
+    /// The stack's row; added (with no key yet) when `create` and the
+    /// stack has none.
+    async fn stack_row(&self, db: &Db, create: bool) -> Result<Option<StackRow>, PostgresError> {
         let select =
             "SELECT id, key_salt, key_iterations, key_check FROM stack.stacks WHERE name = $1";
         let doing = "read the stack's row";
-        let mut row = self
-            .bounded(
-                db,
-                doing,
-                QUERY_TIMEOUT,
-                db.client.query_opt(select, &[&self.stack]),
-            )
-            .await?;
+        let name: &(dyn tokio_postgres::types::ToSql + Sync) = &self.stack;
+        let read = || db.client.query_opt(select, std::slice::from_ref(&name));
+        let mut row = self.bounded(db, doing, QUERY_TIMEOUT, read()).await?;
         if row.is_none() && create {
-            let salt = seal::new_salt();
-            let iterations = seal::ITERATIONS as i32;
-            let check = self.sealer(&salt, iterations).await?.check();
-            let insert = "INSERT INTO stack.stacks (name, key_salt, key_iterations, key_check) VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING";
+            let insert = "INSERT INTO stack.stacks (name, key_salt, key_iterations, key_check) VALUES ($1, '', 0, '') ON CONFLICT (name) DO NOTHING";
             self.bounded(
                 db,
                 "add the stack",
                 QUERY_TIMEOUT,
-                db.client.execute(
-                    insert,
-                    &[&self.stack, &salt.as_slice(), &iterations, &check],
-                ),
+                db.client.execute(insert, &[&self.stack]),
             )
             .await?;
-            row = self
-                .bounded(
-                    db,
-                    doing,
-                    QUERY_TIMEOUT,
-                    db.client.query_opt(select, &[&self.stack]),
-                )
-                .await?;
+            row = self.bounded(db, doing, QUERY_TIMEOUT, read()).await?;
         }
-        let Some(row) = row else { return Ok(None) };
-        let salt: Vec<u8> = row.get(1);
-        let sealer = self.sealer(&salt, row.get(2)).await?;
-        sealer.verify(row.get(3))?;
-        Ok(Some((row.get(0), sealer)))
+        Ok(row.map(|row| StackRow {
+            id: row.get(0),
+            salt: row.get(1),
+            iterations: row.get(2),
+            check: row.get(3),
+        }))
+    }
+
+    /// The key of a stack whose state is sealed with the key `row` names;
+    /// a wrong key fails here. `None` when no key was set yet (nothing of
+    /// the stack was ever written).
+    async fn key_of(&self, row: &StackRow) -> Result<Option<Arc<Sealer>>, PostgresError> {
+        if row.check.is_empty() {
+            return Ok(None);
+        }
+        let sealer = self.sealer(&row.salt, row.iterations).await?;
+        sealer.verify(&row.check)?;
+        Ok(Some(sealer))
+    }
+
+    /// Under the stack's lock: its key, or, while it holds no state (never
+    /// written, or taken down), a new one from this run's secret, so a
+    /// stack that is down can come back with another key.
+    async fn key_for_writing(&self, db: &Db, id: i32) -> Result<Arc<Sealer>, PostgresError> {
+        // Read again now the lock is held: a run that held it before may
+        // have set the key since.
+        let row = self
+            .stack_row(db, false)
+            .await?
+            .ok_or_else(|| self.corrupt("the stack's row vanished".to_string()))?;
+        let found = self.key_of(&row).await;
+        if let Ok(Some(sealer)) = found {
+            return Ok(sealer);
+        }
+        let stored: bool = self
+            .bounded(
+                db,
+                "read the state",
+                QUERY_TIMEOUT,
+                db.client.query_one(
+                    "SELECT EXISTS (SELECT 1 FROM stack.states WHERE stack_id = $1)",
+                    &[&id],
+                ),
+            )
+            .await?
+            .get(0);
+        match (found, stored) {
+            (Err(err), true) => return Err(err),
+            (Ok(_), true) => {
+                return Err(self.corrupt("a state is stored, but no key for it".to_string()))
+            }
+            (_, false) => {}
+        }
+        let salt = seal::new_salt();
+        let iterations = seal::ITERATIONS as i32;
+        let sealer = self.sealer(&salt, iterations).await?;
+        self.bounded(
+            db,
+            "set the stack's key",
+            QUERY_TIMEOUT,
+            db.client.execute(
+                "UPDATE stack.stacks SET key_salt = $2, key_iterations = $3, key_check = $4 WHERE id = $1",
+                &[&id, &salt.as_slice(), &iterations, &sealer.check()],
+            ),
+        )
+        .await?;
+        Ok(sealer)
     }
 
     /// Who holds the advisory lock of stack `id`.
@@ -506,11 +555,13 @@ impl PostgresBackend {
         wait: Duration,
     ) -> Result<PostgresLock, StateError> {
         let mut db = self.open_db(&holder).await?;
-        let (id, sealer) = self
+        let id = self
             .stack_row(&db, true)
             .await?
-            .ok_or_else(|| self.corrupt("the stack's row vanished".to_string()))?;
+            .ok_or_else(|| self.corrupt("the stack's row vanished".to_string()))?
+            .id;
         self.acquire(&db, id, wait).await?;
+        let sealer = self.key_for_writing(&db, id).await?;
         let holder = holder.from_now();
         let record = "INSERT INTO stack.locks (stack_id, backend_pid, holder) VALUES ($1, pg_backend_pid(), $2)
             ON CONFLICT (stack_id) DO UPDATE SET backend_pid = EXCLUDED.backend_pid, holder = EXCLUDED.holder, since = now()";
@@ -545,15 +596,15 @@ impl PostgresBackend {
         })
     }
 
-    /// A session for a command that does not lock: `None` when the stack
-    /// has no row (nothing was ever written).
+    /// A session for a command that does not lock: `None` when nothing of
+    /// the stack was ever written.
     async fn reader(&self) -> Result<Option<(Db, i32, Arc<Sealer>)>, PostgresError> {
         let holder = LockHolder::this_process("stack (reading the state)");
         let db = self.open_db(&holder).await?;
-        Ok(self
-            .stack_row(&db, false)
-            .await?
-            .map(|(id, sealer)| (db, id, sealer)))
+        let Some(row) = self.stack_row(&db, false).await? else {
+            return Ok(None);
+        };
+        Ok(self.key_of(&row).await?.map(|sealer| (db, row.id, sealer)))
     }
 }
 

@@ -8,7 +8,9 @@
 //! Everything lives in the schema `stack`:
 //! - `stacks`: one row per stack name, never removed: its id (the key of
 //!   its advisory lock), the salt and round count its secrets are sealed
-//!   with, and a value sealed with its key (tells a wrong key at once);
+//!   with, and a value sealed with its key (tells a wrong key at once;
+//!   empty until the first write, and set anew by a run that finds no
+//!   state stored, so a stack that is down may come back with another key);
 //! - `states`: the state of a stack as JSONB (records' attributes sealed),
 //!   its serial and lineage, when and by whom it was written; removed by a
 //!   `down` that leaves nothing;
