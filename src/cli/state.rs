@@ -128,16 +128,19 @@ async fn unlock(args: &UnlockArgs, json: bool, cancel: &Cancel) -> anyhow::Resul
         holder.started,
         holder.command
     );
+    let local = Place::of(&stack) == Place::Local;
     if !args.force {
+        let next = match local {
+            true => "a local lock goes with its process: it is free once that process ends",
+            false => "`stack state unlock --force` ends that run's hold on it",
+        };
         match json {
             true => print_document(&json!({"location": location, "holder": holder}), false),
-            false => println!(
-                "the lock of {location} is held by {named}\n`stack state unlock --force` ends that run's hold on it"
-            ),
+            false => println!("the lock of {location} is held by {named}\n{next}"),
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if Place::of(&stack) != Place::Local {
+    if !local {
         let question = format!(
             "End the database session of {named}, so that the lock of stack {} is free? That run can write nothing more.",
             stack.name

@@ -497,6 +497,13 @@ fn the_state_moves_from_local_to_postgres_and_back_and_is_pulled_and_pushed() {
     expect_code(&run(&mut local(&["up", "--yes"])), 0);
     let state_file = env.path().join(".stack/pgmove.state.json");
     let serial = env.state("pgmove")["serial"].as_u64().unwrap();
+    let free = run(&mut local(&["state", "unlock"]));
+    expect_code(&free, 0);
+    assert!(
+        text(&free.stdout).contains("the lock of .stack/pgmove.state.json is free"),
+        "{}",
+        text(&free.stdout)
+    );
     let refused = run(&mut local(&["state", "history"]));
     expect_code(&refused, 1);
     assert!(
