@@ -29,7 +29,7 @@ pub fn writing(lock_timeout: Duration, cancel: &Cancel) -> Opening {
 
 /// For a command that only reads it.
 pub fn reading(cancel: &Cancel) -> Opening {
-    Opening::read(&command_line(), cancel)
+    Opening::read(cancel)
 }
 
 /// This process as the holder of a lock it takes itself.

@@ -121,11 +121,11 @@ pub struct Opening {
 }
 
 impl Opening {
-    /// For a command that only reads.
-    pub fn read(command: &str, cancel: &Cancel) -> Opening {
+    /// For a command that only reads (it takes no lock, so it names none).
+    pub fn read(cancel: &Cancel) -> Opening {
         Opening {
             access: Access::Read,
-            command: command.to_string(),
+            command: String::new(),
             lock_timeout: Duration::ZERO,
             cancel: cancel.clone(),
         }
