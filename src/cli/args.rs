@@ -231,14 +231,9 @@ pub struct RunArgs {
     /// The stack file.
     pub file: PathBuf,
 
-    /// The command to run, and its arguments (after `--` when they start
-    /// with `-`).
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
+    /// The command to run and its arguments, after `--` (so that what
+    /// the state's history records of the run stops before them).
+    #[arg(required = true, last = true, value_name = "CMD")]
     pub command: Vec<String>,
 
     /// Make and remove without asking; needed where `stack` cannot ask.
