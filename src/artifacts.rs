@@ -209,6 +209,18 @@ impl Artifacts {
         Ok(())
     }
 
+    /// Puts in place the artifacts of `stored` that are not here, and
+    /// touches nothing that is: for reading without the lock, while a run
+    /// that holds it may have made files it has not saved yet.
+    pub fn fill_missing(&self, stored: &[(Artifact, Vec<u8>)]) -> Result<(), FileError> {
+        for (artifact, data) in stored {
+            if self.read(artifact)?.is_none() {
+                self.write(artifact, data)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes every artifact of the stack (after `down`), and the stack's
     /// folder if nothing else is left in it.
     pub fn remove_all(&self) -> Result<(), FileError> {

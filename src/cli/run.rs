@@ -17,7 +17,7 @@ use super::commands::{destroy, print_line, run_environment, show_plan, Removal};
 use super::outcome::Failure;
 use super::progress::Progress;
 use super::{invocation, prompt, signals, view};
-use crate::engine::{ApplyOptions, Cancel, Events, Expiring, Level, Mode};
+use crate::engine::{ApplyOptions, Cancel, Events, Expiring, Level, Mode, Session};
 use crate::model::{self, Stack};
 use crate::phases;
 
@@ -59,9 +59,10 @@ pub async fn run(
     cancel: &Cancel,
 ) -> anyhow::Result<ExitCode> {
     let base = model::load(&args.file)?;
-    phases::check(&base)?;
     let id = crate::run::new_run_id()?;
     let stack = run_environment(&base, &id, args.ttl);
+    // The environment's names are longer than the stack's: they are checked.
+    phases::check(&stack)?;
     let json = output == OutputFormat::Json;
     let failure = Failure::stream(output);
     let say = |line: String| match json {
@@ -73,15 +74,17 @@ pub async fn run(
         stack.name, base.name
     ));
     let code = match up(&stack, args, output, cancel).await {
-        Ok(Approved::No) => return Ok(ExitCode::FAILURE),
-        Ok(Approved::Yes) => match command(&stack, &args.command, cancel).await {
+        Ok(None) => return Ok(ExitCode::from(signals::failure_code(cancel))),
+        // The session holds the environment's lock while CMD runs, so no
+        // `gc`, `down` or `up` of another process touches it meanwhile.
+        Ok(Some(session)) => match command(&session, &stack, &args.command, cancel).await {
             Ok(code) => {
                 say(format!("{} exited with {code}", args.command[0]));
                 code
             }
             Err(err) => {
                 failure.tell(&err);
-                1
+                signals::failure_code(cancel)
             }
         },
         Err(err) => {
@@ -89,7 +92,8 @@ pub async fn run(
             signals::failure_code(cancel)
         }
     };
-    if code != 0 && args.keep_on_failure {
+    // A run stopped by a signal is not a failure to keep: it goes.
+    if code != 0 && args.keep_on_failure && cancel.reason().is_none() {
         say(kept(&stack, &args.file, &id));
         return Ok(ExitCode::from(code));
     }
@@ -117,19 +121,15 @@ pub async fn run(
     Ok(ExitCode::from(code))
 }
 
-enum Approved {
-    Yes,
-    No,
-}
-
 /// The environment's `up`: plan, one approval for making it and removing
-/// it, apply.
+/// it, apply. The session, still holding the lock; `None` when the run
+/// was not approved (nothing was made).
 async fn up(
     stack: &Stack,
     args: &RunArgs,
     output: OutputFormat,
     cancel: &Cancel,
-) -> anyhow::Result<Approved> {
+) -> anyhow::Result<Option<Session>> {
     let json = output == OutputFormat::Json;
     let events = Events::new(Arc::new(Progress::new(json)));
     let mut session = phases::open(stack, &invocation::writing(Duration::ZERO, cancel)).await?;
@@ -149,7 +149,7 @@ async fn up(
     if let Err(err) = asked {
         session.forget().await?;
         Failure::stream(output).tell(&err.into());
-        return Ok(Approved::No);
+        return Ok(None);
     }
     let options = ApplyOptions {
         parallelism: usize::from(args.parallelism),
@@ -161,20 +161,34 @@ async fn up(
         }
         false => eprintln!("{}", view::applied(&plan, &applied)),
     }
-    Ok(Approved::Yes)
+    Ok(Some(session))
+}
+
+/// Removes the files `run` handed its command, however it ends.
+struct RunFiles(std::path::PathBuf);
+
+impl Drop for RunFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Runs CMD with the environment's variables, its stdio the run's; a
 /// signal to `stack run` is passed on, and CMD killed if it has not ended
 /// `COMMAND_GRACE` later. Its exit code, or 128 + the signal that ended it.
-async fn command(stack: &Stack, argv: &[String], cancel: &Cancel) -> anyhow::Result<u8> {
-    let session = phases::open(stack, &invocation::reading(cancel)).await?;
+async fn command(
+    session: &Session,
+    stack: &Stack,
+    argv: &[String],
+    cancel: &Cancel,
+) -> anyhow::Result<u8> {
     let status = session.status(cancel).await?;
     let stack = &Stack {
         expires: phases::expiry(stack, session.state()),
         ..stack.clone()
     };
     let folder = session.artifacts().run_dir();
+    let _files = RunFiles(folder.clone());
     crate::run::write_logins(&status, &folder)?;
     let status_file = folder.join("status.json");
     crate::files::write_private(
@@ -213,7 +227,6 @@ async fn command(stack: &Stack, argv: &[String], cancel: &Cancel) -> anyhow::Res
             }
         }
     };
-    let _ = std::fs::remove_dir_all(&folder);
     let status = waited.map_err(|source| RunError::Wait {
         command: shown,
         source,

@@ -227,6 +227,21 @@ fn run_on_ec2_hands_over_the_environment_and_always_removes_it() {
     ]);
     wait_for(&started, &mut child);
     assert_eq!(runs_of(&moto.url(), "runs").len(), 1);
+    // Expired or not, a live run's environment is its own: gc leaves it.
+    let held = env.run(&[
+        "gc",
+        "--yes",
+        "--as-of",
+        &from_now(3 * 24 * 3600),
+        "stack.yaml",
+    ]);
+    expect_code(&held, 1);
+    assert!(
+        text(&held.stderr).contains("state is locked by pid"),
+        "{}",
+        text(&held.stderr)
+    );
+    assert_eq!(runs_of(&moto.url(), "runs").len(), 1);
     signal(&child, libc::SIGTERM);
     let output = child.wait_with_output().unwrap();
     expect_code(&output, 143);

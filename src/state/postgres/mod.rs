@@ -620,7 +620,10 @@ impl StateBackend for PostgresBackend {
             };
             let (state, artifacts) = self.stored(&mut db, id, &sealer).await?;
             if state.is_some() {
-                self.artifacts.replace_all(&artifacts)?;
+                // Without the lock: a run that holds it may have made
+                // files it has not saved yet, so nothing here is removed
+                // or replaced.
+                self.artifacts.fill_missing(&artifacts)?;
             }
             Ok(state)
         })

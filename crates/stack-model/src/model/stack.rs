@@ -444,7 +444,6 @@ pub struct Timeouts {
 }
 
 impl Stack {
-    /// The folder holding this stack's state, key and lock: `.stack` next to the file.
     /// The environment of run `id`: the stack renamed `NAME-ID`, its own
     /// namespace (`NAMESPACE-ID` when one was written), so runs of one
     /// stack at the same time never share a thing.
@@ -465,6 +464,7 @@ impl Stack {
         run
     }
 
+    /// The folder holding this stack's state, key and lock: `.stack` next to the file.
     pub fn state_dir(&self) -> PathBuf {
         self.file
             .parent()

@@ -499,6 +499,15 @@ pub fn check_postgres_url(text: &str) -> Result<(), String> {
             ));
         }
     }
+    let query = rest.split_once('?').map_or("", |(_, q)| q);
+    if query
+        .split('&')
+        .any(|pair| pair.split('=').next() == Some("password"))
+    {
+        return Err(format!(
+            "{EXPECTED} (the password comes from PGPASSWORD or ~/.pgpass, never the stack file)"
+        ));
+    }
     let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
     if host.is_empty() && !rest.contains("host=") {
         return Err(EXPECTED.to_string());
@@ -513,13 +522,27 @@ pub fn without_password(url: &str) -> String {
     };
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
-    match authority.rsplit_once('@') {
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) if userinfo.contains(':') => {
             let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}{tail}")
+            format!("{user}:***@{host}")
         }
-        _ => url.to_string(),
-    }
+        _ => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some(("password", _)) => "password=***".to_string(),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", pairs.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// A five-field cron expression (minute hour day-of-month month day-of-week).
@@ -536,6 +559,24 @@ pub fn check_cron(text: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_url_never_carries_a_password_and_one_is_never_shown() {
+        assert!(check_postgres_url("postgres://stack@db:5432/stack?sslmode=require").is_ok());
+        assert!(check_postgres_url("postgres://stack:pw@db/stack").is_err());
+        assert!(
+            check_postgres_url("postgres://stack@db/stack?sslmode=require&password=pw").is_err()
+        );
+        assert!(check_postgres_url("mysql://db/stack").is_err());
+        assert_eq!(
+            without_password("postgres://stack:pw@db/stack?password=pw&sslmode=require"),
+            "postgres://stack:***@db/stack?password=***&sslmode=require"
+        );
+        assert_eq!(
+            without_password("postgres://stack@db/stack"),
+            "postgres://stack@db/stack"
+        );
+    }
 
     #[test]
     fn sizes() {
