@@ -462,6 +462,9 @@ class MemberScriptTest(Fixture):
         self.create_cluster(0)
         self.add(0, ("a", 1))
         wait_for(lambda: self.running_member(1), timeout=20)
+        # The double counts the copy as running while it answers the
+        # growCluster; the request is logged once answered.
+        wait_for(lambda: (r := self.member_requests(1)) and r[-1][2] == 204, timeout=20)
         self.assertEqual(self.size(1), 1)
         reqs = self.member_requests(1)
         self.assertEqual(reqs[0][:2], ("PUT", f"/repositories/{REPO}/repl/remove?instanceName=ag-1"))
