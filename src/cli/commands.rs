@@ -192,7 +192,7 @@ pub async fn down(
     let stack = load(&args.file)?;
     let removal = Removal {
         yes: args.yes,
-        adopt: args.adopt,
+        adopt: if args.adopt { Adopt::Yes } else { Adopt::No },
         parallelism: args.parallelism,
         on_stderr: false,
         lock_timeout: args.lock.lock_timeout,
@@ -205,12 +205,23 @@ pub async fn down(
 /// state made, how many changes at once.
 pub(super) struct Removal {
     pub yes: bool,
-    pub adopt: bool,
+    pub adopt: Adopt,
     pub parallelism: u16,
     /// Text on stderr (for `run`, whose stdout is the command's).
     pub on_stderr: bool,
     /// How long to wait for the stack's lock.
     pub lock_timeout: std::time::Duration,
+}
+
+/// Whether a destroy takes over what another state of the stack made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Adopt {
+    No,
+    /// `--adopt`.
+    Yes,
+    /// When the state, read under the lock, records nothing (`gc` of an
+    /// environment this machine has no state of).
+    WhenNothingIsRecorded,
 }
 
 /// `down`'s work, for `down`, `run` and `gc`: the destroy plan shown,
@@ -228,7 +239,11 @@ pub(super) async fn destroy(
         phases::open(stack, &invocation::writing(removal.lock_timeout, cancel)).await?;
     let request = PlanRequest {
         mode: Mode::Destroy,
-        adopt: removal.adopt,
+        adopt: match removal.adopt {
+            Adopt::No => false,
+            Adopt::Yes => true,
+            Adopt::WhenNothingIsRecorded => session.state().resources.is_empty(),
+        },
     };
     let plan = session.plan(request, cancel, &events).await?;
     let say = |text: String| match removal.on_stderr {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::args::{GcArgs, GcProvider, OutputFormat, RunArgs};
-use super::commands::{destroy, print_line, run_environment, show_plan, Removal};
+use super::commands::{destroy, print_line, run_environment, show_plan, Adopt, Removal};
 use super::outcome::Failure;
 use super::progress::Progress;
 use super::{invocation, prompt, signals, view};
@@ -104,7 +104,7 @@ pub async fn run(
     say(format!("environment {}: down", stack.name));
     let removal = Removal {
         yes: true,
-        adopt: false,
+        adopt: Adopt::No,
         parallelism: args.parallelism,
         on_stderr: true,
         lock_timeout: Duration::ZERO,
@@ -343,14 +343,9 @@ async fn sweep(
     output: OutputFormat,
     cancel: &Cancel,
 ) -> anyhow::Result<()> {
-    let recorded = phases::open(stack, &invocation::reading(cancel))
-        .await?
-        .state()
-        .resources
-        .len();
     let removal = Removal {
         yes: true,
-        adopt: recorded == 0,
+        adopt: Adopt::WhenNothingIsRecorded,
         parallelism: args.parallelism,
         on_stderr: false,
         lock_timeout: Duration::ZERO,
